@@ -1,0 +1,115 @@
+"""The transport contract: one ``Bus`` protocol that the Kafka and the embedded bus implement.
+
+A bus publishes with an acknowledgement (``publish`` returns only once the record is
+durable) and lets consumer groups read topics with explicit commits (at-least-once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from schemas.record import Headers
+
+
+class TopicPartition(NamedTuple):
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One record read from the bus."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: Headers
+    timestamp_ms: int
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+
+RevokeCallback = Callable[[Collection[TopicPartition]], Awaitable[None]]
+"""Called before partitions are taken from a subscription, so in-flight work can be
+finished and committed. The embedded bus never revokes."""
+
+
+class Subscription(Protocol):
+    """A consumer-group member reading some topics.
+
+    ``fetch`` returns records after the last one fetched (starting from the group's
+    committed offsets); ``commit`` stores, per partition, the offset of the next record
+    to read. A record whose offset was not committed is delivered again after a restart
+    or a rebalance.
+    """
+
+    group: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def fetch(self, *, max_records: int = 500, timeout_s: float = 1.0) -> list[Message]:
+        """Wait up to ``timeout_s`` for records; return at most ``max_records`` (maybe none)."""
+        ...
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Store the next offset to read for each partition."""
+        ...
+
+    async def lag(self) -> Mapping[TopicPartition, int]:
+        """Records not yet committed by this group, per assigned partition."""
+        ...
+
+
+class Bus(Protocol):
+    """A durable log of topics."""
+
+    async def start(self) -> None:
+        """Connect; raise :class:`schemas.errors.BusUnavailable` when the bus cannot be used."""
+        ...
+
+    async def close(self) -> None:
+        """Flush what is pending and release every resource."""
+        ...
+
+    async def publish(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        headers: Headers = (),
+        timeout_s: float | None = None,
+    ) -> None:
+        """Append one record and return once the bus has made it durable.
+
+        Raises :class:`schemas.errors.BusUnavailable` when the record could not be
+        acknowledged within ``timeout_s`` (or the bus's default); the caller must then
+        treat the record as not stored.
+        """
+        ...
+
+    async def ping(self) -> None:
+        """Raise :class:`schemas.errors.BusUnavailable` if the bus cannot be reached now."""
+        ...
+
+    async def ensure_topics(self, topics: Iterable[str]) -> None:
+        """Make sure the topics exist (creating them when allowed), or raise ``TopicMissing``."""
+        ...
+
+    def subscribe(
+        self,
+        group: str,
+        topics: Sequence[str],
+        *,
+        on_revoke: RevokeCallback | None = None,
+    ) -> Subscription:
+        """A new (not yet started) member of consumer group ``group``."""
+        ...

@@ -1,0 +1,1 @@
+"""The webhook consumer: verification, routing, health and metrics over aiohttp."""

@@ -1,0 +1,121 @@
+"""Deciding where a verified body goes: its event topic, or quarantine with a reason.
+
+Pure functions, no I/O: the web layer verifies the signature first, then calls
+:func:`classify`, then publishes what it returns.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+import msgspec
+
+from schemas.envelope import LeanEnvelope, lean_decoder
+
+_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET: Final = re.compile(rb"[\[\]{}]")
+_TOPIC_SAFE: Final = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+def json_depth_exceeds(body: bytes, max_depth: int) -> bool:
+    """Whether ``body`` nests arrays/objects deeper than ``max_depth`` (strings ignored)."""
+    if body.count(b"{") + body.count(b"[") <= max_depth:
+        return False  # not enough brackets to be that deep: the common, cheap case
+    depth = 0
+    for bracket in _BRACKET.findall(_STRING.sub(b"", body)):
+        if bracket in (b"{", b"["):
+            depth += 1
+            if depth > max_depth:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A verified event with an envelope: goes to its event topic."""
+
+    delivery_id: str
+    event_id: str
+    event_type: str
+    key: str
+    created_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A verified body we cannot route; kept on the quarantine topic with ``reason``."""
+
+    reason: str
+    detail: str
+    delivery_id: str | None = None
+    event_id: str | None = None
+    event_type: str | None = None
+
+
+Decision = Routed | Quarantined
+
+
+def _parse_time(value: str) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def classify(
+    body: bytes,
+    *,
+    max_depth: int,
+    max_event_age_s: float | None = None,
+    now: datetime | None = None,
+) -> Decision:
+    """Route a verified body, or say why it must be quarantined."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return Quarantined("not_utf8", f"body is not UTF-8 at byte {err.start}")
+    if json_depth_exceeds(body, max_depth):
+        return Quarantined("too_deep", f"JSON nests deeper than {max_depth} levels")
+    try:
+        envelope: LeanEnvelope = lean_decoder.decode(text)
+    except msgspec.ValidationError as err:
+        return Quarantined(
+            "no_envelope",
+            f"JSON without the webhook envelope ({err}); a distribution sending a raw or "
+            "edited payload cannot be routed or de-duplicated: switch it to the default payload",
+        )
+    except (msgspec.DecodeError, RecursionError) as err:
+        return Quarantined("not_json", f"body is not JSON: {err}")
+
+    event = envelope.event
+    if not event.id or not _TOPIC_SAFE.fullmatch(event.type):
+        return Quarantined(
+            "invalid_event_type",
+            "event.id is empty or event.type is not a valid topic name",
+            delivery_id=envelope.id,
+            event_id=event.id or None,
+        )
+    if max_event_age_s is not None and event.created_at:
+        created = _parse_time(event.created_at)
+        current = now or datetime.now(UTC)
+        if created is not None and (current - created).total_seconds() > max_event_age_s:
+            return Quarantined(
+                "stale",
+                f"event.created_at {event.created_at} is older than {max_event_age_s:g}s",
+                delivery_id=envelope.id,
+                event_id=event.id,
+                event_type=event.type,
+            )
+    return Routed(
+        delivery_id=envelope.id,
+        event_id=event.id,
+        event_type=event.type,
+        key=envelope.customer_id or event.entity_id or event.id,
+        created_at=event.created_at,
+    )

@@ -1,0 +1,72 @@
+"""Prometheus metrics of the webhook intake, registered on an injected registry."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+OUTCOMES: Final = (
+    "accepted",
+    "quarantined",
+    "unauthorized",
+    "forbidden",
+    "too_large",
+    "bad_request",
+    "unavailable",
+)
+QUARANTINE_REASONS: Final = (
+    "not_utf8",
+    "not_json",
+    "too_deep",
+    "no_envelope",
+    "invalid_event_type",
+    "stale",
+)
+
+_LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class WebhookMetrics:
+    """Counters and histograms of the intake; label values come from fixed sets."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "pubrelay_webhook_requests_total",
+            "Webhook requests by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.quarantined = Counter(
+            "pubrelay_webhook_quarantined_total",
+            "Signed bodies kept on the quarantine topic, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "pubrelay_webhook_request_duration_seconds",
+            "Time from request start to response, by outcome.",
+            ["outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.publish_seconds = Histogram(
+            "pubrelay_bus_publish_duration_seconds",
+            "Time for the bus to acknowledge one record.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.bus_errors = Counter(
+            "pubrelay_bus_errors_total",
+            "Bus operations that failed, by operation.",
+            ["operation"],
+            registry=registry,
+        )
+        # Pre-create every series so dashboards and alerts see zeros, not gaps.
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+            self.request_seconds.labels(outcome)
+        for reason in QUARANTINE_REASONS:
+            self.quarantined.labels(reason)
+        for operation in ("publish", "ping"):
+            self.bus_errors.labels(operation)

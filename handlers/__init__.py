@@ -1,0 +1,1 @@
+"""The distribution worker and its handlers."""

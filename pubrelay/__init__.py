@@ -1,0 +1,1 @@
+"""pubrelay: verified, durable intake of Voucherify webhooks."""

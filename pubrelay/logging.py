@@ -1,0 +1,76 @@
+"""structlog set up once at the edge: level, ISO UTC time, JSON or console, masking.
+
+Every log line passes :func:`mask_emails`, so a customer e-mail address that reaches a
+log call anyway is masked (``j***@example.com``), and values of keys that look secret
+are replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, Final, Literal
+
+import structlog
+
+_EMAIL: Final = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
+_SECRET_KEYS: Final = ("secret", "password", "token", "authorization", "signature_key")
+
+
+def mask_email(text: str) -> str:
+    """``jane.doe@example.com`` -> ``j***@example.com``."""
+    return _EMAIL.sub(r"\1***@\2", text)
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_email(value) if "@" in value else value
+    if isinstance(value, dict):
+        return {k: _mask(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask(v) for v in value]
+    return value
+
+
+def mask_emails(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: mask e-mail addresses and secret-looking values."""
+    for key, value in event_dict.items():
+        if any(word in key.lower() for word in _SECRET_KEYS):
+            event_dict[key] = "***"
+        else:
+            event_dict[key] = _mask(value)
+    return event_dict
+
+
+def configure_logging(
+    level: str = "info", fmt: Literal["auto", "json", "console"] = "auto"
+) -> None:
+    """Configure structlog (and the standard library's root logger) once per process."""
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    )
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        mask_emails,
+    ]
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    # Libraries (aiohttp, aiokafka) log through the standard library: same level, stderr.
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)

@@ -1,0 +1,62 @@
+"""The one root configuration, loaded once at the edge (the CLI) and passed down.
+
+Environment variables: prefix ``PUBRELAY_``, nested sections with ``__``
+(``PUBRELAY_HTTP__PORT=8081``, ``PUBRELAY_WEBHOOK__SECRETS='["s1","s2"]'``). A ``.env``
+file in the working directory is read too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bus.config import BusSettings
+from consumer.config import HttpSettings, WebhookSettings
+from handlers.config import HandlersSettings, LedgerSettings, WorkerSettings
+from schemas.errors import ConfigError
+
+
+class LogSettings(BaseModel):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: console on a terminal, JSON otherwise"
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PUBRELAY_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    data_dir: Path = Field(default=Path("var"), description="secrets, embedded bus and ledger")
+    http: HttpSettings = HttpSettings()
+    webhook: WebhookSettings = WebhookSettings()
+    bus: BusSettings = BusSettings()
+    log: LogSettings = LogSettings()
+    handlers: HandlersSettings = HandlersSettings()
+    worker: WorkerSettings = WorkerSettings()
+    ledger: LedgerSettings = LedgerSettings()
+
+    @property
+    def sqlite_bus_path(self) -> Path:
+        if self.bus.url.startswith("sqlite:///"):
+            return Path(self.bus.url.removeprefix("sqlite:///"))
+        return self.data_dir / "bus.sqlite3"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Load settings from the environment, turning validation errors into one clear message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as err:
+        problems = []
+        for item in err.errors():
+            name = "PUBRELAY_" + "__".join(str(p).upper() for p in item["loc"])
+            problems.append(f"{name}: {item['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

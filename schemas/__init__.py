@@ -1,0 +1,1 @@
+"""The contract: Voucherify envelope and event models, and the record on the bus."""

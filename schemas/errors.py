@@ -1,0 +1,67 @@
+"""The one exception hierarchy of pubrelay; every layer may import it.
+
+Each class carries its policy as class attributes (``retriable``) so callers decide by
+type, never by message. Control-flow exceptions raised by handlers are verbs
+(``RetryLater``, ``SkipEvent``).
+"""
+
+from __future__ import annotations
+
+
+class PubrelayError(Exception):
+    """Root of every error pubrelay raises on purpose."""
+
+    retriable: bool = False
+
+
+class ConfigError(PubrelayError):
+    """The configuration is invalid; the message names the setting."""
+
+
+class SignatureError(PubrelayError):
+    """A webhook request carries no valid signature."""
+
+
+class PayloadTooLarge(PubrelayError):
+    """A request body is over the configured limit."""
+
+
+class BusError(PubrelayError):
+    """The bus failed to do what was asked."""
+
+    retriable = True
+
+
+class BusUnavailable(BusError):
+    """The bus did not acknowledge in time, or cannot be reached; nothing was acknowledged."""
+
+
+class TopicMissing(BusError):
+    """A topic the process needs does not exist and may not be created."""
+
+    retriable = False
+
+
+class HandlerError(PubrelayError):
+    """A handler failed permanently: the event goes to the dead-letter topic."""
+
+
+class RetryLater(PubrelayError):
+    """A handler asks for the event to be retried after a back-off.
+
+    ``delay_s`` overrides the computed back-off (for example from a ``Retry-After`` header).
+    """
+
+    retriable = True
+
+    def __init__(self, message: str = "", *, delay_s: float | None = None) -> None:
+        super().__init__(message)
+        self.delay_s = delay_s
+
+
+class SkipEvent(PubrelayError):
+    """A handler decides not to act on this event; it is counted and logged, not retried."""
+
+
+class PluginError(PubrelayError):
+    """A handler plugin is unknown or cannot be loaded; start-up stops."""

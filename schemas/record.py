@@ -1,0 +1,36 @@
+"""What travels on the bus: the raw request body plus routing headers.
+
+The value of every record is the webhook body exactly as received, so downstream consumers
+can re-verify the Voucherify signature. Routing facts travel as headers.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+HEADER_EVENT_ID: Final = "event-id"
+HEADER_EVENT_TYPE: Final = "event-type"
+HEADER_DELIVERY_ID: Final = "delivery-id"
+HEADER_RECEIVED_AT: Final = "received-at"
+HEADER_SIGNATURE: Final = "x-voucherify-signature"
+HEADER_QUARANTINE_REASON: Final = "quarantine-reason"
+HEADER_CONTENT_TYPE: Final = "content-type"
+
+DEFAULT_TOPIC_PREFIX: Final = "voucherify."
+QUARANTINE_TOPIC: Final = "quarantine"
+DLQ_TOPIC_PREFIX: Final = "dlq."
+
+Headers = tuple[tuple[str, bytes], ...]
+
+
+def header(headers: Headers, name: str) -> bytes | None:
+    """Return the first header named ``name`` (case-sensitive, as stored) or ``None``."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def topic_for(prefix: str, event_type: str) -> str:
+    """The topic an event of ``event_type`` is published to."""
+    return prefix + event_type
