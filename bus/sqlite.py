@@ -65,8 +65,9 @@ _headers_decoder = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
 
 
 def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None,
-                           check_same_thread=False)
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+    )
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     return conn
@@ -81,7 +82,6 @@ class _Entry:
     ts_ms: int
     future: asyncio.Future[None]
     state: int = _PENDING
-
 
 
 class SqliteBus:
@@ -374,4 +374,3 @@ class SqliteSubscription:
             ).fetchone()
             out[TopicPartition(topic, 0)] = int(count)
         return out
-

@@ -33,9 +33,10 @@ from schemas.record import HEADER_SIGNATURE, QUARANTINE_TOPIC
 
 log = structlog.get_logger("pubrelay")
 
-SECRET_FILE = "webhook-secret"
+SECRET_FILE = "webhook-secret"  # noqa: S105 - a file name, not a secret
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
+
 
 class SecretMissing(ConfigError):
     """No webhook secret is configured and none may be generated."""
@@ -119,16 +120,13 @@ async def _serve(settings: Settings, *, with_worker: bool) -> int:
         registry=registry,
         manage_bus=False,
     )
-    runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=settings.http.shutdown_timeout_s
-    )
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.http.shutdown_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_port=True)
     try:
         await site.start()
     except OSError as err:
-        log.error("listen_failed", host=settings.http.host, port=settings.http.port,
-                  error=str(err))
+        log.error("listen_failed", host=settings.http.host, port=settings.http.port, error=str(err))
         await runner.cleanup()
         await bus.close()
         return EXIT_CONFIG

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from bus.config import BusSettings
 from consumer.config import HttpSettings, WebhookSettings
@@ -60,3 +60,11 @@ def load_settings(**overrides: object) -> Settings:
             name = "PUBRELAY_" + "__".join(str(p).upper() for p in item["loc"])
             problems.append(f"{name}: {item['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    except SettingsError as err:
+        # Raised for values that must be JSON (lists, maps) but are not.
+        section = str(err).split('"')[1] if '"' in str(err) else "?"
+        cause = f": {err.__cause__}" if err.__cause__ else ""
+        raise ConfigError(
+            f"invalid configuration: PUBRELAY_{section.upper()}__*: a value is not valid "
+            f'JSON (lists are written like \'["a", "b"]\'){cause}'
+        ) from None

@@ -1,0 +1,136 @@
+"""The CLI as a user runs it: `pubrelay serve`, `send`, `sign`, configuration errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+from bus.sqlite import SqliteBus
+from consumer.signature import sign
+from schemas.record import header
+from tests.fixtures.app import EXAMPLE, read_topic
+from tests.fixtures.process import Launcher, pubrelay_bin
+
+SAMPLE = EXAMPLE / "customer.publication.succeeded.json"
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [pubrelay_bin(), *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_serve_generates_a_private_secret_and_accepts_a_sent_event(
+    run_pubrelay: Launcher, tmp_path: Path
+) -> None:
+    server = run_pubrelay(["serve"])
+    server.wait_ready()
+
+    secret_file = tmp_path / "var" / "webhook-secret"
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert str(secret_file) in server.output()
+    assert "PUBRELAY_WEBHOOK__SECRETS" in server.output()
+
+    sent = run_cli("send", str(SAMPLE), "--url", f"{server.url}/webhooks/voucherify", cwd=tmp_path)
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout.startswith("202 Accepted")
+
+    signed = run_cli("sign", str(SAMPLE), cwd=tmp_path)
+    secret = secret_file.read_text().strip()
+    assert signed.stdout.strip() == sign(secret, SAMPLE.read_bytes())
+
+    assert server.terminate() == 0
+    log_lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+    [request] = [line for line in log_lines if line.get("event") == "webhook_request"]
+    assert request["outcome"] == "accepted"
+    assert request["event_id"] == "evcus_0e16e42bc6e0c65b58"
+    assert "jack.webhook@example.com" not in server.output()
+
+    async def stored() -> list[bytes | None]:
+        bus = SqliteBus(tmp_path / "var" / "bus.sqlite3")
+        await bus.start()
+        try:
+            records = await read_topic(bus, "voucherify.customer.publication.succeeded")
+        finally:
+            await bus.close()
+        return [header(r.headers, "event-id") for r in records]
+
+    assert asyncio.run(stored()) == [b"evcus_0e16e42bc6e0c65b58"]
+
+
+def test_second_start_reuses_the_generated_secret(run_pubrelay: Launcher, tmp_path: Path) -> None:
+    first = run_pubrelay(["webhook"])
+    first.wait_ready()
+    secret = (tmp_path / "var" / "webhook-secret").read_text()
+    assert first.terminate() == 0
+    second = run_pubrelay(["webhook"])
+    second.wait_ready()
+    assert (tmp_path / "var" / "webhook-secret").read_text() == secret
+    assert "generated a webhook secret" not in second.output()
+
+
+def test_configured_secret_rejects_other_signatures(run_pubrelay: Launcher, tmp_path: Path) -> None:
+    server = run_pubrelay(["webhook"], env={"PUBRELAY_WEBHOOK__SECRETS": '["configured"]'})
+    server.wait_ready()
+    assert not (tmp_path / "var" / "webhook-secret").exists()
+    url = f"{server.url}/webhooks/voucherify"
+    ok = run_cli(
+        "send",
+        str(SAMPLE),
+        "--url",
+        url,
+        cwd=tmp_path,
+        env={"PUBRELAY_WEBHOOK__SECRETS": '["configured"]'},
+    )
+    assert ok.stdout.startswith("202")
+    bad = run_cli(
+        "send",
+        str(SAMPLE),
+        "--url",
+        url,
+        cwd=tmp_path,
+        env={"PUBRELAY_WEBHOOK__SECRETS": '["other"]'},
+    )
+    assert bad.returncode == 1
+    assert bad.stdout.startswith("401")
+
+
+def test_sigterm_stops_serve_cleanly(run_pubrelay: Launcher) -> None:
+    server = run_pubrelay(["serve"])
+    server.wait_ready()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(20) == 0
+    assert '"event": "stopped"' in server.output()
+
+
+def test_invalid_configuration_stops_start_up_naming_the_setting(tmp_path: Path) -> None:
+    result = run_cli("serve", cwd=tmp_path, env={"PUBRELAY_HTTP__PORT": "not-a-port"})
+    assert result.returncode == 2
+    assert "PUBRELAY_HTTP__PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sign_without_any_secret_says_how_to_configure_one(tmp_path: Path) -> None:
+    result = run_cli("sign", str(SAMPLE), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "PUBRELAY_WEBHOOK__SECRETS" in result.stderr
+
+
+def test_send_to_a_closed_port_fails_with_a_message(tmp_path: Path) -> None:
+    env = {"PUBRELAY_WEBHOOK__SECRETS": '["s"]'}
+    result = run_cli("send", str(SAMPLE), "--url", "http://127.0.0.1:9/x", cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    assert "127.0.0.1:9" in result.stderr

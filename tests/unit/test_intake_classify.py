@@ -1,0 +1,82 @@
+"""Routing decisions for verified bodies (no I/O)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from consumer.intake import Quarantined, Routed, classify, json_depth_exceeds
+from tests.fixtures.app import event_body
+
+
+def test_envelope_routes_on_event_type_with_customer_key() -> None:
+    decision = classify(
+        event_body(event_id="ev_1", delivery_id="whs_1", customer_id="c_9"), max_depth=64
+    )
+    assert decision == Routed(
+        delivery_id="whs_1",
+        event_id="ev_1",
+        event_type="customer.publication.succeeded",
+        key="c_9",
+        created_at="2024-03-13T13:45:59.515Z",
+    )
+
+
+def test_distribution_routes_on_event_type_not_the_user_label() -> None:
+    envelope = json.loads(event_body(event_id="ev_2"))
+    envelope["type"] = "My coupon distribution"
+    envelope["source"] = {"id": "distr_1", "object": "distribution", "target_url": "x"}
+    decision = classify(json.dumps(envelope).encode(), max_depth=64)
+    assert isinstance(decision, Routed)
+    assert decision.event_type == "customer.publication.succeeded"
+
+
+def test_key_falls_back_to_entity_id_then_event_id() -> None:
+    body = b'{"id":"whs","event":{"id":"ev","type":"voucher.published","entity_id":"v_1"}}'
+    decision = classify(body, max_depth=64)
+    assert isinstance(decision, Routed)
+    assert decision.key == "v_1"
+    body = b'{"id":"whs","data":{"customer":null},"event":{"id":"ev","type":"x.y"}}'
+    decision = classify(body, max_depth=64)
+    assert isinstance(decision, Routed)
+    assert decision.key == "ev"
+
+
+def test_publication_event_keys_on_the_publication_customer() -> None:
+    body = (
+        b'{"id":"whs","data":{"publication":{"customer_id":"cust_7","vouchers":["A","B"]}},'
+        b'"event":{"id":"ev","type":"publication.succeeded"}}'
+    )
+    decision = classify(body, max_depth=64)
+    assert isinstance(decision, Routed)
+    assert decision.key == "cust_7"
+
+
+def test_unknown_fields_and_missing_optional_data_are_tolerated() -> None:
+    body = b'{"id":"whs","new_field":{"x":[1,2]},"event":{"id":"ev","type":"a.b","extra":1}}'
+    assert isinstance(classify(body, max_depth=64), Routed)
+
+
+def test_missing_event_is_quarantined_as_raw_payload() -> None:
+    decision = classify(b'{"id":"whs","type":"customer.publication.succeeded"}', max_depth=64)
+    assert isinstance(decision, Quarantined)
+    assert decision.reason == "no_envelope"
+    assert "raw" in decision.detail
+
+
+def test_depth_check_ignores_brackets_inside_strings() -> None:
+    assert not json_depth_exceeds(b'{"a":"' + b"[" * 500 + b'"}', 10)
+    assert json_depth_exceeds(b"[" * 11 + b"]" * 11, 10)
+    assert not json_depth_exceeds(b"[" * 10 + b"]" * 10, 10)
+    many_shallow = b"[" + b",".join([b"{}"] * 200) + b"]"
+    assert not json_depth_exceeds(many_shallow, 10)
+
+
+def test_stale_only_when_a_maximum_age_is_set() -> None:
+    body = event_body()
+    now = datetime(2024, 3, 13, 14, 45, 59, tzinfo=UTC)  # one hour after the event
+    assert isinstance(classify(body, max_depth=64, now=now), Routed)
+    assert isinstance(classify(body, max_depth=64, max_event_age_s=7200, now=now), Routed)
+    stale = classify(body, max_depth=64, max_event_age_s=60, now=now)
+    assert isinstance(stale, Quarantined)
+    assert stale.reason == "stale"

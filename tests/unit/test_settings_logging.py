@@ -1,0 +1,68 @@
+"""Configuration errors name the setting; logs never show secrets or whole e-mails."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import structlog
+
+from pubrelay.logging import configure_logging, mask_email
+from pubrelay.settings import load_settings
+from schemas.errors import ConfigError
+
+
+def test_nested_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PUBRELAY_HTTP__PORT", "9091")
+    monkeypatch.setenv("PUBRELAY_WEBHOOK__SECRETS", '["a", "b"]')
+    monkeypatch.setenv("PUBRELAY_BUS__URL", "kafka://127.0.0.1:9092,127.0.0.1:9093")
+    settings = load_settings()
+    assert settings.http.port == 9091
+    assert [s.get_secret_value() for s in settings.webhook.secrets] == ["a", "b"]
+    assert settings.bus.kind == "kafka"
+    assert settings.bus.kafka_bootstrap == ["127.0.0.1:9092", "127.0.0.1:9093"]
+
+
+def test_defaults_are_loopback_8080_and_sqlite_in_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PUBRELAY_HTTP__PORT", raising=False)
+    settings = load_settings()
+    assert (settings.http.host, settings.http.port) == ("127.0.0.1", 8080)
+    assert settings.bus.kind == "sqlite"
+    assert str(settings.sqlite_bus_path) == "var/bus.sqlite3"
+    assert settings.http.max_body_bytes == 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PUBRELAY_HTTP__PORT", "eighty"),
+        ("PUBRELAY_BUS__URL", "redis://x"),
+        ("PUBRELAY_BUS__PUBLISH_TIMEOUT_S", "30"),
+        ("PUBRELAY_WEBHOOK__SECRETS", "not-json"),
+    ],
+)
+def test_invalid_setting_is_one_clear_message_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    section = name.split("__", maxsplit=1)[0]
+    with pytest.raises(ConfigError, match=section):
+        load_settings()
+
+
+def test_mask_email_keeps_first_letter_and_domain() -> None:
+    assert mask_email("jane.doe@example.com") == "j***@example.com"
+    assert mask_email("to <a@b.io> and c.d@e.org") == "to <a***@b.io> and c***@e.org"
+
+
+def test_log_lines_mask_emails_and_hide_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("info", "json")
+    structlog.get_logger("t").info(
+        "sent", recipient="jane.doe@example.com", smtp_password="hunter2", token="abc"
+    )
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["recipient"] == "j***@example.com"
+    assert line["smtp_password"] == "***"
+    assert line["token"] == "***"
+    assert "hunter2" not in json.dumps(line)
+    structlog.reset_defaults()
