@@ -13,6 +13,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any, Final, Literal
 
+import msgspec
 import structlog
 
 _EMAIL: Final = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
@@ -44,6 +45,14 @@ def mask_emails(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutabl
     return event_dict
 
 
+_encoder = msgspec.json.Encoder(enc_hook=str)
+
+
+def _dumps(obj: Any, **_: Any) -> str:
+    # msgspec renders a log line in a fraction of json.dumps's time (one per request).
+    return _encoder.encode(obj).decode()
+
+
 def configure_logging(
     level: str = "info", fmt: Literal["auto", "json", "console"] = "auto"
 ) -> None:
@@ -51,7 +60,9 @@ def configure_logging(
     numeric = logging.getLevelNamesMapping()[level.upper()]
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer()
+        if use_console
+        else structlog.processors.JSONRenderer(serializer=_dumps)
     )
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,

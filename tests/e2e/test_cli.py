@@ -113,7 +113,8 @@ def test_sigterm_stops_serve_cleanly(run_pubrelay: Launcher) -> None:
     server.wait_ready()
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(20) == 0
-    assert '"event": "stopped"' in server.output()
+    events = [json.loads(line)["event"] for line in server.output().splitlines() if line[:1] == "{"]
+    assert events[-2:] == ["stopping", "stopped"]
 
 
 def test_invalid_configuration_stops_start_up_naming_the_setting(tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""`make bench`: throughput and latency figures, always beside a baseline from the same run."""

@@ -1,0 +1,148 @@
+"""`python -m tests.bench [SECTION ...]`: print figures and ratios from one run.
+
+Every figure is printed beside a baseline measured in the same run (the machine's speed
+drifts by up to 2x over minutes), and the ratio between them is the number to compare
+across runs. Sections: intake (webhook on the embedded bus vs a bare aiohttp handler).
+Environment: BENCH_SECONDS (per load run, default 8), BENCH_CONNECTIONS (default 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from consumer.signature import sign
+from tests.bench.wrk import LoadResult, run_wrk
+from tests.fixtures.app import EXAMPLE
+from tests.fixtures.process import free_port, pubrelay_bin
+
+SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
+SECRET = "bench-secret"
+REPO = Path(__file__).resolve().parents[2]
+PATH = "/webhooks/voucherify"
+
+
+def sample_body() -> bytes:
+    """The official example in its envelope, compact as Voucherify sends it (~4.4 KB)."""
+    envelope = json.loads((EXAMPLE / "customer.publication.succeeded.json").read_bytes())
+    return json.dumps(envelope, separators=(",", ":")).encode()
+
+
+def wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server on port {port} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"server on port {port} did not become healthy")
+
+
+@contextmanager
+def server(args: list[str], port: int, env: dict[str, str], cwd: Path) -> Iterator[None]:
+    with (cwd / f"server-{port}.log").open("wb") as log:
+        proc = subprocess.Popen(
+            args, cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_healthy(port, proc)
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def bare(tmp: Path) -> LoadResult:
+    port = free_port()
+    args = [sys.executable, "-m", "tests.bench.bare_server", str(port)]
+    with server(args, port, {"PYTHONPATH": str(REPO)}, tmp):
+        return run_wrk(
+            f"http://127.0.0.1:{port}{PATH}",
+            sample_body(),
+            {},
+            duration_s=SECONDS,
+            connections=CONNECTIONS,
+        )
+
+
+def pubrelay_webhook(tmp: Path, extra_env: dict[str, str]) -> LoadResult:
+    port = free_port()
+    body = sample_body()
+    env = {
+        "PUBRELAY_HTTP__PORT": str(port),
+        "PUBRELAY_WEBHOOK__SECRETS": f'["{SECRET}"]',
+        "PUBRELAY_DATA_DIR": str(tmp / f"data-{port}"),
+        "PUBRELAY_LOG__FORMAT": "json",
+        **extra_env,
+    }
+    headers = {"Content-Type": "application/json", "x-voucherify-signature": sign(SECRET, body)}
+    with server([pubrelay_bin(), "webhook"], port, env, tmp):
+        return run_wrk(
+            f"http://127.0.0.1:{port}{PATH}",
+            body,
+            headers,
+            duration_s=SECONDS,
+            connections=CONNECTIONS,
+        )
+
+
+def ratio_line(name: str, result: LoadResult, baseline: LoadResult) -> str:
+    return f"{name:<38} ratio to bare: {result.requests_per_s / baseline.requests_per_s:.2f}"
+
+
+def bench_intake(tmp: Path) -> None:
+    print(
+        f"# intake: signed {len(sample_body())}-byte deliveries, wrk -t1 -c{CONNECTIONS} "
+        f"-d{SECONDS}s, one server process"
+    )
+    first = bare(tmp)
+    print(first.row("bare aiohttp (read body, 204)"))
+    sqlite = pubrelay_webhook(tmp, {})
+    print(sqlite.row("pubrelay webhook, embedded SQLite bus"))
+    second = bare(tmp)
+    print(second.row("bare aiohttp again"))
+    baseline = LoadResult(
+        (first.requests_per_s + second.requests_per_s) / 2,
+        (first.p50_ms + second.p50_ms) / 2,
+        (first.p99_ms + second.p99_ms) / 2,
+        0,
+        0,
+    )
+    print(ratio_line("pubrelay webhook, embedded SQLite bus", sqlite, baseline))
+
+
+SECTIONS: dict[str, Callable[[Path], None]] = {"intake": bench_intake}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench")
+    parser.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default all)")
+    chosen = parser.parse_args().sections or list(SECTIONS)
+    unknown = set(chosen) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    with tempfile.TemporaryDirectory(prefix="pubrelay-bench-") as tmp:
+        for name in chosen:
+            SECTIONS[name](Path(tmp))
+            print()
+
+
+if __name__ == "__main__":
+    main()
