@@ -119,6 +119,7 @@ class SqliteBus:
         self._published = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._next_retention = 0.0
+        self._closing = False
 
     async def start(self) -> None:
         if self._writer is not None:
@@ -137,19 +138,21 @@ class SqliteBus:
 
     async def close(self) -> None:
         if self._writer is not None:
-            # Let everything already accepted be written before closing (bounded).
-            deadline = time.monotonic() + self.publish_timeout_s
-            while self._pending and time.monotonic() < deadline:
-                self._wake.set()
-                await asyncio.sleep(0.01)
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            # Refuse new records, let the writer commit what it already accepted (bounded).
+            self._closing = True
+            self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writer), self.publish_timeout_s)
+            except TimeoutError:
+                self._writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._writer
             self._writer = None
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await self._run(conn.close)
-        self._executor.shutdown(wait=True)
+        # A writer stuck on a lock must not block the event loop while it shuts down.
+        await asyncio.to_thread(self._executor.shutdown, True)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -165,7 +168,7 @@ class SqliteBus:
         headers: Headers = (),
         timeout_s: float | None = None,
     ) -> None:
-        if self._writer is None:
+        if self._writer is None or self._closing:
             raise BusUnavailable("the embedded bus is not started")
         loop = asyncio.get_running_loop()
         entry = _Entry(topic, key, value, headers, int(time.time() * 1000), loop.create_future())
@@ -197,10 +200,12 @@ class SqliteBus:
             self._wake.clear()
             batch, self._pending = self._pending, []
             if not batch:
+                if self._closing:
+                    return
                 continue
             try:
                 await self._run(self._write_batch, batch)
-            except (sqlite3.Error, OSError) as err:
+            except Exception as err:  # any failure fails this batch, not the loop
                 log.warning("bus_write_failed", error=str(err), records=len(batch))
                 failure = BusUnavailable(f"the embedded bus could not commit: {err}")
                 for entry in batch:
@@ -214,6 +219,8 @@ class SqliteBus:
                         entry.future.set_result(None)
                 self._published.set()
                 self._published = asyncio.Event()
+            if self._closing and not self._pending:
+                return
 
     def _write_batch(self, batch: list[_Entry]) -> None:
         conn = self._conn
@@ -311,7 +318,7 @@ class SqliteSubscription:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await self._run(conn.close)
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, True)
 
     async def fetch(self, *, max_records: int = 500, timeout_s: float = 1.0) -> list[Message]:
         deadline = time.monotonic() + timeout_s

@@ -3,4 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.app",
     "tests.fixtures.process",
+    "tests.fixtures.kafka",
+    "tests.fixtures.fake_hubspot",
+    "tests.fixtures.fake_receiver",
 ]

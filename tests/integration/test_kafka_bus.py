@@ -1,0 +1,227 @@
+"""What only the Kafka bus does: topic administration, start-up checks, broker outages, rebalances.
+
+Against Tansu (memory storage) a restarted broker starts empty, and it accepts records for
+a topic it no longer lists, which no consumer then sees. Re-ensuring topics after an
+outage therefore belongs to the bus itself: :class:`KafkaBus` checks the topics it was
+asked to ensure once before the first publish after a failure, so the process needs
+neither a restart nor a new bus object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Collection
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka import TopicPartition as KafkaTopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from bus.config import BusSettings
+from bus.kafka import KafkaBus
+from bus.types import Subscription, TopicPartition
+from schemas.errors import BusUnavailable, ConfigError, TopicMissing
+from tests.fixtures.kafka import TansuBroker, free_port, kafka_bus_settings, make_kafka_bus
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+async def kafka_bus(kafka_settings: BusSettings) -> AsyncIterator[KafkaBus]:
+    bus = make_kafka_bus(kafka_settings)
+    await bus.start()
+    yield bus
+    await bus.close()
+
+
+async def partition_counts(bootstrap: str, topics: list[str]) -> dict[str, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    await admin.start()
+    try:
+        listed = set(await admin.list_topics())
+        present = [t for t in topics if t in listed]
+        described = await admin.describe_topics(present) if present else []
+    finally:
+        await admin.close()
+    return {d["topic"]: len(d["partitions"]) for d in described}
+
+
+async def read_topic(bootstrap: str, topic: str) -> list[bytes]:
+    """Every value on ``topic``, read by a plain aiokafka consumer without a group."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            await consumer.topics()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [KafkaTopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        batches = await consumer.getmany(timeout_ms=1000)
+    finally:
+        await consumer.stop()
+    return [r.value for records in batches.values() for r in records]
+
+
+async def test_ensure_topics_creates_missing_topics_with_configured_partitions(
+    kafka_broker: TansuBroker,
+) -> None:
+    settings = kafka_bus_settings(kafka_broker, partitions=2)
+    topics = [settings.topic_prefix + "created-a", settings.topic_prefix + "created-b"]
+    assert await partition_counts(kafka_broker.bootstrap, topics) == {}
+    bus = make_kafka_bus(settings)
+    await bus.start()
+    try:
+        await bus.ensure_topics(topics)
+    finally:
+        await bus.close()
+
+    assert await partition_counts(kafka_broker.bootstrap, topics) == dict.fromkeys(topics, 2)
+
+
+async def test_ensure_topics_without_auto_create_raises_topic_missing_naming_the_topic(
+    kafka_broker: TansuBroker, kafka_bus: KafkaBus
+) -> None:
+    existing = kafka_bus.settings.topic_prefix + "exists"
+    await kafka_bus.ensure_topics([existing])
+    strict = make_kafka_bus(kafka_bus.settings.model_copy(update={"auto_create_topics": False}))
+    await strict.start()
+    missing = kafka_bus.settings.topic_prefix + "never-created"
+    try:
+        await strict.ensure_topics([existing])  # present: fine
+        with pytest.raises(TopicMissing, match=missing):
+            await strict.ensure_topics([existing, missing])
+    finally:
+        await strict.close()
+
+    assert await partition_counts(kafka_broker.bootstrap, [missing]) == {}
+
+
+async def test_idempotent_producer_against_tansu_fails_fast_with_the_setting_to_change(
+    kafka_settings: BusSettings,
+) -> None:
+    bus = KafkaBus(kafka_settings.model_copy(update={"enable_idempotence": True}))
+    started = time.monotonic()
+
+    with pytest.raises(ConfigError, match="PUBRELAY_BUS__ENABLE_IDEMPOTENCE=false"):
+        await bus.start()
+
+    assert time.monotonic() - started < kafka_settings.request_timeout_s + 1.0
+    with pytest.raises(BusUnavailable):  # nothing half-started is left behind
+        await bus.publish(kafka_settings.topic_prefix + "x", b"v")
+
+
+async def test_unreachable_broker_fails_start_with_bus_unavailable() -> None:
+    settings = BusSettings(url=f"kafka://127.0.0.1:{free_port()}", enable_idempotence=False)
+    bus = KafkaBus(settings)
+
+    with pytest.raises(BusUnavailable, match=r"127\.0\.0\.1"):
+        await bus.start()
+
+
+async def fetch_until(subscription: Subscription, value: bytes, timeout_s: float) -> list[bytes]:
+    """Fetch like a worker loop does (back off on ``BusUnavailable``) until ``value`` arrives."""
+    seen: list[bytes] = []
+    deadline = time.monotonic() + timeout_s
+    while value not in seen and time.monotonic() < deadline:
+        try:
+            seen += [m.value for m in await subscription.fetch(timeout_s=0.5)]
+        except BusUnavailable:
+            await asyncio.sleep(0.2)
+    return seen
+
+
+async def test_publish_fails_while_the_broker_is_down_and_recovers_on_the_same_bus(
+    fresh_kafka_broker: TansuBroker,
+) -> None:
+    broker = fresh_kafka_broker
+    settings = kafka_bus_settings(broker, publish_timeout_s=1.0, request_timeout_s=2.0)
+    topic = settings.topic_prefix + "outage"
+    bus = make_kafka_bus(settings)
+    await bus.start()
+    subscription = bus.subscribe(settings.topic_prefix + "workers", [topic])
+    try:
+        await bus.ensure_topics([topic])
+        await bus.publish(topic, b"before", key=b"cust_1")
+        await subscription.start()
+        assert b"before" in await fetch_until(subscription, b"before", 15.0)
+
+        broker.kill()
+        for _ in range(2):  # the bus keeps answering, each time within its timeout
+            started = time.monotonic()
+            with pytest.raises(BusUnavailable):
+                await bus.publish(topic, b"while-down", key=b"cust_1")
+            assert time.monotonic() - started < 2.0
+        with pytest.raises(BusUnavailable):
+            await bus.ping()
+        # A consumer loop survives the outage: fetch returns nothing or BusUnavailable.
+        assert b"before" not in await fetch_until(subscription, b"never", 1.0)
+
+        broker.start()  # same port, empty memory storage
+        deadline = time.monotonic() + 20.0
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                await bus.publish(topic, b"after", key=b"cust_1")
+                break
+            except BusUnavailable:
+                assert time.monotonic() < deadline, "the bus did not recover"
+                await asyncio.sleep(0.2)
+        await bus.ping()
+        # The bus re-created the topic it had ensured before sending "after".
+        assert topic in await partition_counts(broker.bootstrap, [topic])
+
+        # The same subscription object gets records again once the group re-formed.
+        assert b"after" in await fetch_until(subscription, b"after", 20.0)
+    finally:
+        await subscription.close()
+        await bus.close()
+
+    assert b"after" in await read_topic(broker.bootstrap, topic)
+    assert attempts < 50
+
+
+async def test_partitions_moving_to_a_new_member_let_the_old_one_commit_first(
+    kafka_bus: KafkaBus,
+) -> None:
+    topic = kafka_bus.settings.topic_prefix + "rebalance"
+    group = kafka_bus.settings.topic_prefix + "workers"
+    await kafka_bus.ensure_topics([topic])
+    for i in range(9):
+        await kafka_bus.publish(topic, b"v%d" % i, key=b"cust_%d" % i)
+
+    finished: dict[TopicPartition, int] = {}
+    revoked: list[TopicPartition] = []
+    first: Subscription | None = None
+
+    async def commit_finished(partitions: Collection[TopicPartition]) -> None:
+        revoked.extend(partitions)
+        assert first is not None
+        await first.commit({tp: finished[tp] for tp in partitions if tp in finished})
+
+    first = kafka_bus.subscribe(group, [topic], on_revoke=commit_finished)
+    second = kafka_bus.subscribe(group, [topic])
+    await first.start()
+    try:
+        deadline = time.monotonic() + 15.0
+        while len(finished) < 3 or sum(finished.values()) < 9:
+            assert time.monotonic() < deadline, "the first member did not get every record"
+            for record in await first.fetch(timeout_s=0.5):
+                finished[record.tp] = record.offset + 1  # "handled", not committed yet
+
+        await second.start()
+        while not await second.lag():  # until the rebalance gave it partitions
+            assert time.monotonic() < deadline + 15.0, "no rebalance"
+            await first.fetch(timeout_s=0.2)  # the first member keeps working meanwhile
+
+        assert revoked, "the first member was not told before losing partitions"
+        assert {tp.topic for tp in revoked} == {topic}
+        # Finished work was committed on revoke, so the new member gets nothing again.
+        assert sum((await second.lag()).values()) == 0
+        assert await second.fetch(timeout_s=1.0) == []
+    finally:
+        await second.close()
+        await first.close()
