@@ -164,6 +164,7 @@ class KafkaBus:
         self._producer: Any = None
         self._replacement: asyncio.Task[Any] | None = None
         self._ensured: set[str] = set()
+        self._ensuring: dict[str, asyncio.Task[None]] = {}
         self._recheck_topics = False
         self._recheck: asyncio.Task[None] | None = None
         self._available = True
@@ -302,6 +303,8 @@ class KafkaBus:
                 producer = await self._current_producer()
                 if self._recheck_topics:
                     await self._recheck_topics_once()
+                if topic not in self._ensured:
+                    await self._ensure_new_topic(topic)
                 delivery = await producer.send(topic, value, key=key, headers=list(headers))
                 await asyncio.shield(delivery)
         except (TimeoutError, KafkaError, BusUnavailable) as err:
@@ -317,6 +320,21 @@ class KafkaBus:
             )
             raise BusUnavailable(f"the Kafka bus did not store the record: {reason}") from err
         self._mark_available(time.monotonic() - started)
+
+    async def _ensure_new_topic(self, topic: str) -> None:
+        """First publish to a topic (a new event type, a dead-letter topic): make sure it
+        exists, so a cluster without broker-side auto-creation does not stall the send
+        until the timeout. Concurrent first publishes share one check."""
+        task = self._ensuring.get(topic)
+        if task is None:
+            task = asyncio.create_task(self.ensure_topics([topic]))
+            task.add_done_callback(_retrieve)
+            task.add_done_callback(lambda _: self._ensuring.pop(topic, None))
+            self._ensuring[topic] = task
+        try:
+            await asyncio.shield(task)
+        except (TopicMissing, ConfigError) as err:
+            raise BusUnavailable(f"the Kafka bus cannot use topic {topic}: {err}") from err
 
     async def _recheck_topics_once(self) -> None:
         """Re-ensure the remembered topics after a failure; concurrent publishes share it."""

@@ -1,6 +1,7 @@
-"""The ``pubrelay`` command: serve, webhook, sign, send.
+"""The ``pubrelay`` command.
 
-Settings are loaded once here and passed down; nothing below reads the environment.
+Settings are loaded once here and passed down; nothing below reads the environment
+(handler plugins read their own ``PUBRELAY_<NAME>__*`` section through their context).
 """
 
 from __future__ import annotations
@@ -8,147 +9,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
-import os
-import secrets
-import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
-import structlog
-from aiohttp import ClientError, ClientSession, ClientTimeout, web
-from prometheus_client import CollectorRegistry
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
+from aiohttp import ClientError, ClientSession, ClientTimeout
 
 from bus import create_bus
-from consumer.app import create_app
+from bus.types import Bus
 from consumer.signature import sign
+from handlers.replay import DeadLetter, list_dead_letters, replay
 from pubrelay.logging import configure_logging
+from pubrelay.runtime import EXIT_CONFIG, EXIT_UNAVAILABLE, run
+from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings, load_settings
-from schemas.errors import BusUnavailable, ConfigError, PubrelayError
-from schemas.record import HEADER_SIGNATURE, QUARANTINE_TOPIC
+from schemas.errors import BusUnavailable, PubrelayError
+from schemas.record import HEADER_SIGNATURE
 
-log = structlog.get_logger("pubrelay")
-
-SECRET_FILE = "webhook-secret"  # noqa: S105 - a file name, not a secret
-EXIT_CONFIG = 2
-EXIT_UNAVAILABLE = 3
-
-
-class SecretMissing(ConfigError):
-    """No webhook secret is configured and none may be generated."""
-
-
-def resolve_secrets(settings: Settings, *, generate: bool) -> list[str]:
-    """The configured secrets, else the one in the data directory (created if allowed)."""
-    configured = [s.get_secret_value() for s in settings.webhook.secrets]
-    if configured:
-        return configured
-    path = settings.data_dir / SECRET_FILE
-    if path.exists():
-        return [path.read_text().strip()]
-    if not generate:
-        raise SecretMissing(
-            f"no webhook secret: set PUBRELAY_WEBHOOK__SECRETS or create {path} "
-            "(`pubrelay serve` generates one on first start)"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value + "\n")
-    print(
-        f"pubrelay: generated a webhook secret in {path.resolve()} (mode 0600).\n"
-        "  Voucherify signs every webhook with your project's webhook secret "
-        "(Project Settings > Webhooks).\n"
-        "  Put that secret in PUBRELAY_WEBHOOK__SECRETS='[\"<secret>\"]' (several during "
-        "rotation), or, to try pubrelay locally,\n"
-        f"  sign test requests with the generated one: pubrelay send FILE --url URL",
-        file=sys.stderr,
-    )
-    return [value]
-
-
-def new_registry() -> CollectorRegistry:
-    """A registry with the process, platform and GC collectors; injected everywhere."""
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    GCCollector(registry=registry)
-    return registry
-
-
-def _tune_gc() -> None:
-    # perf-notes: fewer gen-0 collections and a frozen start-up heap remove the
-    # 35-45 ms full collections that dominated p99 under load.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
-async def _serve(settings: Settings, *, with_worker: bool) -> int:
-    if settings.webhook.allow_unsigned:
-        log.warning(
-            "signature_checks_disabled",
-            message="PUBRELAY_WEBHOOK__ALLOW_UNSIGNED is set: ANYONE can post events",
-        )
-        secret_list: list[str] = []
-    else:
-        secret_list = resolve_secrets(settings, generate=True)
-    registry = new_registry()
-    bus = create_bus(settings.bus, settings.sqlite_bus_path)
-    try:
-        await bus.start()
-        prefix = settings.bus.topic_prefix
-        await bus.ensure_topics(
-            [prefix + "customer.publication.succeeded", prefix + QUARANTINE_TOPIC]
-        )
-    except BusUnavailable as err:
-        log.error("bus_unavailable_at_start", error=str(err))
-        await bus.close()
-        return EXIT_UNAVAILABLE
-    app = create_app(
-        bus=bus,
-        http=settings.http,
-        webhook=settings.webhook,
-        secrets=secret_list,
-        topic_prefix=settings.bus.topic_prefix,
-        publish_timeout_s=settings.bus.publish_timeout_s,
-        registry=registry,
-        manage_bus=False,
-    )
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.http.shutdown_timeout_s)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_port=True)
-    try:
-        await site.start()
-    except OSError as err:
-        log.error("listen_failed", host=settings.http.host, port=settings.http.port, error=str(err))
-        await runner.cleanup()
-        await bus.close()
-        return EXIT_CONFIG
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    log.info(
-        "listening",
-        url=f"http://{settings.http.host}:{settings.http.port}{settings.webhook.path}",
-        bus=settings.bus.kind,
-        worker=with_worker,
-        handlers=settings.handlers.enabled if with_worker else [],
-    )
-    _tune_gc()
-    await stop.wait()
-    log.info("stopping")
-    await runner.cleanup()
-    await bus.close()
-    log.info("stopped")
-    return 0
+T = TypeVar("T")
 
 
 def _event_loop_runner() -> asyncio.Runner:
@@ -159,14 +39,21 @@ def _event_loop_runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
-def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
+def _run_async(coro: Coroutine[Any, Any, T]) -> T:
     with _event_loop_runner() as runner:
-        return runner.run(_serve(settings, with_worker=True))
+        return runner.run(coro)
+
+
+def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
+    return _run_async(run(settings, webhook=True, worker=True))
 
 
 def cmd_webhook(settings: Settings, _: argparse.Namespace) -> int:
-    with _event_loop_runner() as runner:
-        return runner.run(_serve(settings, with_worker=False))
+    return _run_async(run(settings, webhook=True, worker=False))
+
+
+def cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
+    return _run_async(run(settings, webhook=False, worker=True))
 
 
 def cmd_sign(settings: Settings, args: argparse.Namespace) -> int:
@@ -199,6 +86,87 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(_send(args.url, body, signature, args.timeout))
 
 
+async def _with_bus(settings: Settings, work: Callable[[Bus], Awaitable[int]]) -> int:
+    bus = create_bus(settings.bus, settings.sqlite_bus_path)
+    try:
+        await bus.start()
+    except BusUnavailable as err:
+        print(f"pubrelay: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        return await work(bus)
+    finally:
+        await bus.close()
+
+
+def _short(text: str | None, width: int) -> str:
+    text = (text or "").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(bus: Bus) -> int:
+        letters = await list_dead_letters(
+            bus,
+            args.handler,
+            topic_prefix=settings.bus.topic_prefix,
+            group_prefix=settings.worker.group_prefix,
+            event_id=args.event_id,
+            limit=args.limit,
+        )
+        print(f"{'EVENT ID':<32} {'TYPE':<32} {'TRIES':>5} {'LAST FAILED (UTC)':<19}  ERROR")
+        for letter in letters:
+            print(
+                f"{_short(letter.event_id, 32):<32} {_short(letter.event_type, 32):<32} "
+                f"{letter.attempts or 0:>5} {_when(letter.last_failed_at):<19}  "
+                f"{_short(letter.error, 80)}"
+            )
+        print(f"{len(letters)} dead letter(s) waiting for handler {args.handler!r}")
+        return 0
+
+    return _run_async(_with_bus(settings, work))
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    since = datetime.fromisoformat(args.since) if args.since else None
+    interactive = sys.stderr.isatty()
+    done = 0
+
+    def progress(letter: DeadLetter) -> None:
+        nonlocal done
+        done += 1
+        if interactive:
+            bar = "#" * min(done, 30)
+            print(f"\r[{bar:<30}] {done} {_short(letter.event_id, 40)}", end="", file=sys.stderr)
+
+    async def work(bus: Bus) -> int:
+        summary = await replay(
+            bus,
+            args.handler,
+            topic_prefix=settings.bus.topic_prefix,
+            group_prefix=settings.worker.group_prefix,
+            event_id=args.event_id,
+            since=since,
+            dry_run=args.dry_run,
+            progress=progress,
+        )
+        if interactive and done:
+            print(file=sys.stderr)
+        verb = "would replay" if summary.dry_run else "replayed"
+        print(
+            f"{verb} {summary.replayed if not summary.dry_run else summary.matched} of "
+            f"{summary.read} dead letter(s) for handler {args.handler!r} "
+            f"({summary.matched} matched the filters)"
+        )
+        return 0
+
+    return _run_async(_with_bus(settings, work))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pubrelay",
@@ -207,10 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="webhook consumer and worker in one process")
-    serve.set_defaults(func=cmd_serve)
-    webhook = commands.add_parser("webhook", help="webhook consumer only")
-    webhook.set_defaults(func=cmd_webhook)
+    commands.add_parser("serve", help="webhook consumer and worker in one process").set_defaults(
+        func=cmd_serve
+    )
+    commands.add_parser("webhook", help="webhook consumer only").set_defaults(func=cmd_webhook)
+    commands.add_parser(
+        "worker", help="handlers only (serves /healthz, /readyz, /metrics)"
+    ).set_defaults(func=cmd_worker)
 
     sign_cmd = commands.add_parser("sign", help="print the signature of a body file")
     sign_cmd.add_argument("file", help="the JSON body, signed byte for byte")
@@ -223,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument("--timeout", type=float, default=15.0, help="seconds (default 15)")
     send.set_defaults(func=cmd_send)
+
+    replay_cmd = commands.add_parser("replay", help="send dead letters back to their handler")
+    replay_cmd.add_argument("--handler", required=True, help="the handler whose DLQ to replay")
+    replay_cmd.add_argument("--event-id", help="only this event")
+    replay_cmd.add_argument("--since", help="only letters that failed at or after (ISO 8601)")
+    replay_cmd.add_argument("--dry-run", action="store_true", help="show, change nothing")
+    replay_cmd.set_defaults(func=cmd_replay)
+
+    dlq = commands.add_parser("dlq", help="inspect dead-letter topics")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")
+    dlq_list = dlq_commands.add_parser("list", help="dead letters waiting for replay")
+    dlq_list.add_argument("--handler", required=True)
+    dlq_list.add_argument("--event-id")
+    dlq_list.add_argument("--limit", type=int, default=1000)
+    dlq_list.set_defaults(func=cmd_dlq_list)
     return parser
 
 
@@ -237,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except FileNotFoundError as err:
         print(f"pubrelay: {err.strerror}: {err.filename}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as err:  # e.g. a malformed --since
+        print(f"pubrelay: {err}", file=sys.stderr)
         return EXIT_CONFIG
     return code
 

@@ -68,3 +68,20 @@ def load_settings(**overrides: object) -> Settings:
             f"invalid configuration: PUBRELAY_{section.upper()}__*: a value is not valid "
             f'JSON (lists are written like \'["a", "b"]\'){cause}'
         ) from None
+
+
+def describe_settings(
+    model: type[BaseModel] = Settings, prefix: str = "PUBRELAY_"
+) -> list[tuple[str, str, str]]:
+    """Every environment variable with its default and description (for docs and `config`)."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        env = prefix + name.upper()
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += describe_settings(annotation, env + "__")
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "" if default in (None, "", []) else str(default)
+        rows.append((env, shown, field.description or ""))
+    return rows

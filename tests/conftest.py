@@ -4,6 +4,8 @@ pytest_plugins = [
     "tests.fixtures.app",
     "tests.fixtures.process",
     "tests.fixtures.kafka",
+    "tests.fixtures.worker",
+    "tests.fixtures.redis",
     "tests.fixtures.fake_hubspot",
     "tests.fixtures.fake_receiver",
 ]

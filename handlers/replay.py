@@ -1,0 +1,254 @@
+"""Dead letters: list them, and send them back to the one handler that failed them.
+
+Both read a handler's dead-letter topic ``<prefix>dlq.<handler>`` in the consumer group
+``<group prefix>replay.<handler>``; that group's committed offset separates dead letters
+already replayed from those still waiting, so ``list_dead_letters`` shows what a
+``replay`` would send.
+
+``replay`` re-publishes the original record (value, key, headers without ``dlq-*``) to
+``<prefix>retry.<handler>``, which only that handler's consumer group reads, and then
+commits the dead-letter offsets it replayed. It commits a contiguous run only: when a
+filter (``event_id``, ``since``) leaves an earlier dead letter in place, the replayed
+ones after it stay listed too, and replaying them again is harmless (the ledger turns an
+event already handled into a ``duplicate``). ``dry_run`` publishes and commits nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+
+import structlog
+
+from bus.types import Bus, Message, Subscription, TopicPartition
+from handlers.types import (
+    DLQ_HEADER_PREFIX,
+    check_handler_name,
+    dlq_topic,
+    retry_topic,
+)
+from handlers.worker import (
+    DLQ_ATTEMPTS,
+    DLQ_ERROR,
+    DLQ_ERROR_TYPE,
+    DLQ_FIRST_FAILED_AT,
+    DLQ_LAST_FAILED_AT,
+    DLQ_SOURCE_TOPIC,
+)
+from schemas.record import (
+    DEFAULT_TOPIC_PREFIX,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    Headers,
+    header,
+)
+
+log = structlog.get_logger("pubrelay.handlers.replay")
+
+DEFAULT_GROUP_PREFIX: Final = "pubrelay."
+
+
+def replay_group(group_prefix: str, handler: str) -> str:
+    """The consumer group that remembers which dead letters were replayed."""
+    return f"{group_prefix}replay.{handler}"
+
+
+def _text(headers: Headers, name: str) -> str | None:
+    value = header(headers, name)
+    return value.decode("utf-8", "replace") if value is not None else None
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One record of a dead-letter topic, with its ``dlq-*`` facts decoded."""
+
+    message: Message
+    event_id: str | None
+    event_type: str | None
+    error: str | None
+    error_type: str | None
+    attempts: int | None
+    first_failed_at: datetime | None
+    last_failed_at: datetime | None
+    source_topic: str | None
+
+    @classmethod
+    def from_message(cls, message: Message) -> DeadLetter:
+        headers = message.headers
+        attempts = _text(headers, DLQ_ATTEMPTS)
+        return cls(
+            message=message,
+            event_id=_text(headers, HEADER_EVENT_ID),
+            event_type=_text(headers, HEADER_EVENT_TYPE),
+            error=_text(headers, DLQ_ERROR),
+            error_type=_text(headers, DLQ_ERROR_TYPE),
+            attempts=int(attempts) if attempts and attempts.isdigit() else None,
+            first_failed_at=_parse_time(_text(headers, DLQ_FIRST_FAILED_AT)),
+            last_failed_at=_parse_time(_text(headers, DLQ_LAST_FAILED_AT)),
+            source_topic=_text(headers, DLQ_SOURCE_TOPIC),
+        )
+
+    @property
+    def original_headers(self) -> Headers:
+        """The headers the record had before it was dead-lettered."""
+        return tuple((k, v) for k, v in self.message.headers if not k.startswith(DLQ_HEADER_PREFIX))
+
+    def failed_since(self, since: datetime) -> bool:
+        when = self.last_failed_at or datetime.fromtimestamp(
+            self.message.timestamp_ms / 1000, tz=UTC
+        )
+        return when >= (since if since.tzinfo else since.replace(tzinfo=UTC))
+
+
+@dataclass(slots=True)
+class ReplaySummary:
+    """What a replay did (or, with ``dry_run``, would do)."""
+
+    handler: str
+    dry_run: bool
+    read: int = 0
+    matched: int = 0
+    replayed: int = 0
+    committed: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+async def _read_pending(
+    sub: Subscription, *, limit: int | None, timeout_s: float, idle_timeout_s: float
+) -> list[Message]:
+    """Read what the group has not committed, until a fetch comes back empty.
+
+    Until the subscription has partitions (a Kafka group join takes a while) an empty
+    fetch means nothing, so it keeps fetching until ``timeout_s``. The reported lag is
+    only used to learn that partitions are assigned: brokers may report it low.
+    """
+    out: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    assigned = False
+    while limit is None or len(out) < limit:
+        if not assigned:
+            assigned = bool(await sub.lag())
+        batch = await sub.fetch(
+            max_records=500 if limit is None else min(500, limit - len(out)),
+            timeout_s=idle_timeout_s,
+        )
+        if batch:
+            out.extend(batch)
+        elif assigned or time.monotonic() >= deadline:
+            break
+    out.sort(key=lambda m: (m.topic, m.partition, m.offset))
+    return out
+
+
+async def list_dead_letters(
+    bus: Bus,
+    handler: str,
+    *,
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX,
+    group_prefix: str = DEFAULT_GROUP_PREFIX,
+    event_id: str | None = None,
+    limit: int | None = 1000,
+    timeout_s: float = 10.0,
+    idle_timeout_s: float = 1.0,
+) -> list[DeadLetter]:
+    """The dead letters of ``handler`` not yet replayed (oldest first); commits nothing."""
+    check_handler_name(handler)
+    sub = bus.subscribe(replay_group(group_prefix, handler), [dlq_topic(topic_prefix, handler)])
+    await sub.start()
+    try:
+        messages = await _read_pending(
+            sub, limit=limit, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
+        )
+    finally:
+        await sub.close()
+    letters = [DeadLetter.from_message(m) for m in messages]
+    return [d for d in letters if event_id is None or d.event_id == event_id]
+
+
+async def replay(
+    bus: Bus,
+    handler: str,
+    *,
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX,
+    group_prefix: str = DEFAULT_GROUP_PREFIX,
+    event_id: str | None = None,
+    since: datetime | None = None,
+    dry_run: bool = False,
+    progress: Callable[[DeadLetter], object] | None = None,
+    limit: int | None = None,
+    timeout_s: float = 10.0,
+    idle_timeout_s: float = 1.0,
+) -> ReplaySummary:
+    """Send ``handler``'s dead letters (all, one ``event_id``, or failed ``since``) back to it.
+
+    ``progress`` is called once per dead letter replayed (or, in a dry run, that would be).
+    Raises :class:`schemas.errors.BusUnavailable` when a publish fails; what was replayed
+    before it is committed first, so running it again continues where it stopped.
+    """
+    check_handler_name(handler)
+    target = retry_topic(topic_prefix, handler)
+    summary = ReplaySummary(handler=handler, dry_run=dry_run)
+    sub = bus.subscribe(replay_group(group_prefix, handler), [dlq_topic(topic_prefix, handler)])
+    await sub.start()
+    try:
+        messages = await _read_pending(
+            sub, limit=limit, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
+        )
+        summary.read = len(messages)
+        # Per partition: the next offset to commit while replayed records are contiguous.
+        frontier: dict[TopicPartition, int] = {}
+        blocked: set[TopicPartition] = set()
+        try:
+            for message in messages:
+                letter = DeadLetter.from_message(message)
+                matches = (event_id is None or letter.event_id == event_id) and (
+                    since is None or letter.failed_since(since)
+                )
+                if not matches:
+                    blocked.add(message.tp)
+                    continue
+                summary.matched += 1
+                if progress is not None:
+                    progress(letter)
+                if dry_run:
+                    continue
+                await bus.publish(
+                    target, message.value, key=message.key, headers=letter.original_headers
+                )
+                summary.replayed += 1
+                log.info(
+                    "dead_letter_replayed",
+                    handler=handler,
+                    event_id=letter.event_id,
+                    offset=message.offset,
+                    target=target,
+                )
+                if message.tp not in blocked:
+                    frontier[message.tp] = message.offset + 1
+        finally:
+            if frontier and not dry_run:
+                await sub.commit(frontier)
+                summary.committed = frontier
+    finally:
+        await sub.close()
+    log.info(
+        "replay_finished",
+        handler=handler,
+        dry_run=dry_run,
+        read=summary.read,
+        matched=summary.matched,
+        replayed=summary.replayed,
+    )
+    return summary

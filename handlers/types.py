@@ -1,0 +1,282 @@
+"""The handler contract: what a plugin implements and what the worker gives it.
+
+A plugin is a package with an entry point in group ``pubrelay.handlers`` naming a
+factory ``create(context: HandlerContext) -> Handler``. The worker runs each enabled
+handler in its own consumer group, calls :meth:`Handler.handle` once per event (retrying
+on transient errors), and records the events whose effect completed in a ledger, so a
+handler is never called again for an event it already handled.
+
+What ``handle`` may raise, and what the worker then does:
+
+* returns normally: the effect is done; the ledger records ``(handler, event id)``.
+* :class:`schemas.errors.SkipEvent`: not acting on this event; recorded as done, counted.
+* :class:`schemas.errors.RetryLater` (optionally with ``delay_s``), any exception whose
+  class has ``retriable = True``, ``OSError`` or ``TimeoutError``: retried with exponential
+  back-off; later events of the same customer wait (order), other customers do not.
+* anything else (:class:`schemas.errors.HandlerError`, a pydantic ``ValidationError`` from
+  :attr:`Event.envelope`, a bug): the event goes to the dead-letter topic
+  ``<prefix>dlq.<handler>`` at once. Retries exhausted end there too.
+
+Effects should be idempotent where the target allows it (natural keys such as the event
+id): the ledger is written after the effect, so a crash between the two repeats that one
+effect once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel, ValidationError
+from structlog.typing import FilteringBoundLogger
+
+from schemas.errors import ConfigError
+from schemas.record import DLQ_TOPIC_PREFIX, HEADER_DELIVERY_ID, Headers, header
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from schemas.events import WebhookEnvelope
+
+ENTRY_POINT_GROUP: Final = "pubrelay.handlers"
+RETRY_TOPIC_PREFIX: Final = "retry."
+DLQ_HEADER_PREFIX: Final = "dlq-"
+
+Outcome = Literal["handled", "retried", "dead_lettered", "skipped", "duplicate", "ignored"]
+OUTCOMES: Final[tuple[Outcome, ...]] = (
+    "handled",
+    "retried",
+    "dead_lettered",
+    "skipped",
+    "duplicate",
+    "ignored",
+)
+
+_NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def check_handler_name(name: str) -> str:
+    """Handler names end up in topic, group, metric-label and env-var names: keep them plain."""
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            f"handler name {name!r} must be lowercase letters, digits, '-' or '_' "
+            "(at most 63, starting with a letter or digit)"
+        )
+    return name
+
+
+def dlq_topic(prefix: str, handler: str) -> str:
+    """Where a handler's failed events are kept: ``<prefix>dlq.<handler>``."""
+    return f"{prefix}{DLQ_TOPIC_PREFIX}{handler}"
+
+
+def retry_topic(prefix: str, handler: str) -> str:
+    """Where replay puts events back for one handler only: ``<prefix>retry.<handler>``."""
+    return f"{prefix}{RETRY_TOPIC_PREFIX}{handler}"
+
+
+def consumer_group(group_prefix: str, handler: str) -> str:
+    """The consumer group of one handler (each handler reads at its own pace)."""
+    return f"{group_prefix}{handler}"
+
+
+class Event:
+    """One event as a handler receives it.
+
+    ``raw`` is the webhook body exactly as received (re-verifiable), ``envelope`` the full
+    typed model, parsed on first access (a handler that needs only ids or the raw bytes
+    does not pay for the parse). A body the model rejects raises pydantic's
+    ``ValidationError`` from ``envelope``; the worker dead-letters it without retrying.
+    ``attempt`` starts at 1 and grows with each retry of this delivery.
+    """
+
+    __slots__ = (
+        "_envelope",
+        "attempt",
+        "headers",
+        "id",
+        "key",
+        "offset",
+        "partition",
+        "raw",
+        "topic",
+        "type",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        type: str,
+        raw: bytes,
+        headers: Headers,
+        key: bytes | None,
+        attempt: int,
+        topic: str,
+        partition: int,
+        offset: int,
+    ) -> None:
+        self.id = id
+        self.type = type
+        self.raw = raw
+        self.headers = headers
+        self.key = key
+        self.attempt = attempt
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self._envelope: WebhookEnvelope[Any] | None = None
+
+    @property
+    def envelope(self) -> WebhookEnvelope[Any]:
+        """The full model (``.event.id``, ``.event.type``, ``.data`` typed by event type)."""
+        if self._envelope is None:
+            from schemas.events import parse_event  # noqa: PLC0415 - parse only when asked
+
+            self._envelope = parse_event(self.raw)
+        return self._envelope
+
+    @property
+    def parsed(self) -> bool:
+        """Whether :attr:`envelope` was already parsed (the worker reuses it for metrics)."""
+        return self._envelope is not None
+
+    @property
+    def customer_id(self) -> str | None:
+        """The record key: the customer the event concerns, when the intake found one."""
+        return self.key.decode("utf-8", "replace") if self.key else None
+
+    @property
+    def delivery_id(self) -> str | None:
+        value = header(self.headers, HEADER_DELIVERY_ID)
+        return value.decode("utf-8", "replace") if value is not None else None
+
+    def header(self, name: str) -> str | None:
+        """A record header as text (``None`` when absent)."""
+        value = header(self.headers, name)
+        return value.decode("utf-8", "replace") if value is not None else None
+
+    def __repr__(self) -> str:
+        return f"Event(id={self.id!r}, type={self.type!r}, attempt={self.attempt})"
+
+
+@runtime_checkable
+class Handler(Protocol):
+    """A pluggable consumer of events; one instance per enabled name.
+
+    ``name`` equals the entry-point name it is enabled under. ``event_types`` limits the
+    events it receives (an empty set means every event type pubrelay has a model for).
+    ``start`` and ``stop`` must be safe to call twice and in any order: the worker calls
+    ``start`` before the first event and ``stop`` after the last (in reverse start order).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def event_types(self) -> frozenset[str]: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def handle(self, event: Event) -> None: ...
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class KeyLedger(Protocol):
+    """What a handler may use of the ledger: remember keys whose effect is complete."""
+
+    async def is_done(self, handler: str, event_id: str) -> bool: ...
+
+    async def mark_done(self, handler: str, event_id: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerContext:
+    """Everything a handler factory may use; no module-level clients or registries.
+
+    ``settings(Model)`` reads the handler's own section from ``PUBRELAY_<NAME>__*``
+    (nested fields with ``__``; list and dict values as JSON), with ``overrides`` on top.
+    """
+
+    name: str
+    data_dir: Path
+    metrics_registry: CollectorRegistry
+    logger: FilteringBoundLogger
+    topic_prefix: str
+    env: Mapping[str, str] | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    ledger: KeyLedger | None = None
+    """The worker's idempotency ledger, for handlers that de-duplicate on a key of their own
+    (the e-mail handler on the publication id) beside the worker's (handler, event id)."""
+
+    @property
+    def env_prefix(self) -> str:
+        return "PUBRELAY_" + self.name.upper().replace("-", "_") + "__"
+
+    def settings(self, model: type[M]) -> M:
+        """The handler's settings section, validated by ``model`` (a pydantic model).
+
+        Raises :class:`ConfigError` naming the environment variables at fault.
+        """
+        env = os.environ if self.env is None else self.env
+        prefix = self.env_prefix
+        data: dict[str, Any] = {}
+        for key, value in env.items():
+            if not key.upper().startswith(prefix) or len(key) == len(prefix):
+                continue
+            path = key[len(prefix) :].lower().split("__")
+            _put(data, path, _env_value(value))
+        _merge(data, dict(self.overrides))
+        try:
+            return model.model_validate(data)
+        except ValidationError as err:
+            problems = [
+                prefix + "__".join(str(p).upper() for p in item["loc"]) + ": " + item["msg"]
+                for item in err.errors()
+            ]
+            raise ConfigError(
+                f"invalid settings for handler {self.name!r}: " + "; ".join(problems)
+            ) from None
+
+
+HandlerFactory = Callable[[HandlerContext], Handler]
+"""What an entry point in group ``pubrelay.handlers`` names."""
+
+
+def _env_value(value: str) -> Any:
+    """Complex values (lists, objects) come as JSON, like pydantic-settings reads them."""
+    stripped = value.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            return json.loads(stripped)
+        except ValueError:
+            return value
+    return value
+
+
+def _put(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[path[-1]] = value
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> None:
+    for key, value in top.items():
+        current = base.get(key)
+        if isinstance(current, dict) and isinstance(value, Mapping):
+            _merge(current, value)
+        else:
+            base[key] = value

@@ -1,0 +1,204 @@
+"""Wiring of the long-running processes: webhook consumer, worker, or both.
+
+One bus per process, shared by the web app and the worker; every resource is started
+before the process reports ready and closed in reverse order on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from bus import create_bus
+from bus.types import Bus
+from consumer.app import create_app
+from handlers.ledger import create_ledger
+from handlers.registry import build_handlers
+from handlers.worker import Worker
+from pubrelay.secrets import resolve_secrets
+from pubrelay.settings import Settings
+from schemas.errors import BusUnavailable, PubrelayError
+from schemas.record import QUARANTINE_TOPIC
+
+log = structlog.get_logger("pubrelay")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3
+EXIT_WORKER_FAILED = 4
+
+
+def new_registry() -> CollectorRegistry:
+    """A registry with the process, platform and GC collectors; injected everywhere."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def tune_gc() -> None:
+    """perf-notes: fewer gen-0 collections and a frozen start-up heap remove the
+    35-45 ms full collections that dominated p99 under load."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
+def create_ops_app(bus: Bus, registry: CollectorRegistry) -> web.Application:
+    """``/healthz``, ``/readyz`` and ``/metrics`` for a worker-only process."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        try:
+            await bus.ping()
+        except BusUnavailable as err:
+            return web.json_response({"status": "unavailable", "message": str(err)}, status=503)
+        return web.json_response({"status": "ready"})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    return app
+
+
+@asynccontextmanager
+async def started_bus(settings: Settings, *, webhook: bool) -> AsyncIterator[Bus]:
+    bus = create_bus(settings.bus, settings.sqlite_bus_path)
+    await bus.start()
+    try:
+        if webhook:
+            prefix = settings.bus.topic_prefix
+            await bus.ensure_topics(
+                [prefix + "customer.publication.succeeded", prefix + QUARANTINE_TOPIC]
+            )
+        yield bus
+    finally:
+        await bus.close()
+
+
+async def run(settings: Settings, *, webhook: bool, worker: bool) -> int:
+    """Run until SIGTERM/SIGINT; return the process exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    secrets: list[str] = []
+    if webhook:
+        if settings.webhook.allow_unsigned:
+            log.warning(
+                "signature_checks_disabled",
+                message="PUBRELAY_WEBHOOK__ALLOW_UNSIGNED is set: ANYONE can post events",
+            )
+        else:
+            secrets = resolve_secrets(settings, generate=True)
+    registry = new_registry()
+
+    async with AsyncExitStack() as stack:
+        try:
+            bus = await stack.enter_async_context(started_bus(settings, webhook=webhook))
+        except BusUnavailable as err:
+            log.error("bus_unavailable_at_start", error=str(err))
+            return EXIT_UNAVAILABLE
+
+        worker_task: asyncio.Task[None] | None = None
+        if worker:
+            # Plugins are loaded before anything listens: a bad one stops start-up.
+            ledger = create_ledger(settings.ledger, settings.data_dir)
+            handlers = build_handlers(
+                settings.handlers.enabled,
+                data_dir=settings.data_dir,
+                metrics_registry=registry,
+                topic_prefix=settings.bus.topic_prefix,
+                ledger=ledger,
+            )
+            await ledger.open()
+            stack.push_async_callback(ledger.close)
+            runner = Worker(
+                handlers,
+                bus=bus,
+                ledger=ledger,
+                settings=settings.worker,
+                topic_prefix=settings.bus.topic_prefix,
+                metrics_registry=registry,
+            )
+            worker_task = asyncio.create_task(runner.run_until_stopped(stop), name="worker")
+
+        if webhook:
+            app = create_app(
+                bus=bus,
+                http=settings.http,
+                webhook=settings.webhook,
+                secrets=secrets,
+                topic_prefix=settings.bus.topic_prefix,
+                publish_timeout_s=settings.bus.publish_timeout_s,
+                registry=registry,
+                manage_bus=False,
+            )
+        else:
+            app = create_ops_app(bus, registry)
+        web_runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=settings.http.shutdown_timeout_s
+        )
+        await web_runner.setup()
+        stack.push_async_callback(web_runner.cleanup)
+        site = web.TCPSite(web_runner, settings.http.host, settings.http.port, reuse_port=True)
+        try:
+            await site.start()
+        except OSError as err:
+            log.error(
+                "listen_failed", host=settings.http.host, port=settings.http.port, error=str(err)
+            )
+            stop.set()
+            if worker_task is not None:
+                await worker_task
+            return EXIT_CONFIG
+
+        log.info(
+            "listening",
+            url=f"http://{settings.http.host}:{settings.http.port}"
+            + (settings.webhook.path if webhook else "/metrics"),
+            bus=settings.bus.kind,
+            webhook=webhook,
+            worker=worker,
+            handlers=settings.handlers.enabled if worker else [],
+        )
+        tune_gc()
+        code = await _wait(stop, worker_task)
+        log.info("stopping")
+    log.info("stopped")
+    return code
+
+
+async def _wait(stop: asyncio.Event, worker_task: asyncio.Task[None] | None) -> int:
+    """Until a signal, or until the worker ends on its own (a failure)."""
+    stopped = asyncio.create_task(stop.wait())
+    waiting: set[asyncio.Future[object]] = {stopped}  # type: ignore[arg-type]
+    if worker_task is not None:
+        waiting.add(worker_task)  # type: ignore[arg-type]
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    stopped.cancel()
+    if worker_task is None:
+        return EXIT_OK
+    try:
+        await worker_task
+    except PubrelayError as err:
+        log.error("worker_failed", error=str(err))
+        return EXIT_WORKER_FAILED
+    return EXIT_OK

@@ -1,0 +1,46 @@
+"""The webhook secret: configured, or generated once into the data directory."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+
+from pubrelay.settings import Settings
+from schemas.errors import ConfigError
+
+SECRET_FILE = "webhook-secret"  # noqa: S105 - a file name, not a secret
+
+
+class SecretMissing(ConfigError):
+    """No webhook secret is configured and none may be generated."""
+
+
+def resolve_secrets(settings: Settings, *, generate: bool) -> list[str]:
+    """The configured secrets, else the one in the data directory (created if allowed)."""
+    configured = [s.get_secret_value() for s in settings.webhook.secrets]
+    if configured:
+        return configured
+    path = settings.data_dir / SECRET_FILE
+    if path.exists():
+        return [path.read_text().strip()]
+    if not generate:
+        raise SecretMissing(
+            f"no webhook secret: set PUBRELAY_WEBHOOK__SECRETS or create {path} "
+            "(`pubrelay serve` generates one on first start)"
+        )
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+    print(
+        f"pubrelay: generated a webhook secret in {path.resolve()} (mode 0600).\n"
+        "  Voucherify signs every webhook with your project's webhook secret "
+        "(Project Settings > Webhooks).\n"
+        "  Put that secret in PUBRELAY_WEBHOOK__SECRETS='[\"<secret>\"]' (several during "
+        "rotation), or, to try pubrelay locally,\n"
+        "  sign test requests with the generated one: pubrelay send FILE --url URL",
+        file=sys.stderr,
+    )
+    return [value]

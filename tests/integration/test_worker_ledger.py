@@ -1,0 +1,186 @@
+"""The idempotency ledger on SQLite and on a real redis-server, alone and under the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from bus.types import Bus
+from handlers.config import LedgerSettings
+from handlers.ledger import Ledger, RedisLedger, SqliteLedger, create_ledger
+from handlers.worker import Worker
+from tests.fixtures.redis import free_port, start_redis, stop_redis
+from tests.fixtures.worker import (
+    ScriptedHandler,
+    eventually,
+    fast_worker_settings,
+    metric,
+    outcome,
+    publish_event,
+    running,
+)
+
+LedgerFactory = Callable[..., Awaitable[Ledger]]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def ledger_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[LedgerFactory]:
+    """Opened ledgers of one kind sharing one store (each call: a new client)."""
+    opened: list[Ledger] = []
+    key_prefix = f"test:{uuid.uuid4().hex}:"
+
+    async def make(retention_s: float = 3600.0) -> Ledger:
+        store: Ledger
+        if request.param == "redis":
+            url = request.getfixturevalue("redis_server")
+            store = RedisLedger(url, retention_s=retention_s, key_prefix=key_prefix)
+        else:
+            store = SqliteLedger(tmp_path / "ledger.sqlite3", retention_s=retention_s)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.close()
+
+
+async def test_a_completed_effect_is_remembered_per_handler(ledger_factory: LedgerFactory) -> None:
+    ledger = await ledger_factory()
+    assert not await ledger.is_done("email", "evcus_1")
+    await ledger.mark_done("email", "evcus_1")
+    assert await ledger.is_done("email", "evcus_1")
+    assert not await ledger.is_done("crm", "evcus_1")
+    assert not await ledger.is_done("email", "evcus_2")
+    await ledger.mark_done("email", "evcus_1")  # marking twice is harmless
+    assert await ledger.is_done("email", "evcus_1")
+
+
+async def test_completions_survive_a_new_client(ledger_factory: LedgerFactory) -> None:
+    first = await ledger_factory()
+    await asyncio.gather(*(first.mark_done("email", f"ev_{n}") for n in range(200)))
+    await first.close()
+    second = await ledger_factory()
+    done = await asyncio.gather(*(second.is_done("email", f"ev_{n}") for n in range(200)))
+    assert all(done)
+    assert not await second.is_done("email", "ev_200")
+
+
+async def test_entries_older_than_the_retention_are_forgotten(
+    ledger_factory: LedgerFactory,
+) -> None:
+    ledger = await ledger_factory(retention_s=0.3)
+    await ledger.mark_done("email", "ev_old")
+    assert await ledger.is_done("email", "ev_old")
+    await asyncio.sleep(0.5)
+    assert not await ledger.is_done("email", "ev_old")
+
+
+async def test_sqlite_ledger_deletes_expired_rows_from_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    ledger = SqliteLedger(path, retention_s=0.2)
+    await ledger.open()
+    try:
+        await ledger.mark_done("email", "ev_1")
+        await asyncio.sleep(0.3)
+        await ledger.mark_done("email", "ev_2")  # writes purge what expired (bounded rate)
+        await ledger.purge()
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            rows = conn.execute("SELECT handler, event_id FROM ledger").fetchall()
+        assert rows == [("email", "ev_2")]
+    finally:
+        await ledger.close()
+
+
+def test_the_ledger_url_picks_the_implementation(tmp_path: Path, redis_server: str) -> None:
+    default = create_ledger(LedgerSettings(), tmp_path)
+    assert isinstance(default, SqliteLedger)
+    assert default.path == tmp_path / "ledger.sqlite3"
+    explicit = create_ledger(LedgerSettings(url=f"sqlite:///{tmp_path}/x.db"), tmp_path)
+    assert isinstance(explicit, SqliteLedger)
+    assert explicit.path == tmp_path / "x.db"
+    redis_ledger = create_ledger(LedgerSettings(url=redis_server, retention_s=60), tmp_path)
+    assert isinstance(redis_ledger, RedisLedger)
+    assert redis_ledger.retention_s == 60
+
+
+async def test_the_worker_deduplicates_through_the_redis_ledger(
+    bus: Bus, redis_server: str, topic_prefix: str
+) -> None:
+    ledger = RedisLedger(redis_server, retention_s=3600, key_prefix=f"t:{uuid.uuid4().hex}:")
+    await ledger.open()
+    handler = ScriptedHandler()
+    registry = CollectorRegistry()
+    worker = Worker(
+        [handler],
+        bus=bus,
+        ledger=ledger,
+        settings=fast_worker_settings(group_prefix=topic_prefix),
+        topic_prefix=topic_prefix,
+        metrics_registry=registry,
+    )
+    try:
+        async with running(worker):
+            for n in range(10):
+                await publish_event(bus, topic_prefix, event_id=f"ev_{n}", customer_id=f"c{n}")
+                await publish_event(bus, topic_prefix, event_id=f"ev_{n}", customer_id=f"c{n}")
+            await eventually(
+                lambda: outcome(registry, "recorder", "duplicate") == 10, what="10 duplicates"
+            )
+        assert sorted(handler.effects) == sorted(f"ev_{n}" for n in range(10))
+        assert await ledger.is_done("recorder", "ev_3")
+    finally:
+        await ledger.close()
+
+
+async def test_while_the_ledger_is_down_no_handler_runs_and_the_worker_waits_for_it(
+    bus: Bus, topic_prefix: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    ledger = RedisLedger(f"redis://127.0.0.1:{port}/0", retention_s=3600, timeout_s=0.5)
+    await ledger.open()
+    handler = ScriptedHandler()
+    registry = CollectorRegistry()
+    worker = Worker(
+        [handler],
+        bus=bus,
+        ledger=ledger,
+        settings=fast_worker_settings(group_prefix=topic_prefix),
+        topic_prefix=topic_prefix,
+        metrics_registry=registry,
+    )
+    server = None
+    try:
+        async with running(worker):
+            await publish_event(bus, topic_prefix, event_id="ev_1", customer_id="c1")
+
+            def ledger_errors() -> float:
+                return metric(
+                    registry,
+                    "pubrelay_handler_bus_errors_total",
+                    handler="recorder",
+                    operation="ledger",
+                )
+
+            await eventually(lambda: ledger_errors() >= 2, what="ledger errors")
+            assert handler.calls == {}
+            server = await asyncio.to_thread(start_redis, tmp_path, port)
+            await eventually(lambda: handler.effects == ["ev_1"], what="the effect")
+            await eventually(
+                lambda: metric(registry, "pubrelay_consumer_lag", handler="recorder") == 0,
+                what="the commit",
+            )
+        assert await ledger.is_done("recorder", "ev_1")
+    finally:
+        await ledger.close()
+        if server is not None:
+            stop_redis(server)

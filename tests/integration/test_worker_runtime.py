@@ -1,0 +1,479 @@
+"""The worker on a real bus: exactly-once effects, order, retries, dead letters, replay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from bus.types import Bus
+from handlers.config import HandlersSettings, LedgerSettings
+from handlers.ledger import Ledger
+from handlers.replay import list_dead_letters, replay
+from handlers.types import Event, dlq_topic, retry_topic
+from handlers.worker import Worker, run_worker
+from schemas.errors import HandlerError, PluginError, RetryLater, SkipEvent
+from schemas.record import header
+from tests.fixtures.worker import (
+    BusFactory,
+    ScriptedHandler,
+    eventually,
+    fast_worker_settings,
+    metric,
+    outcome,
+    publish_event,
+    read_all,
+    running,
+)
+
+
+def make_worker(
+    handlers: list[ScriptedHandler],
+    bus: Bus,
+    ledger: Ledger,
+    registry: CollectorRegistry,
+    prefix: str,
+    **settings: object,
+) -> Worker:
+    return Worker(
+        handlers,
+        bus=bus,
+        ledger=ledger,
+        settings=fast_worker_settings(group_prefix=prefix, **settings),
+        topic_prefix=prefix,
+        metrics_registry=registry,
+    )
+
+
+async def test_each_effect_happens_once_despite_redelivered_duplicates(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    """1,000 events, 100 re-delivered (same event id, new delivery id): 1,000 effects."""
+    rng = random.Random(7)
+    events = [(f"evcus_{n:05d}", f"cust_{n % 40:03d}") for n in range(1000)]
+    redelivered = rng.sample(events, 100)
+    stream = events + redelivered
+    # Re-deliveries land after their original, interleaved with the rest of the stream.
+    order = sorted(
+        range(len(stream)),
+        key=lambda i: i if i < 1000 else events.index(stream[i]) + rng.randint(1, 300),
+    )
+    handler = ScriptedHandler()
+    worker = make_worker([handler], bus, ledger, registry, topic_prefix)
+    async with running(worker):
+        for i in order:
+            event_id, customer = stream[i]
+            await publish_event(bus, topic_prefix, event_id=event_id, customer_id=customer)
+        await eventually(
+            lambda: (
+                outcome(registry, "recorder", "handled")
+                + outcome(registry, "recorder", "duplicate")
+                >= 1100
+            ),
+            what="1,100 records handled or recognised as duplicates",
+        )
+    assert len(handler.effects) == 1000
+    assert set(handler.effects) == {e for e, _ in events}
+    assert max(handler.calls.values()) == 1
+    assert outcome(registry, "recorder", "handled") == 1000
+    assert outcome(registry, "recorder", "duplicate") == 100
+    # per customer, effects follow the publication order of the first deliveries
+    published: dict[str, list[str]] = {}
+    for i in order:
+        event_id, customer = stream[i]
+        seen = published.setdefault(customer, [])
+        if event_id not in seen:
+            seen.append(event_id)
+    assert handler.by_customer == published
+    assert metric(registry, "pubrelay_handler_in_flight", handler="recorder") == 0
+    assert metric(registry, "pubrelay_handler_duration_seconds_count", handler="recorder") == 1000
+    assert metric(registry, "pubrelay_handler_event_age_seconds_count", handler="recorder") == 1000
+
+
+async def test_everything_handled_is_committed_so_a_restart_redelivers_nothing(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    first = ScriptedHandler()
+    async with running(make_worker([first], bus, ledger, registry, topic_prefix)):
+        for n in range(20):
+            await publish_event(bus, topic_prefix, event_id=f"ev_{n}", customer_id=f"c{n % 3}")
+        await eventually(lambda: len(first.effects) == 20, what="20 effects")
+    assert first.lifecycle == ["start", "stop"]
+    again = ScriptedHandler()
+    registry2 = CollectorRegistry()
+    async with running(make_worker([again], bus, ledger, registry2, topic_prefix)):
+        await publish_event(bus, topic_prefix, event_id="ev_last", customer_id="c1")
+        await eventually(lambda: again.effects == ["ev_last"], what="the new event")
+        await eventually(
+            lambda: metric(registry2, "pubrelay_consumer_lag", handler="recorder") == 0,
+            what="everything committed",
+        )
+    assert again.calls == {"ev_last": 1}
+    assert outcome(registry2, "recorder", "duplicate") == 0
+
+
+async def test_transient_failures_are_retried_and_the_third_attempt_succeeds(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    async def flaky(event: Event) -> None:
+        if event.id == "ev_flaky" and event.attempt < 3:
+            raise RetryLater("upstream says 429") if event.attempt == 1 else ConnectionResetError()
+
+    handler = ScriptedHandler(script=flaky)
+    async with running(make_worker([handler], bus, ledger, registry, topic_prefix)):
+        await publish_event(bus, topic_prefix, event_id="ev_flaky", customer_id="c1")
+        await publish_event(bus, topic_prefix, event_id="ev_other", customer_id="c2")
+        await eventually(lambda: "ev_flaky" in handler.effects, what="the flaky event's effect")
+    assert [a for e, a in handler.attempts if e == "ev_flaky"] == [1, 2, 3]
+    assert handler.effects.count("ev_flaky") == 1
+    assert outcome(registry, "recorder", "retried") == 2
+    assert outcome(registry, "recorder", "handled") == 2
+    assert outcome(registry, "recorder", "dead_lettered") == 0
+
+
+async def test_a_retrying_customer_waits_but_other_customers_do_not(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    release = asyncio.Event()
+
+    async def script(event: Event) -> None:
+        if event.id == "ev_a1" and not release.is_set():
+            raise RetryLater("not yet", delay_s=0.02)
+
+    handler = ScriptedHandler(script=script)
+    worker = make_worker([handler], bus, ledger, registry, topic_prefix, max_attempts=1000)
+    async with running(worker):
+        await publish_event(bus, topic_prefix, event_id="ev_a1", customer_id="a")
+        await publish_event(bus, topic_prefix, event_id="ev_a2", customer_id="a")
+        for n in range(10):
+            await publish_event(bus, topic_prefix, event_id=f"ev_b{n}", customer_id=f"b{n}")
+        await eventually(lambda: len(handler.effects) == 10, what="the other customers")
+        assert "ev_a2" not in handler.calls  # same customer: strictly after ev_a1
+        release.set()
+        await eventually(lambda: len(handler.effects) == 12, what="customer a")
+    assert handler.by_customer["a"] == ["ev_a1", "ev_a2"]
+
+
+async def test_a_slow_handler_does_not_delay_another(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    gate = asyncio.Event()
+
+    async def blocked(event: Event) -> None:
+        del event
+        await gate.wait()
+
+    slow = ScriptedHandler(name="slow", script=blocked)
+    fast = ScriptedHandler(name="fast")
+    async with running(make_worker([slow, fast], bus, ledger, registry, topic_prefix)):
+        for n in range(30):
+            await publish_event(bus, topic_prefix, event_id=f"ev_{n}", customer_id=f"c{n}")
+        await eventually(lambda: len(fast.effects) == 30, what="the fast handler")
+        assert slow.effects == []
+        gate.set()
+        await eventually(lambda: len(slow.effects) == 30, what="the slow handler")
+
+
+async def test_concurrency_is_bounded(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    running_now = 0
+    peak = 0
+
+    async def script(event: Event) -> None:
+        nonlocal running_now, peak
+        del event
+        running_now += 1
+        peak = max(peak, running_now)
+        await asyncio.sleep(0.02)
+        running_now -= 1
+
+    handler = ScriptedHandler(script=script)
+    worker = make_worker([handler], bus, ledger, registry, topic_prefix, concurrency=4)
+    async with running(worker):
+        for n in range(40):
+            await publish_event(bus, topic_prefix, event_id=f"ev_{n}", customer_id=f"c{n}")
+        await eventually(lambda: len(handler.effects) == 40, what="40 effects")
+    assert peak == 4
+
+
+async def test_a_failing_event_is_dead_lettered_and_replay_brings_it_back_once_fixed(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    broken = True
+
+    async def script(event: Event) -> None:
+        if event.id == "ev_bad" and broken:
+            raise ConnectionRefusedError("crm down")
+
+    handler = ScriptedHandler(script=script)
+    other = ScriptedHandler(name="other")
+    async with running(make_worker([handler, other], bus, ledger, registry, topic_prefix)):
+        await publish_event(bus, topic_prefix, event_id="ev_bad", customer_id="c1")
+        await publish_event(bus, topic_prefix, event_id="ev_good", customer_id="c1")
+        await eventually(lambda: "ev_good" in handler.effects, what="the next event")
+        await eventually(lambda: len(other.effects) == 2, what="the other handler")
+    assert outcome(registry, "recorder", "dead_lettered") == 1
+    assert [a for e, a in handler.attempts if e == "ev_bad"] == [1, 2, 3]
+
+    [record] = await read_all(bus, dlq_topic(topic_prefix, "recorder"), expect=1)
+    assert record.key == b"c1"
+    assert header(record.headers, "event-id") == b"ev_bad"
+    assert header(record.headers, "dlq-error-type") == b"builtins.ConnectionRefusedError"
+    assert header(record.headers, "dlq-error") == b"ConnectionRefusedError: crm down"
+    assert header(record.headers, "dlq-attempts") == b"3"
+    assert header(record.headers, "dlq-handler") == b"recorder"
+    assert (
+        header(record.headers, "dlq-source-topic")
+        == (topic_prefix + "customer.publication.succeeded").encode()
+    )
+    first = header(record.headers, "dlq-first-failed-at")
+    last = header(record.headers, "dlq-last-failed-at")
+    assert first is not None
+    assert last is not None
+    assert first <= last
+
+    letters = await list_dead_letters(
+        bus, "recorder", topic_prefix=topic_prefix, group_prefix=topic_prefix, timeout_s=2
+    )
+    assert [d.event_id for d in letters] == ["ev_bad"]
+    assert letters[0].attempts == 3
+    assert letters[0].error_type == "builtins.ConnectionRefusedError"
+    assert letters[0].message.value == record.value
+
+    dry = await replay(
+        bus,
+        "recorder",
+        topic_prefix=topic_prefix,
+        group_prefix=topic_prefix,
+        dry_run=True,
+        timeout_s=2,
+    )
+    assert (dry.matched, dry.replayed) == (1, 0)
+    assert (
+        len(
+            await list_dead_letters(
+                bus, "recorder", topic_prefix=topic_prefix, group_prefix=topic_prefix
+            )
+        )
+        == 1
+    )
+
+    broken = False
+    registry2 = CollectorRegistry()
+    async with running(make_worker([handler, other], bus, ledger, registry2, topic_prefix)):
+        seen: list[str | None] = []
+        summary = await replay(
+            bus,
+            "recorder",
+            topic_prefix=topic_prefix,
+            group_prefix=topic_prefix,
+            progress=lambda d: seen.append(d.event_id),
+        )
+        assert (summary.matched, summary.replayed) == (1, 1)
+        assert seen == ["ev_bad"]
+        await eventually(lambda: "ev_bad" in handler.effects, what="the replayed event")
+        await asyncio.sleep(0.2)
+    assert handler.effects.count("ev_bad") == 1
+    assert other.calls["ev_bad"] == 1  # only the failing handler ran it again
+    assert outcome(registry2, "recorder", "handled") == 1
+    [replayed] = await read_all(bus, retry_topic(topic_prefix, "recorder"), expect=1)
+    assert not [k for k, _ in replayed.headers if k.startswith("dlq-")]
+    assert replayed.value == record.value
+    assert (
+        await list_dead_letters(
+            bus, "recorder", topic_prefix=topic_prefix, group_prefix=topic_prefix
+        )
+        == []
+    )
+    again = await replay(bus, "recorder", topic_prefix=topic_prefix, group_prefix=topic_prefix)
+    assert again.replayed == 0
+
+
+async def test_a_body_the_model_rejects_goes_straight_to_the_dead_letter_topic(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    handler = ScriptedHandler()
+    body = b'{"id":"whs_1","event":{"id":"ev_broken","type":"customer.publication.succeeded"}}'
+    async with running(make_worker([handler], bus, ledger, registry, topic_prefix)):
+        await publish_event(bus, topic_prefix, event_id="ev_broken", customer_id="c1", body=body)
+        await publish_event(bus, topic_prefix, event_id="ev_fine", customer_id="c1")
+        await eventually(lambda: handler.effects == ["ev_fine"], what="the next event")
+    assert handler.attempts[0] == ("ev_broken", 1)
+    assert outcome(registry, "recorder", "retried") == 0
+    [record] = await read_all(bus, dlq_topic(topic_prefix, "recorder"), expect=1)
+    assert record.value == body
+    assert (
+        header(record.headers, "dlq-error-type") == b"pydantic_core._pydantic_core.ValidationError"
+    )
+    assert header(record.headers, "dlq-attempts") == b"1"
+
+
+async def test_a_permanent_handler_error_is_not_retried(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    async def script(event: Event) -> None:
+        raise HandlerError(f"no such template for {event.id}")
+
+    handler = ScriptedHandler(script=script)
+    async with running(make_worker([handler], bus, ledger, registry, topic_prefix)):
+        await publish_event(bus, topic_prefix, event_id="ev_1", customer_id="c1")
+        await eventually(
+            lambda: outcome(registry, "recorder", "dead_lettered") == 1, what="the dead letter"
+        )
+    assert handler.attempts == [("ev_1", 1)]
+    [record] = await read_all(bus, dlq_topic(topic_prefix, "recorder"), expect=1)
+    assert header(record.headers, "dlq-error") == b"HandlerError: no such template for ev_1"
+
+
+async def test_skipped_events_are_counted_and_not_handled_again(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    async def script(event: Event) -> None:
+        raise SkipEvent(f"customer of {event.id} opted out")
+
+    handler = ScriptedHandler(script=script)
+    async with running(make_worker([handler], bus, ledger, registry, topic_prefix)):
+        await publish_event(bus, topic_prefix, event_id="ev_1", customer_id="c1")
+        await publish_event(bus, topic_prefix, event_id="ev_1", customer_id="c1")
+        await eventually(
+            lambda: outcome(registry, "recorder", "duplicate") == 1, what="the re-delivery"
+        )
+    assert handler.calls == {"ev_1": 1}
+    assert outcome(registry, "recorder", "skipped") == 1
+    assert await ledger.is_done("recorder", "ev_1")
+
+
+async def test_events_of_other_types_are_committed_without_calling_the_handler(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    handler = ScriptedHandler(event_types=frozenset({"customer.publication.succeeded"}))
+    retry = retry_topic(topic_prefix, "recorder")
+    async with running(make_worker([handler], bus, ledger, registry, topic_prefix)):
+        await publish_event(
+            bus,
+            topic_prefix,
+            event_id="ev_other",
+            customer_id="c1",
+            event_type="publication.succeeded",
+            topic=retry,
+        )
+        await publish_event(bus, topic_prefix, event_id="ev_mine", customer_id="c1")
+        await eventually(lambda: handler.effects == ["ev_mine"], what="the handled event")
+        await eventually(
+            lambda: metric(registry, "pubrelay_consumer_lag", handler="recorder") == 0,
+            what="everything committed",
+        )
+    assert "ev_other" not in handler.calls
+    assert outcome(registry, "recorder", "ignored") == 1
+
+
+async def test_handlers_stop_in_reverse_start_order_after_in_flight_events_finish(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    order: list[str] = []
+    started = asyncio.Event()
+
+    async def slow(event: Event) -> None:
+        del event
+        started.set()
+        await asyncio.sleep(0.3)
+
+    first = ScriptedHandler(name="first", script=slow, lifecycle_log=order)
+    second = ScriptedHandler(name="second", lifecycle_log=order)
+    async with running(make_worker([first, second], bus, ledger, registry, topic_prefix)):
+        await publish_event(bus, topic_prefix, event_id="ev_1", customer_id="c1")
+        await started.wait()
+    # stop was set while ev_1 ran: it finished and was recorded before the handlers stopped
+    assert first.effects == ["ev_1"]
+    assert await ledger.is_done("first", "ev_1")
+    assert order == ["start:first", "start:second", "stop:second", "stop:first"]
+
+
+async def test_a_new_bus_client_resumes_from_the_committed_offsets(
+    bus_factory: BusFactory, ledger: Ledger, topic_prefix: str
+) -> None:
+    bus = await bus_factory()
+    handler = ScriptedHandler()
+    registry = CollectorRegistry()
+    async with running(make_worker([handler], bus, ledger, registry, topic_prefix)):
+        for n in range(5):
+            await publish_event(bus, topic_prefix, event_id=f"ev_{n}", customer_id="c")
+        await eventually(lambda: len(handler.effects) == 5, what="5 effects")
+    other_client = await bus_factory()
+    for n in range(5, 8):
+        await publish_event(other_client, topic_prefix, event_id=f"ev_{n}", customer_id="c")
+    registry2 = CollectorRegistry()
+    async with running(make_worker([handler], other_client, ledger, registry2, topic_prefix)):
+        await eventually(lambda: len(handler.effects) == 8, what="3 more effects")
+        await asyncio.sleep(0.1)
+    assert handler.effects == [f"ev_{n}" for n in range(8)]
+    assert outcome(registry2, "recorder", "duplicate") == 0
+
+
+async def test_a_handler_that_cannot_start_stops_start_up_and_the_started_ones_are_stopped(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    class Unstartable(ScriptedHandler):
+        async def start(self) -> None:
+            raise ConnectionRefusedError("smtp relay down")
+
+    order: list[str] = []
+    first = ScriptedHandler(name="first", lifecycle_log=order)
+    broken = Unstartable(name="broken", lifecycle_log=order)
+    worker = make_worker([first, broken], bus, ledger, registry, topic_prefix)
+    with pytest.raises(PluginError, match="handler 'broken' failed to start"):
+        await worker.run_until_stopped(asyncio.Event())
+    assert order == ["start:first", "stop:first"]
+
+
+async def test_run_worker_loads_the_enabled_plugins_and_runs_them(
+    bus: Bus, registry: CollectorRegistry, topic_prefix: str, tmp_path: Path
+) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_worker(
+            bus=bus,
+            handlers=HandlersSettings(enabled=["example"]),
+            worker=fast_worker_settings(group_prefix=topic_prefix),
+            ledger=LedgerSettings(),
+            data_dir=tmp_path,
+            topic_prefix=topic_prefix,
+            metrics_registry=registry,
+            stop=stop,
+            env={"PUBRELAY_EXAMPLE__FILE_NAME": "out.jsonl"},
+        )
+    )
+    try:
+        for delivery in ("whs_1", "whs_2"):
+            await publish_event(
+                bus, topic_prefix, event_id="evcus_1", customer_id="cust_1", delivery_id=delivery
+            )
+        await eventually(lambda: outcome(registry, "example", "duplicate") == 1, what="dedupe")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event_id"] for line in lines] == ["evcus_1"]
+    assert (tmp_path / "ledger.sqlite3").exists()
+    assert outcome(registry, "example", "handled") == 1
+
+
+async def test_an_unknown_plugin_stops_run_worker_before_consuming(
+    bus: Bus, registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    with pytest.raises(PluginError, match="unknown handler plugin 'nope'"):
+        await run_worker(
+            bus=bus,
+            handlers=HandlersSettings(enabled=["nope"]),
+            worker=fast_worker_settings(),
+            ledger=LedgerSettings(),
+            data_dir=tmp_path,
+            topic_prefix="voucherify.",
+            metrics_registry=registry,
+            stop=asyncio.Event(),
+        )
