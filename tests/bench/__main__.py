@@ -2,13 +2,17 @@
 
 Every figure is printed beside a baseline measured in the same run (the machine's speed
 drifts by up to 2x over minutes), and the ratio between them is the number to compare
-across runs. Sections: intake (webhook on the embedded bus vs a bare aiohttp handler).
-Environment: BENCH_SECONDS (per load run, default 8), BENCH_CONNECTIONS (default 64).
+across runs. Sections: intake (webhook on the embedded bus vs a bare aiohttp handler),
+kafka (webhook -> Tansu broker ack vs the same bare handler), worker (events/s through a
+no-op handler on both buses, vs the bus read alone; the ledger's cost).
+Environment: BENCH_SECONDS (per load run, default 8), BENCH_CONNECTIONS (default 64),
+BENCH_WORKER_EVENTS (default 5000).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -20,13 +24,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bus.sqlite import SqliteBus
+from bus.types import Bus
 from consumer.signature import sign
+from pubrelay.logging import configure_logging
+from tests.bench.worker import bench_worker_on
 from tests.bench.wrk import LoadResult, run_wrk
 from tests.fixtures.app import EXAMPLE
+from tests.fixtures.kafka import TansuBroker, kafka_bus_settings, make_kafka_bus
 from tests.fixtures.process import free_port, pubrelay_bin
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
+WORKER_EVENTS = int(os.environ.get("BENCH_WORKER_EVENTS", "5000"))
 SECRET = "bench-secret"
 REPO = Path(__file__).resolve().parents[2]
 PATH = "/webhooks/voucherify"
@@ -103,6 +113,63 @@ def pubrelay_webhook(tmp: Path, extra_env: dict[str, str]) -> LoadResult:
         )
 
 
+def bench_kafka(tmp: Path) -> None:
+    print(
+        f"# kafka: signed deliveries through `pubrelay webhook` to a Tansu broker "
+        f"(acks=all, 1 MiB batches), wrk -t1 -c{CONNECTIONS} -d{SECONDS}s"
+    )
+    broker = TansuBroker(tmp / "tansu.log")
+    broker.start()
+    try:
+        env = {
+            "PUBRELAY_BUS__URL": broker.url,
+            "PUBRELAY_BUS__ENABLE_IDEMPOTENCE": "false",  # Tansu does not support it
+        }
+        first = bare(tmp)
+        print(first.row("bare aiohttp (read body, 204)"))
+        kafka = pubrelay_webhook(tmp, env)
+        print(kafka.row("pubrelay webhook, Kafka (Tansu)"))
+        second = bare(tmp)
+        print(second.row("bare aiohttp again"))
+    finally:
+        broker.stop()
+    print(ratio_line("pubrelay webhook, Kafka (Tansu)", kafka, mean(first, second)))
+
+
+def bench_worker(tmp: Path) -> None:
+    count = WORKER_EVENTS
+    print(f"# worker: {count} events through the no-op handler, bounded to 120 s per run")
+
+    async def sqlite_bus() -> Bus:
+        bus = SqliteBus(tmp / f"worker-bench-{time.monotonic_ns()}.sqlite3")
+        await bus.start()
+        return bus
+
+    asyncio.run(bench_worker_on("sqlite", sqlite_bus, tmp, count))
+    broker = TansuBroker(tmp / "tansu-worker.log")
+    broker.start()
+    try:
+
+        async def kafka_bus() -> Bus:
+            bus = make_kafka_bus(kafka_bus_settings(broker, partitions=6))
+            await bus.start()
+            return bus
+
+        asyncio.run(bench_worker_on("kafka", kafka_bus, tmp, count))
+    finally:
+        broker.stop()
+
+
+def mean(first: LoadResult, second: LoadResult) -> LoadResult:
+    return LoadResult(
+        (first.requests_per_s + second.requests_per_s) / 2,
+        (first.p50_ms + second.p50_ms) / 2,
+        (first.p99_ms + second.p99_ms) / 2,
+        0,
+        0,
+    )
+
+
 def ratio_line(name: str, result: LoadResult, baseline: LoadResult) -> str:
     return f"{name:<38} ratio to bare: {result.requests_per_s / baseline.requests_per_s:.2f}"
 
@@ -118,23 +185,21 @@ def bench_intake(tmp: Path) -> None:
     print(sqlite.row("pubrelay webhook, embedded SQLite bus"))
     second = bare(tmp)
     print(second.row("bare aiohttp again"))
-    baseline = LoadResult(
-        (first.requests_per_s + second.requests_per_s) / 2,
-        (first.p50_ms + second.p50_ms) / 2,
-        (first.p99_ms + second.p99_ms) / 2,
-        0,
-        0,
-    )
-    print(ratio_line("pubrelay webhook, embedded SQLite bus", sqlite, baseline))
+    print(ratio_line("pubrelay webhook, embedded SQLite bus", sqlite, mean(first, second)))
 
 
-SECTIONS: dict[str, Callable[[Path], None]] = {"intake": bench_intake}
+SECTIONS: dict[str, Callable[[Path], None]] = {
+    "intake": bench_intake,
+    "kafka": bench_kafka,
+    "worker": bench_worker,
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench")
     parser.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default all)")
     chosen = parser.parse_args().sections or list(SECTIONS)
+    configure_logging("warning", "json")
     unknown = set(chosen) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")

@@ -1,0 +1,170 @@
+"""Worker throughput: events/s through a no-op handler, with and without the ledger.
+
+The baseline of the same run is the bus alone: a consumer group reading and committing
+the same records with no worker around it. Every run is bounded by count and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from bus.types import Bus
+from handlers.config import LedgerSettings, WorkerSettings
+from handlers.ledger import Ledger, create_ledger
+from handlers.noop import NoopHandler
+from schemas.record import HEADER_DELIVERY_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE
+from schemas.samples import sample_publication_body
+
+EVENT_TYPE = "customer.publication.succeeded"
+TIME_LIMIT_S = 120.0
+
+
+class MemoryLedger:
+    """Remembers in a set: the worker without the ledger's I/O, to price the ledger."""
+
+    def __init__(self) -> None:
+        self.done: set[tuple[str, str]] = set()
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def is_done(self, handler: str, event_id: str) -> bool:
+        return (handler, event_id) in self.done
+
+    async def mark_done(self, handler: str, event_id: str) -> None:
+        self.done.add((handler, event_id))
+
+
+async def fill(bus: Bus, prefix: str, count: int) -> None:
+    topic = prefix + EVENT_TYPE
+    await bus.ensure_topics([topic, f"{prefix}retry.noop", f"{prefix}dlq.noop"])
+    sem = asyncio.Semaphore(256)
+
+    async def one(n: int) -> None:
+        body = sample_publication_body(
+            event_id=f"ev_{n}",
+            delivery_id=f"whs_{n}",
+            customer_id=f"cust_{n % 500}",
+            email=None,
+            code=f"C{n}",
+        )
+        headers = (
+            (HEADER_EVENT_ID, f"ev_{n}".encode()),
+            (HEADER_EVENT_TYPE, EVENT_TYPE.encode()),
+            (HEADER_DELIVERY_ID, f"whs_{n}".encode()),
+        )
+        async with sem:
+            await bus.publish(topic, body, key=f"cust_{n % 500}".encode(), headers=headers)
+
+    await asyncio.gather(*(one(n) for n in range(count)))
+
+
+async def consume_only(bus: Bus, prefix: str, count: int) -> float:
+    """Events/s of a bare consumer group reading and committing ``count`` records.
+
+    The clock starts at the first record, so the group join (seconds on Tansu) is not
+    counted; the same holds for :func:`through_worker`.
+    """
+    sub = bus.subscribe(f"bench-raw-{uuid.uuid4().hex[:8]}", [prefix + EVENT_TYPE])
+    await sub.start()
+    seen = 0
+    deadline = time.perf_counter() + TIME_LIMIT_S
+    first_at: float | None = None
+    first_count = 0
+    try:
+        while seen < count and time.perf_counter() < deadline:
+            batch = await sub.fetch(max_records=500, timeout_s=1.0)
+            if batch and first_at is None:
+                first_at, first_count = time.perf_counter(), len(batch)
+            seen += len(batch)
+            if batch:
+                last = batch[-1]
+                await sub.commit({last.tp: last.offset + 1})
+    finally:
+        await sub.close()
+    return _rate(seen - first_count, first_at)
+
+
+def _rate(events: int, first_at: float | None) -> float:
+    if first_at is None or events <= 0:
+        return 0.0
+    return events / max(time.perf_counter() - first_at, 1e-9)
+
+
+async def through_worker(
+    bus: Bus, prefix: str, count: int, ledger: Ledger, group_prefix: str
+) -> float:
+    """Events/s of the worker with the no-op handler finishing ``count`` events."""
+    from handlers.worker import Worker  # noqa: PLC0415 - keeps `--help` fast
+
+    registry = CollectorRegistry()
+    settings = WorkerSettings(group_prefix=group_prefix, commit_interval_s=0.2)
+    worker = Worker(
+        [NoopHandler("noop", frozenset({EVENT_TYPE}))],
+        bus=bus,
+        ledger=ledger,
+        settings=settings,
+        topic_prefix=prefix,
+        metrics_registry=registry,
+    )
+    stop = asyncio.Event()
+    deadline = time.perf_counter() + TIME_LIMIT_S
+    task = asyncio.create_task(worker.run_until_stopped(stop))
+    first_at: float | None = None
+    first_count = 0
+    handled = 0
+    try:
+        while time.perf_counter() < deadline:
+            handled = int(
+                registry.get_sample_value(
+                    "pubrelay_handler_events_total", {"handler": "noop", "outcome": "handled"}
+                )
+                or 0
+            )
+            if handled and first_at is None:
+                first_at, first_count = time.perf_counter(), handled
+            if handled >= count:
+                break
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.005)
+        return _rate(handled - first_count, first_at)
+    finally:
+        stop.set()
+        await task
+
+
+async def bench_worker_on(
+    name: str, make_bus: Callable[[], Awaitable[Bus]], tmp: Path, count: int
+) -> None:
+    async with AsyncExitStack() as stack:
+        bus = await make_bus()
+        stack.push_async_callback(bus.close)
+        prefix = f"b{uuid.uuid4().hex[:8]}."
+        await fill(bus, prefix, count)
+        raw = await consume_only(bus, prefix, count)
+        memory = await through_worker(bus, prefix, count, MemoryLedger(), "bench-mem.")
+        ledger = create_ledger(LedgerSettings(), tmp / f"ledger-{prefix}")
+        await ledger.open()
+        stack.push_async_callback(ledger.close)
+        with_ledger = await through_worker(bus, prefix, count, ledger, "bench-sqlite.")
+    rows = [
+        ("bus alone (fetch + commit)", raw),
+        ("worker, no-op handler, in-memory ledger", memory),
+        ("worker, no-op handler, SQLite ledger", with_ledger),
+    ]
+    for label, rate in rows:
+        ratio = rate / raw if raw else 0.0
+        print(f"{name:<7} {label:<42} {rate:>9,.0f} events/s   ratio to bus alone {ratio:.2f}")
+    if with_ledger:
+        print(f"{name:<7} ledger cost: {memory / with_ledger:.2f}x the worker time without it")
