@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import email.policy
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import ClientError, ClientSession, ClientTimeout
+from pydantic import ValidationError
 
 from bus import create_bus
 from bus.types import Bus
@@ -25,7 +27,7 @@ from pubrelay.logging import configure_logging
 from pubrelay.runtime import EXIT_CONFIG, EXIT_UNAVAILABLE, run
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings, load_settings
-from schemas.errors import BusUnavailable, PubrelayError
+from schemas.errors import BusUnavailable, HandlerError, PubrelayError, SkipEvent
 from schemas.record import HEADER_SIGNATURE
 
 T = TypeVar("T")
@@ -167,6 +169,25 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     return _run_async(_with_bus(settings, work))
 
 
+def cmd_preview_email(_: Settings, args: argparse.Namespace) -> int:
+    from handlers.email import format_preview, load_settings, render_preview  # noqa: PLC0415
+
+    raw = Path(args.file).read_bytes()
+    try:
+        message = render_preview(raw, load_settings())
+    except SkipEvent as err:
+        print(f"no e-mail would be sent: {err}")
+        return 0
+    except (HandlerError, ValidationError) as err:
+        print(f"pubrelay preview-email: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.raw:
+        sys.stdout.buffer.write(message.as_bytes(policy=email.policy.SMTP))
+    else:
+        print(format_preview(message), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pubrelay",
@@ -201,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cmd.add_argument("--since", help="only letters that failed at or after (ISO 8601)")
     replay_cmd.add_argument("--dry-run", action="store_true", help="show, change nothing")
     replay_cmd.set_defaults(func=cmd_replay)
+
+    preview = commands.add_parser(
+        "preview-email", help="print the e-mail the email handler would send for an event"
+    )
+    preview.add_argument("file", help="a webhook body (JSON envelope)")
+    preview.add_argument("--raw", action="store_true", help="the message as sent (RFC 5322)")
+    preview.set_defaults(func=cmd_preview_email)
 
     dlq = commands.add_parser("dlq", help="inspect dead-letter topics")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")

@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.redis",
     "tests.fixtures.fake_hubspot",
     "tests.fixtures.fake_receiver",
+    "tests.fixtures.smtp",
 ]

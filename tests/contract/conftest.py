@@ -8,6 +8,7 @@ empty section (their defaults).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from tests.fixtures.fake_hubspot import FakeHubSpot, serve
 from tests.fixtures.fake_receiver import PATH as RECEIVER_PATH
 from tests.fixtures.fake_receiver import SECRET as RECEIVER_SECRET
 from tests.fixtures.fake_receiver import FakeReceiver
+from tests.fixtures.smtp import SmtpServer
 
 Environment = Callable[[Path], AbstractAsyncContextManager[Mapping[str, Any]]]
 
@@ -61,10 +63,27 @@ async def http_environment(tmp_path: Path) -> AsyncIterator[Mapping[str, Any]]:
         await runner.cleanup()
 
 
+@asynccontextmanager
+async def email_environment(tmp_path: Path) -> AsyncIterator[Mapping[str, Any]]:
+    del tmp_path
+    server = SmtpServer()
+    await asyncio.to_thread(server.start)
+    try:
+        yield {
+            "smtp_url": server.url,
+            "sender": "Shop <coupons@shop.example>",
+            "max_per_s": 0,
+            "timeout_s": 5,
+        }
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
 # Handlers that need a server to start get one here (a real server on 127.0.0.1).
 ENVIRONMENTS: dict[str, Environment] = {
     "example": example_environment,
     "crm": crm_environment,
+    "email": email_environment,
     "http": http_environment,
 }
 

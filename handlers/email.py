@@ -1,0 +1,387 @@
+"""The ``email`` handler: send the customer the code(s) a publication gave them.
+
+Entry point ``email = "handlers.email:create"`` in group ``pubrelay.handlers``. It acts
+on ``customer.publication.succeeded`` (one code for one customer) and the project-level
+``publication.succeeded`` (one publication, possibly several codes: one e-mail lists them
+all). A customer gets one e-mail per publication even when both events arrive for it:
+the handler records ``publication:<id>`` in the worker's ledger (``context.ledger``) after
+sending and checks it before sending. Without a ledger (unit contexts) it remembers the
+publications of this process only, and says so at start.
+
+Settings (``PUBRELAY_EMAIL__*``):
+
+===============================  =======================  ====================================
+variable                         default                  meaning
+===============================  =======================  ====================================
+``SENDER``                       (required)               ``From``: ``Shop <coupons@shop.io>``
+``SMTP_URL``                     ``smtp://localhost:25``  ``smtp://host:port`` or
+                                                          ``smtps://host:port`` (implicit TLS)
+``STARTTLS``                     ``auto``                 ``auto`` (when offered), ``always``,
+                                                          ``never``; not used with ``smtps://``
+``USERNAME`` / ``PASSWORD``      (none)                   SMTP AUTH; sent only over TLS unless
+                                                          ``ALLOW_PLAINTEXT_AUTH=true``
+``CA_FILE``                      system CAs               PEM bundle trusted for the relay
+``VERIFY_TLS``                   ``true``                 check the relay's certificate
+``HELO_HOSTNAME``                the FQDN                 name sent in ``EHLO``
+``REPLY_TO``                     (none)                   ``Reply-To`` header
+``TEMPLATE_DIR``                 (built-ins only)         operator templates, see below
+``CURRENCY_SYMBOL``              (none)                   ``$`` renders 1000 cents ``$10.00``
+``DATE_FORMAT``                  ``%Y-%m-%d``             strftime format of expiry dates
+``LIST_UNSUBSCRIBE``             (none)                   template of the ``List-Unsubscribe``
+                                                          URI(s), e.g.
+                                                          ``https://shop.io/unsub?c={{
+                                                          customer.id|urlencode }}``
+``LIST_UNSUBSCRIBE_ONE_CLICK``   ``false``                add ``List-Unsubscribe-Post``
+                                                          (RFC 8058) for an https URI
+``OPT_OUT_METADATA_KEY``         ``email_opt_out``        customer metadata key; ``true``,
+                                                          ``"true"``, ``"yes"``, ``1`` opt out
+``MAX_PER_S``                    ``10``                   messages per second (0: no limit)
+``CONNECTIONS``                  ``1``                    SMTP connections kept open
+``TIMEOUT_S``                    ``30``                   bound for one SMTP command
+``EVENT_TYPES``                  both publication events  event types to act on
+===============================  =======================  ====================================
+
+**Templates** (Jinja2; lookup order in :mod:`handlers.email_templates`): for each of
+``<base>.subject.txt``, ``<base>.txt`` and ``<base>.html`` the first of
+``campaign/<campaign id>``, ``campaign/<slug of campaign name>``,
+``channel/<slug of channel>``, ``default`` found in ``TEMPLATE_DIR``, else the built-in
+``default``. HTML is autoescaped; an undefined name is an error. Templates see:
+
+* ``customer``, ``campaign``, ``publication``: the event's models
+  (:mod:`schemas.customer`...), empty when the event lacks them; ``metadata`` is ``{}``
+  rather than ``None``, so ``customer.metadata.tier`` works or fails clearly.
+* ``voucher``: the (first) code, a :class:`handlers.email_message.VoucherView`:
+  ``code``, ``discount`` (``"10% off"``, ``"$10.00 off"``), ``expires`` (formatted date
+  or none), ``starts``, ``details`` (``"10% off, valid until 2024-12-31"``), ``model``.
+* ``vouchers`` and ``codes``: every code of the publication (one for
+  ``customer.publication.succeeded``).
+* ``channel``, ``event`` (``event.id``, ``event.created_at``...), ``event_id``,
+  ``event_type``, ``sender``, ``list_unsubscribe_url`` (rendered, or none) and, in the
+  bodies, ``subject``.
+
+The message is ``multipart/alternative`` (text, then HTML) with ``From``, ``To``
+(customer name and address), ``Reply-To``, ``Subject``, ``Date``, ``Auto-Submitted``,
+``List-Unsubscribe`` when configured, and ``Message-ID:
+<pubrelay.<publication id>@<sender domain>>``, the same for every resend of a
+publication.
+
+**Outcomes** (see :mod:`handlers.types`): sent -> returns. No address, an opted-out
+customer, no code, a publication already mailed -> :class:`SkipEvent` (also counted in
+``pubrelay_email_skipped_total{reason}``). 4xx, connection, TLS and AUTH failures ->
+:class:`RetryLater`. A 5xx for recipient, sender or message, an unusable address, a
+template bug -> :class:`HandlerError` (dead letter, with the reply or the template name).
+Logs never carry a full address (``j***@example.com``) nor the password.
+
+``pubrelay preview-email FILE`` renders what an event would send, without sending:
+:func:`render_preview` and :func:`format_preview`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, Final, NoReturn, cast
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from structlog.typing import FilteringBoundLogger
+
+from handlers.email_message import (
+    SKIP_REASONS,
+    Composed,
+    MessageComposer,
+    Skip,
+    mask_address,
+    publication_key,
+)
+from handlers.email_settings import (
+    EmailSettings,
+    SenderAddress,
+    parse_sender,
+    parse_smtp_url,
+)
+from handlers.email_smtp import SmtpTransport
+from handlers.email_templates import TemplateRenderer
+from handlers.types import Event, HandlerContext, KeyLedger
+from schemas.errors import HandlerError, RetryLater, SkipEvent
+from schemas.events import WebhookEnvelope, parse_event
+
+__all__ = [
+    "EmailHandler",
+    "EmailSettings",
+    "create",
+    "format_preview",
+    "load_settings",
+    "render_preview",
+]
+
+_MEMORY_KEYS_MAX: Final = 100_000
+_OUTCOMES: Final = ("sent", "deferred", "rejected", "template_error")
+
+
+@dataclass(frozen=True, slots=True)
+class _Metrics:
+    messages: Counter
+    skipped: Counter
+    duration: Histogram
+    connections: Counter
+
+
+def _metrics(registry: CollectorRegistry) -> _Metrics:
+    metrics = _Metrics(
+        messages=Counter(
+            "pubrelay_email_messages_total",
+            "E-mails by outcome (sent, deferred: 4xx or relay unreachable, rejected: 5xx or "
+            "unusable address, template_error)",
+            ["outcome"],
+            registry=registry,
+        ),
+        skipped=Counter(
+            "pubrelay_email_skipped_total",
+            "Events that sent no e-mail, by reason (no_address, opted_out, no_code, "
+            "already_sent, unsupported_event)",
+            ["reason"],
+            registry=registry,
+        ),
+        duration=Histogram(
+            "pubrelay_email_send_duration_seconds",
+            "Time of one SMTP transaction, connecting included",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        ),
+        connections=Counter(
+            "pubrelay_email_smtp_connections_total",
+            "SMTP connections opened (a steady rise means the relay keeps dropping them)",
+            registry=registry,
+        ),
+    )
+    for outcome in _OUTCOMES:
+        metrics.messages.labels(outcome)
+    for reason in SKIP_REASONS:
+        metrics.skipped.labels(reason)
+    return metrics
+
+
+class _KeyLocks:
+    """One lock per publication in flight: its two events never send concurrently."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+class EmailHandler:
+    """Renders and sends one e-mail per publication; one SMTP transport between start/stop."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        settings: EmailSettings,
+        sender: SenderAddress,
+        composer: MessageComposer,
+        transport: SmtpTransport,
+        ledger: KeyLedger | None,
+        logger: FilteringBoundLogger,
+        metrics: _Metrics,
+    ) -> None:
+        self.name = name
+        self.event_types = frozenset(settings.event_types)
+        self.settings = settings
+        self.sender = sender
+        self.composer = composer
+        self._transport = transport
+        self._ledger = ledger
+        self._log = logger
+        self._m = metrics
+        self._sent: OrderedDict[str, None] = OrderedDict()
+        self._locks = _KeyLocks()
+
+    def __repr__(self) -> str:  # keeps settings (the password) out of any repr
+        return f"EmailHandler(name={self.name!r}, relay={self._transport.where!r})"
+
+    async def start(self) -> None:
+        if self._ledger is None:
+            self._log.warning(
+                "email_dedupe_in_memory",
+                reason="no ledger: one e-mail per publication holds within this process only",
+            )
+        await self._transport.start()
+
+    async def stop(self) -> None:
+        await self._transport.stop()
+
+    async def handle(self, event: Event) -> None:
+        envelope = event.envelope
+        skip = self.composer.skip_reason(envelope)
+        if skip is not None:
+            self._skip(skip)
+        key = publication_key(envelope.data)
+        if key is None:  # the worker's own (handler, event id) record still applies
+            await self._compose_and_send(envelope)
+            return
+        async with self._locks.hold(key):
+            if await self._already_sent(key):
+                self._skip(Skip("already_sent", f"an e-mail for {key} was already sent"))
+            await self._compose_and_send(envelope)
+            await self._remember(key)
+
+    def _skip(self, skip: Skip) -> NoReturn:
+        self._m.skipped.labels(skip.reason).inc()
+        raise SkipEvent(skip.message)
+
+    async def _already_sent(self, key: str) -> bool:
+        if key in self._sent:
+            return True
+        if self._ledger is None:
+            return False
+        try:
+            return await self._ledger.is_done(self.name, key)
+        except Exception as err:  # the store's own error types; the worker would dead-letter
+            raise RetryLater(f"the ledger cannot tell whether {key} was mailed: {err!r}") from err
+
+    async def _remember(self, key: str) -> None:
+        self._sent[key] = None
+        if len(self._sent) > _MEMORY_KEYS_MAX:
+            self._sent.popitem(last=False)
+        if self._ledger is None:
+            return
+        try:
+            await self._ledger.mark_done(self.name, key)
+        except Exception as err:  # the mail is out: failing now would only send it again
+            self._log.error("email_dedupe_record_failed", key=key, error=repr(err))
+
+    async def _compose_and_send(self, envelope: WebhookEnvelope[Any]) -> None:
+        try:
+            composed = self.composer.compose(envelope)
+        except HandlerError as err:
+            self._m.messages.labels("template_error").inc()
+            self._log.error("email_not_composed", event_id=envelope.event_id, error=str(err))
+            raise
+        await self._send(composed, envelope.event_id)
+
+    async def _send(self, composed: Composed, event_id: str) -> None:
+        raw = composed.message.as_bytes(policy=policy.SMTP)
+        masked = mask_address(composed.recipient)
+        started = time.perf_counter()
+        try:
+            reply = await self._transport.send(self.sender.address, composed.recipient, raw)
+        except RetryLater as err:
+            self._m.messages.labels("deferred").inc()
+            self._log.warning("email_deferred", event_id=event_id, to=masked, error=str(err))
+            raise
+        except HandlerError as err:
+            self._m.messages.labels("rejected").inc()
+            self._log.warning("email_rejected", event_id=event_id, to=masked, error=str(err))
+            raise
+        elapsed = time.perf_counter() - started
+        self._m.duration.observe(elapsed)
+        self._m.messages.labels("sent").inc()
+        self._log.info(
+            "email_sent",
+            event_id=event_id,
+            to=masked,
+            message_id=composed.message["Message-ID"],
+            templates=list(composed.templates),
+            duration_ms=round(elapsed * 1000, 1),
+            reply=reply,
+        )
+
+
+def _build(
+    settings: EmailSettings, env_prefix: str, *, clock: Callable[[], datetime] | None = None
+) -> tuple[SenderAddress, MessageComposer]:
+    sender = parse_sender(settings.sender, f"{env_prefix}SENDER")
+    renderer = TemplateRenderer(settings.template_dir)
+    renderer.check()
+    return sender, MessageComposer(settings, sender, renderer, clock=clock)
+
+
+def create(context: HandlerContext) -> EmailHandler:
+    """Entry point ``email = "handlers.email:create"`` in group ``pubrelay.handlers``."""
+    settings = context.settings(EmailSettings)
+    sender, composer = _build(settings, context.env_prefix)
+    metrics = _metrics(context.metrics_registry)
+    transport = SmtpTransport(
+        settings,
+        parse_smtp_url(settings.smtp_url),
+        logger=context.logger,
+        on_connect=metrics.connections.inc,
+    )
+    return EmailHandler(
+        name=context.name,
+        settings=settings,
+        sender=sender,
+        composer=composer,
+        transport=transport,
+        ledger=context.ledger,
+        logger=context.logger,
+        metrics=metrics,
+    )
+
+
+# --- preview (``pubrelay preview-email FILE``) ----------------------------------------------
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> EmailSettings:
+    """``PUBRELAY_EMAIL__*`` from ``env`` (default: the process environment), as the
+    worker reads them; :class:`ConfigError` naming the variable at fault."""
+    context = HandlerContext(
+        name="email",
+        data_dir=Path(),
+        metrics_registry=CollectorRegistry(auto_describe=False),
+        logger=cast(FilteringBoundLogger, structlog.get_logger("pubrelay.handlers.email")),
+        topic_prefix="",
+        env=env,
+    )
+    return context.settings(EmailSettings)
+
+
+def render_preview(
+    raw: bytes, settings: EmailSettings, *, now: datetime | None = None
+) -> EmailMessage:
+    """The e-mail the handler would send for the webhook body ``raw``, without sending.
+
+    Raises :class:`SkipEvent` (the reason no e-mail would be sent), :class:`HandlerError`
+    (a template bug, an unusable address), :class:`ConfigError` (settings, template
+    syntax) or pydantic's ``ValidationError`` (not a webhook body). The ledger is not
+    consulted: a publication already mailed previews the same message again.
+    """
+    _, composer = _build(settings, "PUBRELAY_EMAIL__", clock=(lambda: now) if now else None)
+    envelope = parse_event(raw)
+    skip = composer.skip_reason(envelope)
+    if skip is not None:
+        raise SkipEvent(f"{skip.reason}: {skip.message}")
+    return composer.compose(envelope).message
+
+
+def format_preview(message: EmailMessage) -> str:
+    """Headers, then each part decoded under a ``--- text/plain ---`` style rule."""
+    lines = [f"{name}: {value}" for name, value in message.items()]
+    for part in message.walk():
+        if part.is_multipart():
+            continue
+        content = part.get_content()
+        lines += ["", f"--- {part.get_content_type()} ---", str(content).rstrip("\n")]
+    return "\n".join(lines) + "\n"

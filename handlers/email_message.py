@@ -1,0 +1,345 @@
+"""From a publication event to the e-mail the customer gets (no I/O; no sending).
+
+:class:`MessageComposer` decides whether an event gets an e-mail at all
+(:meth:`~MessageComposer.skip_reason`), builds the template context, renders the
+subject, text and HTML parts (:mod:`handlers.email_templates`) and assembles one
+``multipart/alternative`` :class:`~email.message.EmailMessage` with its headers. The
+handler and the ``pubrelay preview-email`` command share it, so a preview is exactly
+what would be sent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+from typing import Any, Final, Literal, TypeVar
+
+from handlers.email_settings import EmailSettings, SenderAddress
+from handlers.email_templates import TemplateRenderer, render_template, template_bases
+from schemas.campaign import Campaign
+from schemas.customer import Customer
+from schemas.errors import HandlerError
+from schemas.events import (
+    CustomerPublicationSucceededData,
+    PublicationSucceededData,
+    WebhookEnvelope,
+)
+from schemas.publication import Publication
+from schemas.voucher import Voucher
+
+__all__ = [
+    "Composed",
+    "MessageComposer",
+    "Skip",
+    "SkipReason",
+    "VoucherView",
+    "mask_address",
+    "mask_addresses",
+    "publication_key",
+]
+
+SkipReason = Literal["unsupported_event", "no_address", "opted_out", "no_code", "already_sent"]
+SKIP_REASONS: Final[tuple[SkipReason, ...]] = (
+    "unsupported_event",
+    "no_address",
+    "opted_out",
+    "no_code",
+    "already_sent",
+)
+_TRUTHY: Final = frozenset({"true", "yes", "1"})
+_EMAIL_RE: Final = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*(@[A-Za-z0-9.-]+)")
+_MSGID_RE: Final = re.compile(r"[^A-Za-z0-9._-]+")
+_SPACE_RE: Final = re.compile(r"\s+")
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]+")
+
+PublicationData = CustomerPublicationSucceededData | PublicationSucceededData
+
+
+def mask_address(address: str) -> str:
+    """``jack@example.com`` -> ``j***@example.com``; logs never carry a full address."""
+    local, at, domain = address.partition("@")
+    if not at:
+        return "***"
+    return f"{local[:1]}***@{domain}"
+
+
+def mask_addresses(text: str) -> str:
+    """Mask every address inside ``text`` (SMTP replies often quote the recipient)."""
+    return _EMAIL_RE.sub(r"\1***\2", text)
+
+
+def publication_key(data: PublicationData) -> str | None:
+    """The de-duplication key ``publication:<id>``: one e-mail per publication."""
+    pub = data.publication
+    return f"publication:{pub.id}" if pub is not None and pub.id else None
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """Why an event gets no e-mail: ``reason`` is a metric label, ``message`` for people."""
+
+    reason: SkipReason
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class VoucherView:
+    """One code as templates see it; amounts and dates already rendered for people.
+
+    ``discount`` is ``"10% off"``, ``"$10.00 off"``, ``"50.00 gift card"``... (``None`` if
+    unknown), ``expires`` the expiry date in ``DATE_FORMAT`` (``None``: no expiry),
+    ``details`` both joined (``"10% off, valid until 2024-12-31"``), ``model`` the full
+    :class:`schemas.voucher.Voucher`.
+    """
+
+    code: str
+    discount: str | None
+    expires: str | None
+    starts: str | None
+    expiration_date: datetime | None
+    start_date: datetime | None
+    type: str | None
+    model: Voucher
+
+    @property
+    def details(self) -> str:
+        parts = [self.discount] if self.discount else []
+        if self.expires:
+            parts.append(f"valid until {self.expires}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Composed:
+    """A message ready to send: the bare recipient address and the templates used."""
+
+    message: EmailMessage
+    recipient: str
+    templates: tuple[str, ...]
+    dedupe_key: str | None
+
+
+class MessageComposer:
+    """Renders the e-mail of one publication event."""
+
+    def __init__(
+        self,
+        settings: EmailSettings,
+        sender: SenderAddress,
+        renderer: TemplateRenderer,
+        *,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sender = sender
+        self.renderer = renderer
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._unsubscribe = (
+            renderer.compile_string(settings.list_unsubscribe, "PUBRELAY_EMAIL__LIST_UNSUBSCRIBE")
+            if settings.list_unsubscribe
+            else None
+        )
+
+    # --- whether to send ---------------------------------------------------------------------
+
+    def skip_reason(self, envelope: WebhookEnvelope[Any]) -> Skip | None:
+        """``None`` when the event gets an e-mail, else why not (never retried)."""
+        data = envelope.data
+        if not isinstance(data, PublicationData):
+            return Skip("unsupported_event", f"event type {envelope.event_type!r} sends no e-mail")
+        address = (data.customer_email or "").strip()
+        if not address:
+            return Skip("no_address", "the customer has no e-mail address")
+        if self._opted_out(data):
+            key = self.settings.opt_out_metadata_key
+            return Skip("opted_out", f"the customer opted out of e-mail (metadata {key!r})")
+        if not _codes(data):
+            return Skip("no_code", "the publication carries no code")
+        return None
+
+    def _opted_out(self, data: PublicationData) -> bool:
+        key = self.settings.opt_out_metadata_key
+        sources = [data.customer]
+        if data.publication is not None:
+            sources.append(data.publication.customer)
+        for customer in sources:
+            if customer is not None and customer.metadata and key in customer.metadata:
+                return _truthy(customer.metadata[key])
+        return False
+
+    # --- what to send ------------------------------------------------------------------------
+
+    def compose(self, envelope: WebhookEnvelope[Any]) -> Composed:
+        """The message for ``envelope``; call after :meth:`skip_reason` returned ``None``.
+
+        Raises :class:`HandlerError` for a template bug or an address that cannot be used.
+        """
+        data = envelope.data
+        if not isinstance(data, PublicationData):
+            raise HandlerError(f"event type {envelope.event_type!r} sends no e-mail")
+        recipient = _recipient(data)
+        context = self.context(envelope, data)
+        bases = template_bases(
+            context["campaign"].id, context["campaign"].name, data.channel or None
+        )
+        subject = self.renderer.render("subject", bases, context)
+        context["subject"] = _one_line(subject.text)
+        text = self.renderer.render("text", bases, context)
+        html = self.renderer.render("html", bases, context)
+
+        message = EmailMessage()
+        message["From"] = self.sender.header
+        message["To"] = Address(
+            display_name=_one_line(_CONTROL_RE.sub(" ", context["customer"].name or "")),
+            addr_spec=recipient,
+        )
+        if self.settings.reply_to:
+            message["Reply-To"] = self.settings.reply_to
+        message["Subject"] = context["subject"]
+        message["Date"] = format_datetime(self._clock())
+        message["Message-ID"] = self.message_id(envelope, data)
+        message["Auto-Submitted"] = "auto-generated"
+        message["X-Pubrelay-Event-Id"] = _MSGID_RE.sub("-", envelope.event_id)
+        unsubscribe = context["list_unsubscribe_url"]
+        if unsubscribe:
+            message["List-Unsubscribe"] = _list_unsubscribe_header(unsubscribe)
+            if self.settings.list_unsubscribe_one_click and "https://" in unsubscribe:
+                message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        message.set_content(text.text)
+        message.add_alternative(html.text, subtype="html")
+        return Composed(
+            message=message,
+            recipient=recipient,
+            templates=(subject.name, text.name, html.name),
+            dedupe_key=publication_key(data),
+        )
+
+    def message_id(self, envelope: WebhookEnvelope[Any], data: PublicationData) -> str:
+        """``<pubrelay.<publication id>@<sender domain>>``: a resend carries the same id."""
+        pub = data.publication
+        ident = pub.id if pub is not None and pub.id else f"event.{envelope.event_id}"
+        return f"<pubrelay.{_MSGID_RE.sub('-', ident)}@{self.sender.domain}>"
+
+    def context(self, envelope: WebhookEnvelope[Any], data: PublicationData) -> dict[str, Any]:
+        """The names templates see; missing objects are empty models, never ``None``."""
+        customer = data.customer
+        pub = data.publication or Publication()
+        if customer is None:
+            customer = pub.customer or Customer()
+        campaign = data.campaign or Campaign()
+        vouchers = [self._view(v, campaign) for v in _vouchers(data)]
+        context: dict[str, Any] = {
+            "customer": _with_metadata(customer),
+            "campaign": _with_metadata(campaign),
+            "publication": _with_metadata(pub),
+            "voucher": vouchers[0] if vouchers else None,
+            "vouchers": vouchers,
+            "codes": [v.code for v in vouchers],
+            "channel": data.channel,
+            "event": envelope.event,
+            "event_id": envelope.event_id,
+            "event_type": envelope.event_type,
+            "sender": self.sender.address,
+            "list_unsubscribe_url": None,
+        }
+        if self._unsubscribe is not None:
+            url = render_template(self._unsubscribe, "PUBRELAY_EMAIL__LIST_UNSUBSCRIBE", context)
+            context["list_unsubscribe_url"] = _one_line(url) or None
+        return context
+
+    def _view(self, voucher: Voucher, campaign: Campaign) -> VoucherView:
+        symbol = self.settings.currency_symbol or None
+        discount = voucher.describe(symbol)
+        template = campaign.voucher
+        if discount is None and template is not None:
+            # publication.succeeded may list bare codes: the campaign says what they are worth
+            discount = Voucher.model_construct(
+                code=voucher.code,
+                type=template.type,
+                discount=template.discount,
+                gift=template.gift,
+                loyalty_card=template.loyalty_card,
+            ).describe(symbol)
+        expires = voucher.expiration_date or campaign.expiration_date
+        starts = voucher.start_date or campaign.start_date
+        return VoucherView(
+            code=voucher.code,
+            discount=discount,
+            expires=self._date(expires),
+            starts=self._date(starts),
+            expiration_date=expires,
+            start_date=starts,
+            type=voucher.type,
+            model=voucher,
+        )
+
+    def _date(self, moment: datetime | None) -> str | None:
+        return moment.strftime(self.settings.date_format) if moment is not None else None
+
+
+def _truthy(value: Any) -> bool:
+    """Opt-out values: ``true``, ``"true"``, ``"yes"``, ``1`` (any case); anything else no."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value == 1
+    if isinstance(value, str):
+        return value.strip().lower() in _TRUTHY
+    return False
+
+
+def _vouchers(data: PublicationData) -> list[Voucher]:
+    if isinstance(data, CustomerPublicationSucceededData):
+        return [data.voucher]
+    found = data.all_vouchers
+    if found:
+        return found
+    return [Voucher.model_construct(code=code) for code in data.codes]
+
+
+def _codes(data: PublicationData) -> list[str]:
+    if isinstance(data, CustomerPublicationSucceededData):
+        return [data.voucher.code] if data.voucher.code else []
+    return [code for code in data.codes if code]
+
+
+def _recipient(data: PublicationData) -> str:
+    """The bare address, checked: HandlerError when no relay could deliver to it."""
+    address = (data.customer_email or "").strip()
+    masked = mask_address(address)
+    if not address.isascii():
+        raise HandlerError(f"the customer's address {masked} is not ASCII (SMTPUTF8 unsupported)")
+    try:
+        parsed = Address(addr_spec=address)
+    except (ValueError, IndexError):
+        raise HandlerError(f"the customer's address {masked} is not a valid address") from None
+    if not parsed.username or not parsed.domain or parsed.addr_spec != address:
+        raise HandlerError(f"the customer's address {masked} is not a valid address")
+    return address
+
+
+_WithMetadata = TypeVar("_WithMetadata", Customer, Campaign, Publication)
+
+
+def _with_metadata(model: _WithMetadata) -> _WithMetadata:
+    """``{{ customer.metadata.tier }}`` must not fail on a customer without metadata."""
+    if model.metadata is None:
+        return model.model_copy(update={"metadata": {}})
+    return model
+
+
+def _one_line(text: str) -> str:
+    """Header values are one line: collapse the whitespace a template leaves."""
+    return _SPACE_RE.sub(" ", text).strip()
+
+
+def _list_unsubscribe_header(value: str) -> str:
+    """RFC 2369 wants ``<uri>``s: wrap each comma-separated URI unless already wrapped."""
+    if "<" in value:
+        return value
+    return ", ".join(f"<{part.strip()}>" for part in value.split(",") if part.strip())

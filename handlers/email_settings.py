@@ -1,0 +1,142 @@
+"""Settings of the ``email`` handler (``PUBRELAY_EMAIL__*``) and what is derived from them.
+
+Kept apart from the handler so the template renderer, the SMTP transport and the
+``pubrelay preview-email`` command read one model without importing each other.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from email.headerregistry import Address
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Final, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from schemas.errors import ConfigError
+from schemas.events import CUSTOMER_PUBLICATION_SUCCEEDED, PUBLICATION_SUCCEEDED
+
+__all__ = [
+    "EMAIL_EVENT_TYPES",
+    "EmailSettings",
+    "SenderAddress",
+    "SmtpEndpoint",
+    "parse_sender",
+    "parse_smtp_url",
+]
+
+EMAIL_EVENT_TYPES: Final = frozenset({CUSTOMER_PUBLICATION_SUCCEEDED, PUBLICATION_SUCCEEDED})
+_DEFAULT_PORTS: Final = {"smtp": 25, "smtps": 465}
+_HEADER_BREAK: Final = re.compile(r"[\r\n]")
+
+
+class EmailSettings(BaseModel):
+    """The ``PUBRELAY_EMAIL__*`` section; unknown keys are refused so typos surface.
+
+    See :mod:`handlers.email` for the meaning of each variable.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    smtp_url: str = Field(default="smtp://localhost:25", description="smtp:// or smtps://")
+    starttls: Literal["auto", "always", "never"] = Field(
+        default="auto", description="upgrade smtp:// connections with STARTTLS"
+    )
+    username: str | None = Field(default=None, description="SMTP AUTH user (none: no AUTH)")
+    password: SecretStr | None = Field(default=None, description="SMTP AUTH password")
+    allow_plaintext_auth: bool = Field(
+        default=False, description="allow AUTH over a connection without TLS"
+    )
+    ca_file: Path | None = Field(default=None, description="PEM bundle trusted for the relay")
+    verify_tls: bool = Field(default=True, description="check the relay's certificate")
+    helo_hostname: str | None = Field(default=None, description="EHLO name (default: FQDN)")
+    sender: str | None = Field(default=None, description="From, e.g. 'Shop <coupons@shop.io>'")
+    reply_to: str | None = Field(default=None, description="Reply-To header")
+    template_dir: Path | None = Field(default=None, description="operator templates")
+    currency_symbol: str = Field(default="", description="prefix of amounts: '$' -> $10.00")
+    date_format: str = Field(default="%Y-%m-%d", description="strftime format of dates")
+    list_unsubscribe: str | None = Field(
+        default=None, description="List-Unsubscribe template (mailto: or https URL)"
+    )
+    list_unsubscribe_one_click: bool = Field(
+        default=False, description="add List-Unsubscribe-Post (RFC 8058) for https URLs"
+    )
+    opt_out_metadata_key: str = Field(
+        default="email_opt_out", description="customer metadata key that opts out"
+    )
+    max_per_s: float = Field(default=10.0, ge=0, description="messages per second; 0: no limit")
+    connections: int = Field(default=1, ge=1, le=32, description="SMTP connections kept open")
+    timeout_s: float = Field(default=30.0, gt=0, description="bound for one SMTP command")
+    event_types: list[str] = Field(
+        default_factory=lambda: sorted(EMAIL_EVENT_TYPES), description="event types to act on"
+    )
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _smtp_url(cls, value: str) -> str:
+        parse_smtp_url(value)  # raises ValueError with the reason
+        return value
+
+    @field_validator("sender", "reply_to")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        if value is not None and _HEADER_BREAK.search(value):
+            raise ValueError("must be one line")
+        return value.strip() if value is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpEndpoint:
+    """Where the relay is: ``implicit_tls`` for ``smtps://`` (TLS from the first byte)."""
+
+    host: str
+    port: int
+    implicit_tls: bool
+
+
+def parse_smtp_url(url: str) -> SmtpEndpoint:
+    """``smtp://host[:port]`` (port 25) or ``smtps://host[:port]`` (port 465)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise ValueError("must start with smtp:// or smtps://")
+    if not parts.hostname:
+        raise ValueError("names no host")
+    if parts.username or parts.password:
+        raise ValueError("must not hold credentials: set USERNAME and PASSWORD instead")
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError("must be only scheme://host:port")
+    try:
+        port = parts.port
+    except ValueError as err:
+        raise ValueError(f"has an invalid port: {err}") from None
+    return SmtpEndpoint(parts.hostname, port or _DEFAULT_PORTS[scheme], scheme == "smtps")
+
+
+@dataclass(frozen=True, slots=True)
+class SenderAddress:
+    """The ``From`` header as configured and the bare address for ``MAIL FROM``."""
+
+    header: str
+    address: str
+    domain: str
+
+
+def parse_sender(value: str | None, variable: str) -> SenderAddress:
+    """Check the configured sender; :class:`ConfigError` naming ``variable`` if unusable."""
+    if not value:
+        raise ConfigError(
+            f"{variable} is required when the email handler is enabled: the From address, "
+            "such as 'Shop <coupons@shop.example>'"
+        )
+    _, address = parseaddr(value)
+    try:
+        parsed = Address(addr_spec=address)
+    except (ValueError, IndexError) as err:
+        raise ConfigError(f"{variable}: {value!r} is not an e-mail address ({err})") from None
+    if not parsed.username or not parsed.domain:
+        raise ConfigError(f"{variable}: {value!r} is not an e-mail address (user@domain)")
+    return SenderAddress(value, parsed.addr_spec, parsed.domain)

@@ -1,0 +1,181 @@
+"""Jinja2 templates of the ``email`` handler: where they are looked up and how they render.
+
+A message has three parts, each a template of its own: the subject
+(``<base>.subject.txt``), the plain-text body (``<base>.txt``) and the HTML body
+(``<base>.html``). Each part is looked up on its own, first match wins, along:
+
+1. ``campaign/<campaign id>``          (``campaign/camp_f7fBbQxUuTN7dI7tGOo5XMDA.html``)
+2. ``campaign/<slug of campaign name>`` (``campaign/spring-discounts.html``)
+3. ``channel/<slug of channel>``        (``channel/api.html``, ``channel/automation.txt``)
+4. ``default``                          (``default.html``)
+
+first in ``PUBRELAY_EMAIL__TEMPLATE_DIR``, then among the built-in templates shipped in
+``handlers/templates/email/`` (which hold only ``default.*``). A slug is the name in
+lower case with every run of other characters than ``a-z0-9`` turned into ``-``. So a
+campaign may override only its subject and keep the default bodies; give both ``.txt``
+and ``.html`` when the two parts should tell the same story.
+
+HTML templates (``.html``) are autoescaped, text templates are not. An undefined name is
+an error (``StrictUndefined``), never silently empty; ``None`` values render as empty
+text. A template that fails is a permanent fault: :class:`HandlerError` naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import jinja2
+from jinja2 import (
+    ChoiceLoader,
+    Environment,
+    FileSystemLoader,
+    PackageLoader,
+    StrictUndefined,
+    select_autoescape,
+)
+
+from schemas.errors import ConfigError, HandlerError
+
+__all__ = [
+    "BUILTIN_TEMPLATES",
+    "PART_SUFFIXES",
+    "Part",
+    "Rendered",
+    "TemplateRenderer",
+    "slug",
+    "template_bases",
+]
+
+Part = Literal["subject", "text", "html"]
+PART_SUFFIXES: Final[Mapping[Part, str]] = {
+    "subject": ".subject.txt",
+    "text": ".txt",
+    "html": ".html",
+}
+BUILTIN_TEMPLATES: Final = ("handlers", "templates/email")
+"""The package and folder of the built-in templates (``default.subject.txt`` ...)."""
+
+_SLUG_RE: Final = re.compile(r"[^a-z0-9]+")
+_ID_RE: Final = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def slug(text: str | None) -> str:
+    """``"Spring Discounts 2024!"`` -> ``"spring-discounts-2024"`` (empty for nothing)."""
+    return _SLUG_RE.sub("-", (text or "").lower()).strip("-")
+
+
+def template_bases(
+    campaign_id: str | None, campaign_name: str | None, channel: str | None
+) -> list[str]:
+    """The base names a message's templates are looked up under, most specific first."""
+    bases: list[str] = []
+    safe_id = _ID_RE.sub("-", campaign_id or "").strip("-")
+    for base in (
+        f"campaign/{safe_id}" if safe_id else "",
+        f"campaign/{slug(campaign_name)}" if slug(campaign_name) else "",
+        f"channel/{slug(channel)}" if slug(channel) else "",
+        "default",
+    ):
+        if base and base not in bases:
+            bases.append(base)
+    return bases
+
+
+def _none_as_empty(value: Any) -> Any:
+    """``{{ customer.name }}`` of a customer without a name renders nothing, not 'None'."""
+    return "" if value is None else value
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """One rendered part and the template it came from (for logs and the preview)."""
+
+    name: str
+    text: str
+
+
+class TemplateRenderer:
+    """One Jinja2 environment over the operator's directory and the built-ins.
+
+    Compiled templates are cached by Jinja2 and reloaded when their file changes, so an
+    operator can fix a template without restarting the worker, then replay the dead
+    letters it caused.
+    """
+
+    def __init__(self, template_dir: Path | None) -> None:
+        if template_dir is not None and not template_dir.is_dir():
+            raise ConfigError(
+                f"PUBRELAY_EMAIL__TEMPLATE_DIR: {str(template_dir)!r} is not a directory"
+            )
+        self.template_dir = template_dir
+        loaders: list[jinja2.BaseLoader] = []
+        if template_dir is not None:
+            loaders.append(FileSystemLoader(template_dir))
+        loaders.append(PackageLoader(*BUILTIN_TEMPLATES))
+        self.env = Environment(
+            loader=ChoiceLoader(loaders),
+            autoescape=select_autoescape(
+                enabled_extensions=("html", "htm", "xml"), default_for_string=False, default=False
+            ),
+            undefined=StrictUndefined,
+            finalize=_none_as_empty,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+            auto_reload=True,
+        )
+
+    def check(self) -> list[str]:
+        """Compile every template now, so a syntax error stops start-up (ConfigError).
+
+        Returns the names found; a bug that only shows with data (an undefined name)
+        still surfaces per event.
+        """
+        names = self.env.list_templates(extensions=("txt", "html", "htm", "xml"))
+        for name in names:
+            try:
+                self.env.get_template(name)
+            except jinja2.TemplateSyntaxError as err:
+                raise ConfigError(
+                    f"email template {err.name or name} line {err.lineno}: {err.message}"
+                ) from None
+        return names
+
+    def compile_string(self, source: str, label: str) -> jinja2.Template:
+        """A template from a setting's value (``List-Unsubscribe``); ConfigError if broken."""
+        try:
+            return self.env.from_string(source)
+        except jinja2.TemplateSyntaxError as err:
+            raise ConfigError(f"{label}: template error line {err.lineno}: {err.message}") from None
+
+    def render(self, part: Part, bases: Sequence[str], context: Mapping[str, Any]) -> Rendered:
+        """Render ``part`` from the first of ``bases`` that has it; HandlerError on a bug."""
+        names = [base + PART_SUFFIXES[part] for base in bases]
+        try:
+            template = self.env.select_template(names)
+        except jinja2.TemplateSyntaxError as err:
+            raise HandlerError(
+                f"email template {err.name} line {err.lineno}: {err.message}"
+            ) from err
+        except jinja2.TemplatesNotFound as err:
+            raise HandlerError(f"no email template found: tried {', '.join(names)}") from err
+        name = template.name or names[-1]
+        return Rendered(name, render_template(template, name, context))
+
+
+def render_template(template: jinja2.Template, name: str, context: Mapping[str, Any]) -> str:
+    """Render, turning any template failure into :class:`HandlerError` naming ``name``."""
+    try:
+        return template.render(context)
+    except jinja2.TemplateError as err:
+        where = f" line {err.lineno}" if isinstance(err, jinja2.TemplateSyntaxError) else ""
+        raise HandlerError(
+            f"email template {name}{where}: {type(err).__name__}: {err.message or err}"
+        ) from err
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as err:
+        # A filter or an expression failed on the data (e.g. a format applied to None).
+        raise HandlerError(f"email template {name}: {type(err).__name__}: {err}") from err
