@@ -4,9 +4,10 @@ Every figure is printed beside a baseline measured in the same run (the machine'
 drifts by up to 2x over minutes), and the ratio between them is the number to compare
 across runs. Sections: intake (webhook on the embedded bus vs a bare aiohttp handler),
 kafka (webhook -> Tansu broker ack vs the same bare handler), worker (events/s through a
-no-op handler on both buses, vs the bus read alone; the ledger's cost).
+no-op handler on both buses, vs the bus read alone; the ledger's cost), e2e (signed POST
+-> e-mail accepted by an SMTP server, beside the intake latency of the same requests).
 Environment: BENCH_SECONDS (per load run, default 8), BENCH_CONNECTIONS (default 64),
-BENCH_WORKER_EVENTS (default 5000).
+BENCH_WORKER_EVENTS (default 5000), BENCH_E2E_EVENTS (default 2000).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from bus.sqlite import SqliteBus
 from bus.types import Bus
 from consumer.signature import sign
 from pubrelay.logging import configure_logging
+from tests.bench.e2e import e2e_env, run_e2e, start_smtp
 from tests.bench.worker import bench_worker_on
 from tests.bench.wrk import LoadResult, run_wrk
 from tests.fixtures.app import EXAMPLE
@@ -37,6 +39,7 @@ from tests.fixtures.process import free_port, pubrelay_bin
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 WORKER_EVENTS = int(os.environ.get("BENCH_WORKER_EVENTS", "5000"))
+E2E_EVENTS = int(os.environ.get("BENCH_E2E_EVENTS", "2000"))
 SECRET = "bench-secret"
 REPO = Path(__file__).resolve().parents[2]
 PATH = "/webhooks/voucherify"
@@ -160,6 +163,35 @@ def bench_worker(tmp: Path) -> None:
         broker.stop()
 
 
+def bench_e2e(tmp: Path) -> None:
+    count = E2E_EVENTS
+    print(
+        f"# end to end: {count} signed POSTs (32 at a time) -> pubrelay serve (embedded "
+        "bus, email handler) -> e-mail accepted by an SMTP server on loopback"
+    )
+    smtp_port, http_port = free_port(), free_port()
+    controller, recorder = start_smtp(smtp_port)
+    try:
+        with server([pubrelay_bin(), "serve"], http_port, e2e_env(tmp, http_port, smtp_port), tmp):
+            url = f"http://127.0.0.1:{http_port}{PATH}"
+            figures = asyncio.run(run_e2e(url, recorder, count, concurrency=32))
+    finally:
+        controller.stop()
+    print(
+        f"{'POST -> e-mail accepted':<38} {figures['events_per_s']:>10,.0f} events/s"
+        f"   p50 {figures['e2e_p50_ms']:>7.2f} ms   p99 {figures['e2e_p99_ms']:>7.2f} ms"
+        f"   delivered {figures['delivered']:.0f}/{count}"
+    )
+    print(
+        f"{'POST -> 202 (the same requests)':<38} {'':>10}           "
+        f"   p50 {figures['intake_p50_ms']:>7.2f} ms   p99 {figures['intake_p99_ms']:>7.2f} ms"
+    )
+    print(
+        f"{'e-mail latency / intake latency':<38} p50 "
+        f"{figures['e2e_p50_ms'] / figures['intake_p50_ms']:.1f}x"
+    )
+
+
 def mean(first: LoadResult, second: LoadResult) -> LoadResult:
     return LoadResult(
         (first.requests_per_s + second.requests_per_s) / 2,
@@ -192,6 +224,7 @@ SECTIONS: dict[str, Callable[[Path], None]] = {
     "intake": bench_intake,
     "kafka": bench_kafka,
     "worker": bench_worker,
+    "e2e": bench_e2e,
 }
 
 
