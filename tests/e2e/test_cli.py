@@ -8,6 +8,7 @@ import os
 import signal
 import stat
 import subprocess
+import urllib.request
 from pathlib import Path
 
 from bus.sqlite import SqliteBus
@@ -135,3 +136,53 @@ def test_send_to_a_closed_port_fails_with_a_message(tmp_path: Path) -> None:
     result = run_cli("send", str(SAMPLE), "--url", "http://127.0.0.1:9/x", cwd=tmp_path, env=env)
     assert result.returncode == 1
     assert "127.0.0.1:9" in result.stderr
+
+
+def test_preview_email_prints_the_message_the_email_handler_would_send(tmp_path: Path) -> None:
+    env = {"PUBRELAY_EMAIL__SENDER": "Shop <coupons@shop.example>"}
+    result = run_cli("preview-email", str(SAMPLE), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "To: Jack Webhook <jack.webhook@example.com>" in result.stdout
+    assert "Subject: Your coupon code SPRING-2024-tPz" in result.stdout
+    assert "--- text/plain ---" in result.stdout
+    assert "--- text/html ---" in result.stdout
+    assert "10% off" in result.stdout
+
+
+def test_preview_email_says_why_nothing_would_be_sent(tmp_path: Path) -> None:
+    envelope = json.loads(SAMPLE.read_bytes())
+    envelope["data"]["customer"]["metadata"]["email_opt_out"] = "yes"
+    opted_out = tmp_path / "opted-out.json"
+    opted_out.write_text(json.dumps(envelope))
+    env = {"PUBRELAY_EMAIL__SENDER": "Shop <coupons@shop.example>"}
+    result = run_cli("preview-email", str(opted_out), cwd=tmp_path, env=env)
+    assert result.returncode == 0
+    assert result.stdout.startswith("no e-mail would be sent")
+
+
+def test_preview_email_without_a_sender_names_the_setting(tmp_path: Path) -> None:
+    result = run_cli("preview-email", str(SAMPLE), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "PUBRELAY_EMAIL__SENDER" in result.stderr
+
+
+def test_unknown_handler_stops_start_up_listing_the_installed_ones(tmp_path: Path) -> None:
+    env = {"PUBRELAY_HANDLERS__ENABLED": '["nope"]', "PUBRELAY_HTTP__PORT": "0"}
+    result = run_cli("serve", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "nope" in result.stderr
+    assert "email" in result.stderr  # the installed handlers are listed
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_process_serves_health_and_metrics_and_stops_on_sigterm(
+    run_pubrelay: Launcher,
+) -> None:
+    worker = run_pubrelay(["worker"], env={"PUBRELAY_HANDLERS__ENABLED": '["noop"]'})
+    worker.wait_ready()
+    with urllib.request.urlopen(f"{worker.url}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    assert 'pubrelay_handler_events_total{handler="noop",outcome="handled"} 0.0' in metrics
+    with urllib.request.urlopen(f"{worker.url}/readyz", timeout=5) as response:
+        assert response.status == 200
+    assert worker.terminate() == 0
