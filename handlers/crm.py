@@ -77,14 +77,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 import types
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from email.utils import parsedate_to_datetime
 from enum import Enum
 from typing import Any, Final, Literal, Union, get_args, get_origin
 
@@ -93,6 +91,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from structlog.typing import FilteringBoundLogger
 
+from handlers.http_common import retry_after_s
 from handlers.types import Event, HandlerContext
 from schemas.errors import ConfigError, HandlerError, RetryLater, SkipEvent
 from schemas.events import (
@@ -101,6 +100,7 @@ from schemas.events import (
     PublicationSucceededData,
     WebhookEvent,
 )
+from schemas.masking import mask_emails
 
 __all__ = [
     "DEFAULT_PROPERTIES",
@@ -123,7 +123,6 @@ DEFAULT_PROPERTIES: Final[Mapping[str, str]] = types.MappingProxyType(
 )
 _DAILY_LIMIT_DELAY_S: Final = 3600.0
 _ISOLATE_MAX: Final = 10_000
-_EMAIL_RE: Final = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*(@[A-Za-z0-9.-]+)")
 _ID_KEYS: Final = ("ids", "id", "email", "emails", "inputs")
 _TRACE_KEYS: Final = ("objectWriteTraceId", "objectWriteTraceIds")
 
@@ -260,30 +259,6 @@ def _as_property(value: Any) -> str | None:
 # --- helpers shared by the request paths ---------------------------------------------------
 
 
-def _mask_emails(text: str) -> str:
-    """``jack@example.com`` -> ``j***@example.com``: HubSpot's messages may quote addresses."""
-    return _EMAIL_RE.sub(r"\1***\2", text)
-
-
-def _retry_after_s(value: str | None, now: float | None = None) -> float | None:
-    """``Retry-After`` in seconds (delta-seconds or an HTTP date), ``None`` when absent/bad."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        current = time.time() if now is None else now
-        return max(0.0, when.timestamp() - current)
-    return seconds if seconds >= 0 else None
-
-
 class RequestRateLimiter:
     """At most ``max_requests`` request starts in any ``window_s``; ``pause`` after a 429.
 
@@ -399,7 +374,7 @@ def _metrics(context: HandlerContext) -> _Metrics:
 def _error_summary(status: int | None, body: Mapping[str, Any]) -> str:
     """``400 VALIDATION_ERROR: <masked message> (correlationId ...)``, bounded."""
     category = body.get("category") or body.get("errorType") or ""
-    message = _mask_emails(str(body.get("message") or "")[:300])
+    message = mask_emails(str(body.get("message") or "")[:300])
     text = f"{status or ''} {category}".strip()
     if message:
         text += f": {message}"
@@ -668,7 +643,7 @@ class HubSpotHandler:
             return self._auth_rejected(contacts, status, body)
         if status == 408 or status >= 500:
             self._m.requests.labels("server_error").inc()
-            delay = _retry_after_s(response_headers.get("Retry-After"))
+            delay = retry_after_s(response_headers.get("Retry-After"))
             return self._all(
                 contacts, _Failure("retry", "HubSpot: " + _error_summary(status, body), delay)
             )
@@ -752,7 +727,7 @@ class HubSpotHandler:
     ) -> dict[str, _Failure | None]:
         self._m.requests.labels("rate_limited").inc()
         policy = str(body.get("policyName") or "")
-        delay = _retry_after_s(headers.get("Retry-After"))
+        delay = retry_after_s(headers.get("Retry-After"))
         if delay is None and policy.upper() == "DAILY":
             delay = _DAILY_LIMIT_DELAY_S
         if delay is None:

@@ -39,7 +39,6 @@ __all__ = [
     "SkipReason",
     "VoucherView",
     "mask_address",
-    "mask_addresses",
     "publication_key",
 ]
 
@@ -52,7 +51,6 @@ SKIP_REASONS: Final[tuple[SkipReason, ...]] = (
     "already_sent",
 )
 _TRUTHY: Final = frozenset({"true", "yes", "1"})
-_EMAIL_RE: Final = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*(@[A-Za-z0-9.-]+)")
 _MSGID_RE: Final = re.compile(r"[^A-Za-z0-9._-]+")
 _SPACE_RE: Final = re.compile(r"\s+")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]+")
@@ -66,11 +64,6 @@ def mask_address(address: str) -> str:
     if not at:
         return "***"
     return f"{local[:1]}***@{domain}"
-
-
-def mask_addresses(text: str) -> str:
-    """Mask every address inside ``text`` (SMTP replies often quote the recipient)."""
-    return _EMAIL_RE.sub(r"\1***\2", text)
 
 
 def publication_key(data: PublicationData) -> str | None:

@@ -43,9 +43,9 @@ from aiosmtplib import (
 from aiosmtplib.protocol import SMTPProtocol
 from structlog.typing import FilteringBoundLogger
 
-from handlers.email_message import mask_addresses
 from handlers.email_settings import EmailSettings, SmtpEndpoint
 from schemas.errors import HandlerError, RetryLater
+from schemas.masking import mask_emails
 
 __all__ = ["SendRateLimiter", "SmtpTransport"]
 
@@ -85,7 +85,7 @@ class _RelayUnavailable(Exception):
 def _reply(err: SMTPResponseException) -> str:
     """``550 5.1.1 <j***@example.com>: Recipient address rejected``, bounded."""
     text = " ".join(str(err.message).split())
-    return f"{err.code} {mask_addresses(text)[:_REPLY_MAX]}".strip()
+    return f"{err.code} {mask_emails(text)[:_REPLY_MAX]}".strip()
 
 
 class SmtpTransport:
@@ -216,7 +216,7 @@ class SmtpTransport:
         except (SMTPException, OSError, TimeoutError) as err:
             self._discard(slot)
             raise RetryLater(
-                f"SMTP relay {self.where} failed: {type(err).__name__}: {mask_addresses(str(err))}"
+                f"SMTP relay {self.where} failed: {type(err).__name__}: {mask_emails(str(err))}"
             ) from err
         return " ".join(str(response.message).split())
 

@@ -50,8 +50,6 @@ import hmac
 import re
 import time
 from dataclasses import replace
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from typing import Final
 
 import aiohttp
@@ -59,8 +57,10 @@ from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from structlog.typing import FilteringBoundLogger
 
+from handlers.http_common import retry_after_s
 from handlers.types import Event, HandlerContext
 from schemas.errors import ConfigError, HandlerError, RetryLater
+from schemas.masking import mask_emails
 
 __all__ = [
     "SETTINGS_SECTION",
@@ -85,7 +85,6 @@ HEADER_SIGNATURE: Final = "X-Pubrelay-Signature"
 
 _RESERVED: Final = frozenset({"content-type", "content-length", "host", "transfer-encoding"})
 _SNIPPET_CHARS: Final = 200
-_EMAIL_RE: Final = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*(@[A-Za-z0-9.-]+)")
 
 
 def _key(secret: str | bytes) -> bytes:
@@ -133,28 +132,6 @@ def verify_forward_signature(
             continue
         ok |= hmac.compare_digest(expected, given)
     return ok
-
-
-def _mask_emails(text: str) -> str:
-    return _EMAIL_RE.sub(r"\1***\2", text)
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    """``Retry-After`` in seconds (delta-seconds or an HTTP date), ``None`` when absent/bad."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        return max(0.0, when.timestamp() - time.time())
-    return seconds if seconds >= 0 else None
 
 
 class ForwardSettings(BaseModel):
@@ -255,7 +232,7 @@ class ForwardHandler:
                 self.settings.url, data=event.raw, headers=headers, allow_redirects=False
             ) as response:
                 status = response.status
-                retry_after = _retry_after_s(response.headers.get("Retry-After"))
+                retry_after = retry_after_s(response.headers.get("Retry-After"))
                 location = response.headers.get("Location", "")
                 head = await response.content.read(_SNIPPET_CHARS * 4)
         except TimeoutError:
@@ -266,7 +243,7 @@ class ForwardHandler:
         except aiohttp.ClientError as err:
             self._count("network_error", started)
             raise RetryLater(f"cannot reach the receiver: {type(err).__name__}") from err
-        snippet = _mask_emails(head.decode("utf-8", "replace")[:_SNIPPET_CHARS]).strip()
+        snippet = mask_emails(head.decode("utf-8", "replace")[:_SNIPPET_CHARS]).strip()
         if 200 <= status < 300:
             self._count("ok", started)
             return

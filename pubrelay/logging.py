@@ -1,6 +1,6 @@
 """structlog set up once at the edge: level, ISO UTC time, JSON or console, masking.
 
-Every log line passes :func:`mask_emails`, so a customer e-mail address that reaches a
+Every log line passes :func:`mask_sensitive`, so a customer e-mail address that reaches a
 log call anyway is masked (``j***@example.com``), and values of keys that look secret
 are replaced.
 """
@@ -8,7 +8,6 @@ are replaced.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, Final, Literal
@@ -16,18 +15,14 @@ from typing import Any, Final, Literal
 import msgspec
 import structlog
 
-_EMAIL: Final = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
+from schemas.masking import mask_emails
+
 _SECRET_KEYS: Final = ("secret", "password", "token", "authorization", "signature_key")
-
-
-def mask_email(text: str) -> str:
-    """``jane.doe@example.com`` -> ``j***@example.com``."""
-    return _EMAIL.sub(r"\1***@\2", text)
 
 
 def _mask(value: Any) -> Any:
     if isinstance(value, str):
-        return mask_email(value) if "@" in value else value
+        return mask_emails(value)
     if isinstance(value, dict):
         return {k: _mask(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -35,7 +30,9 @@ def _mask(value: Any) -> Any:
     return value
 
 
-def mask_emails(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def mask_sensitive(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """structlog processor: mask e-mail addresses and secret-looking values."""
     for key, value in event_dict.items():
         if any(word in key.lower() for word in _SECRET_KEYS):
@@ -68,7 +65,7 @@ def configure_logging(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        mask_emails,
+        mask_sensitive,
     ]
     structlog.configure(
         processors=[

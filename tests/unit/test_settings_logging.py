@@ -7,9 +7,10 @@ import json
 import pytest
 import structlog
 
-from pubrelay.logging import configure_logging, mask_email
+from pubrelay.logging import configure_logging
 from pubrelay.settings import load_settings
 from schemas.errors import ConfigError
+from schemas.masking import mask_emails
 
 
 def test_nested_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,8 +52,8 @@ def test_invalid_setting_is_one_clear_message_naming_it(
 
 
 def test_mask_email_keeps_first_letter_and_domain() -> None:
-    assert mask_email("jane.doe@example.com") == "j***@example.com"
-    assert mask_email("to <a@b.io> and c.d@e.org") == "to <a***@b.io> and c***@e.org"
+    assert mask_emails("jane.doe@example.com") == "j***@example.com"
+    assert mask_emails("to <a@b.io> and c.d@e.org") == "to <a***@b.io> and c***@e.org"
 
 
 def test_log_lines_mask_emails_and_hide_secrets(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,18 @@
+"""Masking customer e-mail addresses wherever text may reach a log or an error message.
+
+``jane.doe@example.com`` becomes ``j***@example.com``: enough to tell customers apart
+when debugging, not enough to contact them. Every layer (log configuration, handlers
+quoting SMTP or CRM replies) uses this one function.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+_EMAIL: Final = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*(@[A-Za-z0-9.-]+)")
+
+
+def mask_emails(text: str) -> str:
+    """Mask every e-mail address inside ``text``."""
+    return _EMAIL.sub(r"\1***\2", text) if "@" in text else text
