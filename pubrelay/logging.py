@@ -7,6 +7,7 @@ are replaced.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -18,6 +19,13 @@ import structlog
 from schemas.masking import mask_emails
 
 _SECRET_KEYS: Final = ("secret", "password", "token", "authorization", "signature_key")
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_secret_key(key: str) -> bool:
+    # Cached: log keys are a small fixed set, and this runs for every key of every line.
+    lowered = key.lower()
+    return any(word in lowered for word in _SECRET_KEYS)
 
 
 def _mask(value: Any) -> Any:
@@ -35,7 +43,7 @@ def mask_sensitive(
 ) -> MutableMapping[str, Any]:
     """structlog processor: mask e-mail addresses and secret-looking values."""
     for key, value in event_dict.items():
-        if any(word in key.lower() for word in _SECRET_KEYS):
+        if _is_secret_key(key):
             event_dict[key] = "***"
         else:
             event_dict[key] = _mask(value)
