@@ -508,8 +508,16 @@ class KafkaSubscription:
         if self._consumer is not None:
             return
         t = self._timing
-        consumer = AIOKafkaConsumer(
+        # The coordinator holds a JoinGroup until every member rejoined (up to the rebalance
+        # timeout); a shorter request timeout would abort every join of a busy group.
+        # Same rule as the Java client: rebalance timeout + 5 s at least.
+        rebalance_ms = t.rebalance_timeout_ms or t.session_timeout_ms
+        options = {
             **self._options,
+            "request_timeout_ms": max(self._options["request_timeout_ms"], rebalance_ms + 5_000),
+        }
+        consumer = AIOKafkaConsumer(
+            **options,
             group_id=self.group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

@@ -156,3 +156,39 @@ def test_broker_killed_mid_load_gives_503s_and_acceptance_resumes_by_itself(
     accepted_after = {f"evcus_k{n}".encode() for n, s in after if s == 202}
     stored = asyncio.run(read_all(settings, expect=len(accepted_after)))
     assert accepted_after <= {header(r.headers, "event-id") for r in stored}
+
+
+def test_serve_on_kafka_takes_events_in_and_runs_the_handlers(
+    run_pubrelay: Launcher, kafka_broker: TansuBroker
+) -> None:
+    settings = kafka_bus_settings(kafka_broker)
+    env = {
+        **webhook_env(settings),
+        "PUBRELAY_HANDLERS__ENABLED": '["metrics"]',
+        "PUBRELAY_WORKER__GROUP_PREFIX": settings.topic_prefix,  # a group of its own
+    }
+    server = run_pubrelay(["serve"], env=env)
+    server.wait_ready()
+
+    async def scenario() -> float:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+            url = f"{server.url}/webhooks/voucherify"
+            statuses = await asyncio.gather(*(post(session, url, n) for n in range(20)))
+            assert statuses == [202] * 20
+            deadline = time.monotonic() + 60
+            total = 0.0
+            while time.monotonic() < deadline:
+                async with session.get(f"{server.url}/metrics") as response:
+                    text = await response.text()
+                total = sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("pubrelay_publications_total{")
+                )
+                if total >= 20:
+                    break
+                await asyncio.sleep(0.2)
+            return total
+
+    assert asyncio.run(scenario()) == 20
+    assert server.terminate() == 0

@@ -347,3 +347,18 @@ async def test_metrics_endpoint_exposes_outcomes_and_publish_latency(
     assert 'pubrelay_webhook_requests_total{outcome="accepted"} 1.0' in text
     assert 'pubrelay_webhook_requests_total{outcome="unauthorized"} 1.0' in text
     assert "pubrelay_bus_publish_duration_seconds_count 1.0" in text
+
+
+async def test_unsigned_requests_pass_only_with_the_loud_flag(
+    aiohttp_client: ClientFactory, make_app: MakeApp, sqlite_bus: SqliteBus
+) -> None:
+    body = event_body(event_id="evcus_unsigned")
+    strict, _ = make_app(sqlite_bus)
+    assert (await (await aiohttp_client(strict)).post(URL, data=body)).status == 401
+
+    app, _ = make_app(sqlite_bus, secrets=[], allow_unsigned=True)
+    response = await (await aiohttp_client(app)).post(URL, data=body)
+
+    assert response.status == 202
+    [record] = await read_topic(sqlite_bus, TOPIC)
+    assert header(record.headers, "event-id") == b"evcus_unsigned"

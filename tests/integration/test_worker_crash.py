@@ -10,24 +10,29 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from bus.sqlite import SqliteBus
-from tests.fixtures.worker import publish_event
+from bus.types import Bus
+from tests.fixtures.kafka import TansuBroker, kafka_bus_settings, make_kafka_bus
+from tests.fixtures.worker import EVENT_TYPE, publish_event
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "voucherify."
 CONCURRENCY = 8
 
 
-def start_worker(tmp_path: Path, run: int) -> subprocess.Popen[bytes]:
+def start_worker(tmp_path: Path, run: int, where: str, prefix: str) -> subprocess.Popen[bytes]:
     with (tmp_path / f"worker-{run}.log").open("wb") as log:
         return subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "tests.fixtures.worker_main",
-                str(tmp_path / "bus.sqlite3"),
+                where,
                 str(tmp_path / "ledger.sqlite3"),
                 str(tmp_path),
+                prefix,
             ],
             cwd=ROOT,
             stdout=log,
@@ -46,32 +51,44 @@ async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 
         await asyncio.sleep(0.01)
 
 
-async def publish(bus: SqliteBus, numbers: range) -> None:
+async def publish(bus: Bus, prefix: str, numbers: range) -> None:
     for n in numbers:
-        await publish_event(bus, PREFIX, event_id=f"evcus_{n:04d}", customer_id=f"c{n % 25:02d}")
+        await publish_event(bus, prefix, event_id=f"evcus_{n:04d}", customer_id=f"c{n % 25:02d}")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("kafka", marks=pytest.mark.kafka)])
+def crash_bus(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Bus, str, str]:
+    """The bus the test publishes on, where the worker process finds it, and the prefix."""
+    if request.param == "sqlite":
+        path = tmp_path / "bus.sqlite3"
+        return SqliteBus(path, poll_interval_s=0.05), str(path), PREFIX
+    broker: TansuBroker = request.getfixturevalue("kafka_broker")
+    settings = kafka_bus_settings(broker, partitions=3)
+    return make_kafka_bus(settings), settings.url, settings.topic_prefix
 
 
 async def test_sigkill_mid_stream_then_restart_loses_and_repeats_no_effect(
-    tmp_path: Path,
+    tmp_path: Path, crash_bus: tuple[Bus, str, str]
 ) -> None:
-    bus = SqliteBus(tmp_path / "bus.sqlite3", poll_interval_s=0.05)
+    bus, where, prefix = crash_bus
     await bus.start()
+    await bus.ensure_topics([prefix + EVENT_TYPE])
     effects = tmp_path / "effects.log"
-    first = start_worker(tmp_path, 1)
+    first = start_worker(tmp_path, 1, where, prefix)
     try:
-        await publish(bus, range(400))
+        await publish(bus, prefix, range(400))
         await wait_for(lambda: len(lines(effects)) >= 150, "150 effects before the kill")
         first.send_signal(signal.SIGKILL)
         assert first.wait(timeout=10) == -signal.SIGKILL
         killed_at = len(lines(effects))
         assert killed_at < 400, "the kill came too late to be mid-stream"
-        await publish(bus, range(400, 500))  # more arrives while the worker is down
+        await publish(bus, prefix, range(400, 500))  # more arrives while the worker is down
     finally:
         if first.poll() is None:
             first.kill()
             first.wait(timeout=10)
 
-    second = start_worker(tmp_path, 2)
+    second = start_worker(tmp_path, 2, where, prefix)
     try:
         await wait_for(lambda: len(lines(effects)) >= 500, "all 500 effects after the restart")
         await asyncio.sleep(0.5)  # anything repeated would show up now
