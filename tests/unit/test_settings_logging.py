@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -10,6 +12,19 @@ import structlog
 from pubrelay.logging import configure_logging
 from pubrelay.settings import load_settings
 from schemas.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """configure_logging changes process-wide state: give the next test what it had."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+
+
 from schemas.masking import mask_emails
 
 
@@ -66,4 +81,14 @@ def test_log_lines_mask_emails_and_hide_secrets(capsys: pytest.CaptureFixture[st
     assert line["smtp_password"] == "***"
     assert line["token"] == "***"
     assert "hunter2" not in json.dumps(line)
+    structlog.reset_defaults()
+
+
+def test_library_log_records_come_out_as_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("info", "json")
+    logging.getLogger("aiokafka.conn").warning("connection to %s lost", "jane@example.com")
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["event"] == "connection to j***@example.com lost"
+    assert line["level"] == "warning"
+    assert line["logger"] == "aiokafka.conn"
     structlog.reset_defaults()
