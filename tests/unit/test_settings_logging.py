@@ -12,6 +12,7 @@ import structlog
 from pubrelay.logging import configure_logging
 from pubrelay.settings import load_settings
 from schemas.errors import ConfigError
+from schemas.masking import mask_emails
 
 
 @pytest.fixture(autouse=True)
@@ -23,9 +24,6 @@ def _restore_logging() -> Iterator[None]:
     root.handlers[:] = handlers
     root.setLevel(level)
     structlog.reset_defaults()
-
-
-from schemas.masking import mask_emails
 
 
 def test_nested_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
