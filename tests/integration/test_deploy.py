@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 from prometheus_client import CollectorRegistry
 
 from consumer.metrics import WebhookMetrics
+from handlers.crm import _metrics as crm_metrics
 from handlers.metrics import WorkerMetrics
 from handlers.publications import PublicationMetrics, PublicationMetricsSettings
+from handlers.types import HandlerContext
 from pubrelay.cli import build_parser
 from pubrelay.settings import describe_settings
 
@@ -67,6 +70,15 @@ def exported_metric_names() -> set[str]:
     WebhookMetrics(registry)
     WorkerMetrics(registry)
     PublicationMetrics(registry)
+    crm_metrics(
+        HandlerContext(
+            name="crm",
+            data_dir=Path(),
+            metrics_registry=registry,
+            logger=structlog.get_logger(),
+            topic_prefix="voucherify.",
+        )
+    )
     suffixes = {
         "counter": ("_total", "_created"),
         "histogram": ("_bucket", "_sum", "_count", "_created"),
