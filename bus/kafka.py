@@ -557,9 +557,15 @@ class KafkaSubscription:
         """Records after the last fetched ones; broker errors become ``BusUnavailable``."""
         consumer = self._require()
         try:
-            batches = await consumer.getmany(
-                timeout_ms=int(timeout_s * 1000), max_records=max_records
-            )
+            # getmany first waits, without any bound, for a group assignment while a
+            # rebalance runs (forever if the broker died mid-join): bound it, so the worker
+            # sees its stop signal and `pubrelay replay` its deadline.
+            async with asyncio.timeout(timeout_s + 0.5):
+                batches = await consumer.getmany(
+                    timeout_ms=int(timeout_s * 1000), max_records=max_records
+                )
+        except TimeoutError:
+            return []
         except KafkaError as err:
             raise BusUnavailable(f"the Kafka consumer cannot fetch: {err!r}") from err
         return [

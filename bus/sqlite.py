@@ -8,6 +8,10 @@ Exactly-once answers: a publish that times out is withdrawn if the writer has no
 claimed it, so a caller told "not stored" finds nothing stored. Only a record whose
 commit was already under way when the timeout fired is awaited a little longer.
 
+Retention (``retention_s``): a record older than that is deleted once every consumer
+group that reads its topic has committed past it, so nothing unhandled is lost; records
+of topics no group reads are deleted by age, except quarantine and dead letters.
+
 Consumers: one partition (0) per topic; the offset is the record's row id. Consumer
 groups store their next offset in the same file. Consumers in this process are woken by
 publishes; records written by another process are seen within ``poll_interval_s``.
@@ -18,7 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
+import hashlib
+import os
 import sqlite3
 import threading
 import time
@@ -57,6 +64,17 @@ CREATE TABLE IF NOT EXISTS group_offsets (
 );
 """
 
+# Old records go only once every consumer group of their topic is past them; on a topic
+# no group reads, by age alone, except quarantine and dead letters (kept for a human).
+_RETENTION_SQL: Final = """
+DELETE FROM log WHERE ts_ms < ? AND (
+    id < (SELECT MIN(g.next_offset) FROM group_offsets g WHERE g.topic = log.topic)
+    OR (
+        NOT EXISTS (SELECT 1 FROM group_offsets g WHERE g.topic = log.topic)
+        AND topic NOT LIKE '%quarantine' AND topic NOT LIKE '%dlq.%'
+    )
+)
+"""
 _ROWS_PER_INSERT: Final = 100  # 500 parameters, well under SQLite's limit
 
 
@@ -253,7 +271,7 @@ class SqliteBus:
             return
         self._next_retention = now + min(self.retention_s, 60.0)
         cutoff = int((time.time() - self.retention_s) * 1000)
-        conn.execute("DELETE FROM log WHERE ts_ms < ?", (cutoff,))
+        conn.execute(_RETENTION_SQL, (cutoff,))
 
     async def ping(self) -> None:
         if self._writer is None or self._writer.done():
@@ -298,13 +316,41 @@ class SqliteSubscription:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-bus-reader")
         self._conn: sqlite3.Connection | None = None
         self._positions: dict[str, int] = {}
+        self._lock_fd: int | None = None
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def start(self) -> None:
-        self._conn = await self._run(_connect, self.bus.path, 30.0)
-        self._positions = await self._run(self._committed)
+        self._lock_fd = self._lock_group()
+        try:
+            self._conn = await self._run(_connect, self.bus.path, 30.0)
+            self._positions = await self._run(self._committed)
+        except BaseException:
+            self._unlock_group()
+            raise
+
+    def _lock_group(self) -> int:
+        """One member per group on this bus: a second one (``pubrelay serve`` started twice
+        on one data directory) would handle every event again."""
+        name = hashlib.sha256(self.group.encode()).hexdigest()[:16]
+        path = self.bus.path.with_name(f"{self.bus.path.name}.group-{name}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BusUnavailable(
+                f"consumer group {self.group!r} is already consuming {self.bus.path} in another "
+                "process; the embedded bus allows one per group (use Kafka to run several)"
+            ) from None
+        return fd
+
+    def _unlock_group(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _committed(self) -> dict[str, int]:
         assert self._conn is not None
@@ -319,6 +365,7 @@ class SqliteSubscription:
             conn, self._conn = self._conn, None
             await self._run(conn.close)
         await asyncio.to_thread(self._executor.shutdown, True)
+        self._unlock_group()
 
     async def fetch(self, *, max_records: int = 500, timeout_s: float = 1.0) -> list[Message]:
         deadline = time.monotonic() + timeout_s

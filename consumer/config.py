@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Network, IPv6Network
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 
 class HttpSettings(BaseModel):
@@ -25,7 +25,9 @@ class WebhookSettings(BaseModel):
         default=False,
         description="DANGER: accept requests without a valid signature (local testing only)",
     )
-    max_json_depth: int = Field(default=64, gt=0, le=512)
+    # Handlers parse with pydantic, whose JSON parser stops at about 200 levels: keep the
+    # intake's limit well below, so what is accepted can always be parsed downstream.
+    max_json_depth: int = Field(default=64, gt=0, le=128)
     max_event_age_s: float | None = Field(
         default=None, gt=0, description="quarantine events whose event.created_at is older"
     )
@@ -36,3 +38,11 @@ class WebhookSettings(BaseModel):
         default=False, description="take the client address from X-Forwarded-For (behind a proxy)"
     )
     retry_after_s: int = Field(default=30, gt=0)
+
+    @field_validator("secrets")
+    @classmethod
+    def _no_empty_secret(cls, value: list[SecretStr]) -> list[SecretStr]:
+        # An empty HMAC key is a key anyone can sign with.
+        if any(not s.get_secret_value().strip() for s in value):
+            raise ValueError("a webhook secret must not be empty")
+        return value

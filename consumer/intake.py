@@ -15,7 +15,7 @@ import msgspec
 
 from schemas.envelope import LeanEnvelope, lean_decoder
 
-_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*+"?', re.DOTALL)  # linear: see signature.py
 _BRACKET: Final = re.compile(rb"[\[\]{}]")
 _TOPIC_SAFE: Final = re.compile(r"[A-Za-z0-9._-]{1,200}")
 

@@ -157,7 +157,8 @@ async def run(settings: Settings, *, webhook: bool, worker: bool) -> int:
         )
         await web_runner.setup()
         stack.push_async_callback(web_runner.cleanup)
-        site = web.TCPSite(web_runner, settings.http.host, settings.http.port, reuse_port=True)
+        # No SO_REUSEPORT: a second process on the same port must fail, not share it.
+        site = web.TCPSite(web_runner, settings.http.host, settings.http.port)
         try:
             await site.start()
         except OSError as err:

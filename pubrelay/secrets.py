@@ -23,7 +23,13 @@ def resolve_secrets(settings: Settings, *, generate: bool) -> list[str]:
         return configured
     path = settings.data_dir / SECRET_FILE
     if path.exists():
-        return [path.read_text().strip()]
+        stored = path.read_text().strip()
+        if not stored:
+            raise SecretMissing(
+                f"{path} is empty: delete it to have a new secret generated, or set "
+                "PUBRELAY_WEBHOOK__SECRETS"
+            )
+        return [stored]
     if not generate:
         raise SecretMissing(
             f"no webhook secret: set PUBRELAY_WEBHOOK__SECRETS or create {path} "
@@ -31,9 +37,21 @@ def resolve_secrets(settings: Settings, *, generate: bool) -> list[str]:
         )
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     value = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value + "\n")
+    # Written whole to a private temporary file, then linked into place: a crash never
+    # leaves an empty secret file, and two processes starting at once cannot both win.
+    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(value + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return resolve_secrets(settings, generate=False)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(
         f"pubrelay: generated a webhook secret in {path.resolve()} (mode 0600).\n"
         "  Voucherify signs every webhook with your project's webhook secret "

@@ -186,3 +186,16 @@ def test_worker_process_serves_health_and_metrics_and_stops_on_sigterm(
     with urllib.request.urlopen(f"{worker.url}/readyz", timeout=5) as response:
         assert response.status == 200
     assert worker.terminate() == 0
+
+
+def test_an_empty_secret_is_refused_not_used(tmp_path: Path) -> None:
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "webhook-secret").write_text("\n")
+    result = run_cli("sign", str(SAMPLE), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "empty" in result.stderr
+    configured_empty = run_cli(
+        "sign", str(SAMPLE), cwd=tmp_path, env={"PUBRELAY_WEBHOOK__SECRETS": '["ok", " "]'}
+    )
+    assert configured_empty.returncode == 2
+    assert "PUBRELAY_WEBHOOK__SECRETS" in configured_empty.stderr

@@ -9,6 +9,7 @@ survive a restart of the bus object; a publish the bus could not store raises
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import time
@@ -282,3 +283,40 @@ async def test_ensure_topics_makes_new_topics_usable(harness: BusHarness) -> Non
     for topic in topics:
         await bus.publish(topic, b"x", key=b"k")
     await bus.ping()
+
+
+async def test_sqlite_retention_keeps_unconsumed_records_and_dead_letters(tmp_path: Path) -> None:
+    bus = SqliteBus(tmp_path / "bus.sqlite3", retention_s=0.2)
+    await bus.start()
+    try:
+        for topic in ("p.events", "p.dlq.email", "p.quarantine", "p.unread"):
+            await bus.publish(topic, b"old-" + topic.encode())
+        reader = bus.subscribe("g", ["p.events"])
+        await reader.start()
+        [first] = await reader.fetch(timeout_s=1.0)
+        await bus.publish("p.events", b"second")
+        await reader.commit({first.tp: first.offset + 1})  # "second" stays unconsumed
+        await reader.close()
+        await asyncio.sleep(0.3)
+        await bus.publish("p.trigger", b"runs the retention pass")
+        left = {
+            topic: [m.value for m in await read_all_sqlite(bus, topic)]
+            for topic in ("p.events", "p.dlq.email", "p.quarantine", "p.unread")
+        }
+    finally:
+        await bus.close()
+    assert left == {
+        "p.events": [b"second"],  # consumed and old: gone; unconsumed: kept
+        "p.dlq.email": [b"old-p.dlq.email"],
+        "p.quarantine": [b"old-p.quarantine"],
+        "p.unread": [],  # nobody reads it: age alone
+    }
+
+
+async def read_all_sqlite(bus: SqliteBus, topic: str) -> list[Message]:
+    sub = bus.subscribe(f"peek-{topic}", [topic])
+    await sub.start()
+    try:
+        return await sub.fetch(timeout_s=0.05)
+    finally:
+        await sub.close()

@@ -362,3 +362,14 @@ async def test_unsigned_requests_pass_only_with_the_loud_flag(
     assert response.status == 202
     [record] = await read_topic(sqlite_bus, TOPIC)
     assert header(record.headers, "event-id") == b"evcus_unsigned"
+
+
+async def test_hostile_unsigned_body_is_refused_without_stalling_the_server(
+    client: TestClient[Any, Any],
+) -> None:
+    # An opened string full of escaped quotes once cost the whitespace fallback quadratic
+    # time: about an hour of a blocked event loop for 1 MB, with no secret needed.
+    hostile = b'"' + b'\\"' * 500_000
+    response = await client.post(URL, data=hostile, headers={"x-voucherify-signature": "0" * 64})
+    assert response.status == 401
+    assert (await client.get("/healthz")).status == 200
