@@ -333,8 +333,9 @@ class KafkaBus:
             self._ensuring[topic] = task
         try:
             await asyncio.shield(task)
-        except (TopicMissing, ConfigError) as err:
+        except ConfigError as err:
             raise BusUnavailable(f"the Kafka bus cannot use topic {topic}: {err}") from err
+        # TopicMissing passes through: the caller decides (the intake quarantines the event).
 
     async def _recheck_topics_once(self) -> None:
         """Re-ensure the remembered topics after a failure; concurrent publishes share it."""

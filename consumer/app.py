@@ -7,11 +7,13 @@ parsed), classify the body, publish it, and answer 202 only once the bus acknowl
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
-from ipaddress import ip_address
+from ipaddress import IPv6Address, ip_address
+from typing import Final
 
 import structlog
 from aiohttp import web
@@ -23,7 +25,7 @@ from consumer.config import HttpSettings, WebhookSettings
 from consumer.intake import Quarantined, Routed, classify
 from consumer.metrics import WebhookMetrics
 from consumer.signature import Verifier
-from schemas.errors import BusUnavailable
+from schemas.errors import BusError, BusUnavailable, TopicMissing
 from schemas.record import (
     HEADER_CONTENT_TYPE,
     HEADER_DELIVERY_ID,
@@ -69,19 +71,29 @@ class Intake:
         if self.settings.trust_forwarded_for:
             forwarded = request.headers.get("X-Forwarded-For")
             if forwarded:
-                remote = forwarded.split(",")[0].strip()
+                # The rightmost entry is the one our proxy added; everything left of it
+                # is whatever the client chose to send.
+                remote = forwarded.rsplit(",", 1)[-1].strip()
         try:
             address = ip_address(remote or "")
         except ValueError:
             return False
+        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a dual-stack listener sees ::ffff:a.b.c.d
         return any(address in network for network in self.allowed)
 
     async def receive(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
+        given_id = request.headers.get("X-Request-Id", "")
         fields: dict[str, object] = {
-            "request_id": request.headers.get("X-Request-Id") or uuid.uuid4().hex,
+            "request_id": given_id if _REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex,
         }
-        response = await self._receive(request, fields)
+        try:
+            response = await self._receive(request, fields)
+        except Exception:  # a bug must still answer, count and log
+            log.exception("webhook_request_failed", **fields)
+            fields["outcome"] = "error"
+            response = _json(500, "error", "internal error; the event was not accepted")
         outcome = str(fields["outcome"])
         elapsed = time.perf_counter() - started
         self.metrics.requests.labels(outcome).inc()
@@ -133,7 +145,7 @@ class Intake:
                 (HEADER_EVENT_TYPE, decision.event_type.encode()),
                 (HEADER_DELIVERY_ID, decision.delivery_id.encode()),
                 (HEADER_RECEIVED_AT, received_at),
-                (HEADER_SIGNATURE, (signature or "").encode()),
+                (HEADER_SIGNATURE, _raw_header(request, HEADER_SIGNATURE)),
             )
             fields.update(
                 delivery_id=decision.delivery_id,
@@ -155,6 +167,12 @@ class Intake:
             await self.bus.publish(
                 topic, body, key=key, headers=headers, timeout_s=self.publish_timeout_s
             )
+        except TopicMissing as err:
+            # The event's topic cannot be created (no permission, auto-create off): keep the
+            # event in quarantine rather than answer 503 until Voucherify gives up on us.
+            if topic == self.quarantine_topic:
+                raise BusUnavailable(str(err)) from err
+            return await self._publish_no_topic(request, body, fields, received_at, err)
         except BusUnavailable as err:
             self.metrics.bus_errors.labels("publish").inc()
             fields["outcome"] = "unavailable"
@@ -178,8 +196,8 @@ class Intake:
             (HEADER_QUARANTINE_REASON, decision.reason.encode()),
             ("quarantine-detail", decision.detail.encode()),
             (HEADER_RECEIVED_AT, received_at),
-            (HEADER_CONTENT_TYPE, request.headers.get("Content-Type", "").encode()),
-            (HEADER_SIGNATURE, request.headers.get(HEADER_SIGNATURE, "").encode()),
+            (HEADER_CONTENT_TYPE, _raw_header(request, "Content-Type")),
+            (HEADER_SIGNATURE, _raw_header(request, HEADER_SIGNATURE)),
         ]
         for name, value in (
             (HEADER_DELIVERY_ID, decision.delivery_id),
@@ -191,14 +209,55 @@ class Intake:
         key = decision.event_id.encode() if decision.event_id else None
         return self.quarantine_topic, key, tuple(headers)
 
+    async def _publish_no_topic(
+        self,
+        request: web.Request,
+        body: bytes,
+        fields: dict[str, object],
+        received_at: bytes,
+        err: TopicMissing,
+    ) -> web.Response:
+        decision = Quarantined(
+            "no_topic",
+            str(err),
+            delivery_id=str(fields.get("delivery_id") or "") or None,
+            event_id=str(fields.get("event_id") or "") or None,
+            event_type=str(fields.get("event_type") or "") or None,
+        )
+        topic, key, headers = self._quarantine_record(decision, request, received_at)
+        fields.update(reason=decision.reason, detail=decision.detail)
+        try:
+            await self.bus.publish(
+                topic, body, key=key, headers=headers, timeout_s=self.publish_timeout_s
+            )
+        except BusError as again:
+            self.metrics.bus_errors.labels("publish").inc()
+            fields["outcome"] = "unavailable"
+            fields["error"] = str(again)
+            response = _json(503, "unavailable", "the event store is unavailable; retry later")
+            response.headers["Retry-After"] = self.retry_after
+            return response
+        self.metrics.quarantined.labels(decision.reason).inc()
+        fields["outcome"] = "quarantined"
+        return _json(202, "quarantined", "kept on the quarantine topic")
+
     async def ready(self, _: web.Request) -> web.Response:
         try:
             await self.bus.ping()
         except BusUnavailable as err:
             self.metrics.bus_errors.labels("ping").inc()
             log.warning("readiness_failed", error=str(err))
-            return _json(503, "unavailable", str(err))
+            return _json(503, "unavailable", "the event store does not answer")
         return _json(200, "ready")
+
+
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _raw_header(request: web.Request, name: str) -> bytes:
+    """A header's value as the bytes received (aiohttp decodes them as UTF-8 with
+    surrogate escapes; encoding back the same way cannot fail)."""
+    return request.headers.get(name, "").encode("utf-8", "surrogateescape")
 
 
 def _json(status: int, state: str, message: str | None = None) -> web.Response:

@@ -14,10 +14,12 @@ from typing import Final
 import msgspec
 
 from schemas.envelope import LeanEnvelope, lean_decoder
+from schemas.record import DLQ_TOPIC_PREFIX, QUARANTINE_TOPIC
 
 _STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*+"?', re.DOTALL)  # linear: see signature.py
 _BRACKET: Final = re.compile(rb"[\[\]{}]")
 _TOPIC_SAFE: Final = re.compile(r"[A-Za-z0-9._-]{1,200}")
+_INTERNAL_TOPICS: Final = (QUARANTINE_TOPIC, DLQ_TOPIC_PREFIX, "retry.")
 
 
 def json_depth_exceeds(body: bytes, max_depth: int) -> bool:
@@ -94,20 +96,28 @@ def classify(
         return Quarantined("not_json", f"body is not JSON: {err}")
 
     event = envelope.event
-    if not event.id or not _TOPIC_SAFE.fullmatch(event.type):
+    if (
+        not event.id
+        or not _TOPIC_SAFE.fullmatch(event.type)
+        or event.type.startswith(_INTERNAL_TOPICS)
+    ):
         return Quarantined(
             "invalid_event_type",
-            "event.id is empty or event.type is not a valid topic name",
+            "event.id is empty, or event.type is not a valid topic name or names one of "
+            "pubrelay's own topics (quarantine, dlq., retry.)",
             delivery_id=envelope.id,
             event_id=event.id or None,
         )
-    if max_event_age_s is not None and event.created_at:
-        created = _parse_time(event.created_at)
+    if max_event_age_s is not None:
+        created = _parse_time(event.created_at) if event.created_at else None
         current = now or datetime.now(UTC)
-        if created is not None and (current - created).total_seconds() > max_event_age_s:
+        if created is None or (current - created).total_seconds() > max_event_age_s:
+            # With a maximum age set, an event without a readable time cannot prove it is
+            # fresh: a replayed capture must not pass by dropping the field.
             return Quarantined(
                 "stale",
-                f"event.created_at {event.created_at} is older than {max_event_age_s:g}s",
+                f"event.created_at {event.created_at!r} is missing, unreadable or older "
+                f"than {max_event_age_s:g}s",
                 delivery_id=envelope.id,
                 event_id=event.id,
                 event_type=event.type,

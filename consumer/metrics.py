@@ -14,6 +14,7 @@ OUTCOMES: Final = (
     "too_large",
     "bad_request",
     "unavailable",
+    "error",
 )
 QUARANTINE_REASONS: Final = (
     "not_utf8",
@@ -22,6 +23,7 @@ QUARANTINE_REASONS: Final = (
     "no_envelope",
     "invalid_event_type",
     "stale",
+    "no_topic",
 )
 
 _LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

@@ -115,7 +115,9 @@ def verify_forward_signature(
     if timestamp is None or not header:
         return False
     text = str(timestamp).strip()
-    if not text.isdigit():
+    # ASCII digits only, and short: "²" is a digit to str.isdigit, and a 5,000-digit
+    # number overflows float arithmetic or int() itself.
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
         return False
     current = time.time() if now is None else now
     if abs(current - int(text)) > tolerance_s:

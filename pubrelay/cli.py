@@ -249,8 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PubrelayError as err:
         print(f"pubrelay: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    except FileNotFoundError as err:
-        print(f"pubrelay: {err.strerror}: {err.filename}", file=sys.stderr)
+    except OSError as err:  # a missing file, an unwritable data directory...
+        where = f": {err.filename}" if err.filename else ""
+        print(f"pubrelay: {err.strerror or err}{where}", file=sys.stderr)
         return EXIT_CONFIG
     except ValueError as err:  # e.g. a malformed --since
         print(f"pubrelay: {err}", file=sys.stderr)

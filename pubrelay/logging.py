@@ -18,7 +18,18 @@ import structlog
 
 from schemas.masking import mask_emails
 
-_SECRET_KEYS: Final = ("secret", "password", "token", "authorization", "signature_key")
+_SECRET_KEYS: Final = (
+    "secret",
+    "password",
+    "passwd",
+    "token",
+    "authorization",
+    "api_key",
+    "apikey",
+    "credential",
+    "signature_key",
+    "cookie",
+)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -30,9 +41,15 @@ def _is_secret_key(key: str) -> bool:
 
 def _mask(value: Any) -> Any:
     if isinstance(value, str):
-        return mask_emails(value)
+        # Lone surrogates (from a hostile header or JSON "\ud83d") must not break logging.
+        return mask_emails(value.encode("utf-8", "backslashreplace").decode("utf-8"))
+    if isinstance(value, BaseException):
+        return _mask(f"{type(value).__name__}: {value}")
     if isinstance(value, dict):
-        return {k: _mask(v) for k, v in value.items()}
+        return {
+            k: "***" if isinstance(k, str) and _is_secret_key(k) else _mask(v)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_mask(v) for v in value]
     return value
@@ -73,14 +90,12 @@ def configure_logging(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Tracebacks become text before masking, so addresses in them are masked too.
+        structlog.processors.format_exc_info,
         mask_sensitive,
     ]
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,

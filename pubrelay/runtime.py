@@ -202,4 +202,7 @@ async def _wait(stop: asyncio.Event, worker_task: asyncio.Task[None] | None) -> 
     except PubrelayError as err:
         log.error("worker_failed", error=str(err))
         return EXIT_WORKER_FAILED
+    except Exception:  # a bug (or an ExceptionGroup from its task group): say so, exit 4
+        log.exception("worker_failed")
+        return EXIT_WORKER_FAILED
     return EXIT_OK

@@ -199,3 +199,16 @@ def test_an_empty_secret_is_refused_not_used(tmp_path: Path) -> None:
     )
     assert configured_empty.returncode == 2
     assert "PUBRELAY_WEBHOOK__SECRETS" in configured_empty.stderr
+
+
+def test_an_unwritable_data_directory_is_a_clear_configuration_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the data directory should be")
+    result = run_cli(
+        "serve",
+        cwd=tmp_path,
+        env={"PUBRELAY_DATA_DIR": str(blocker / "var"), "PUBRELAY_HTTP__PORT": "0"},
+    )
+    assert result.returncode == 2
+    assert "not-a-directory" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -205,7 +205,7 @@ def test_the_webhook_unavailable_alert_is_critical_within_minutes() -> None:
     rule = alerts()["PubrelayWebhookUnavailable"]
     assert rule["labels"]["severity"] == "critical"
     assert rule["for"] == "5m"
-    assert 'outcome="unavailable"' in rule["expr"]
+    assert 'outcome=~"unavailable|error"' in rule["expr"]
 
 
 # --- Grafana dashboard ----------------------------------------------------------------

@@ -203,6 +203,9 @@ def test_the_signature_verifier_accepts_fresh_signatures_and_rotated_secrets() -
         ("1700000000", b'{"a":2}', SECRET, b'{"a":1}', 0),  # tampered body
         ("1700000000", b"{}", "another-secret", b"{}", 0),  # wrong secret
         ("17e8", b"{}", SECRET, b"{}", 0),  # malformed timestamp
+        ("\u00b2", b"{}", SECRET, b"{}", 0),  # a digit to str.isdigit, not to int()
+        ("9" * 400, b"{}", SECRET, b"{}", 0),  # overflows float arithmetic
+        ("9" * 5000, b"{}", SECRET, b"{}", 0),  # over int()'s digit limit
         (None, b"{}", SECRET, b"{}", 0),  # no timestamp
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sqlite3
@@ -373,3 +374,55 @@ async def test_hostile_unsigned_body_is_refused_without_stalling_the_server(
     response = await client.post(URL, data=hostile, headers={"x-voucherify-signature": "0" * 64})
     assert response.status == 401
     assert (await client.get("/healthz")).status == 200
+
+
+async def test_allowlist_trusts_only_the_address_our_proxy_appended(
+    aiohttp_client: ClientFactory, make_app: MakeApp, sqlite_bus: SqliteBus
+) -> None:
+    voucherify = [ip_network("34.247.197.22/32")]
+    app, _ = make_app(sqlite_bus, allowed_networks=voucherify, trust_forwarded_for=True)
+    client = await aiohttp_client(app)
+    body = event_body()
+
+    spoofed = {**signed_headers(body), "X-Forwarded-For": "34.247.197.22, 6.6.6.6"}
+    assert (await client.post(URL, data=body, headers=spoofed)).status == 403
+    real = {**signed_headers(body), "X-Forwarded-For": "6.6.6.6, 34.247.197.22"}
+    assert (await client.post(URL, data=body, headers=real)).status == 202
+    mapped = {**signed_headers(body), "X-Forwarded-For": "::ffff:34.247.197.22"}
+    assert (await client.post(URL, data=body, headers=mapped)).status == 202
+
+
+async def test_odd_header_bytes_never_turn_a_request_into_a_500(
+    client: TestClient[Any, Any], sqlite_bus: SqliteBus
+) -> None:
+    # Raw bytes on the wire: aiohttp's client would refuse to send them.
+    body = b"not json at all"
+    signature = sign(SECRET, body).encode()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"POST " + URL.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: text/\xff\r\nX-Request-Id: \xfe\xff\r\n"
+        b"x-voucherify-signature: " + signature + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+
+    assert status_line.split()[1] == b"202"
+    [kept] = await read_topic(sqlite_bus, QUARANTINE)
+    assert header(kept.headers, "content-type") == b"text/\xff"
+
+
+async def test_readyz_does_not_publish_internal_details(
+    aiohttp_client: ClientFactory, make_app: MakeApp, settings: Settings
+) -> None:
+    bus = SqliteBus(settings.sqlite_bus_path)
+    await bus.start()
+    app, _ = make_app(bus)
+    client = await aiohttp_client(app)
+    await bus.close()
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert str(settings.sqlite_bus_path) not in await response.text()

@@ -80,3 +80,20 @@ def test_stale_only_when_a_maximum_age_is_set() -> None:
     stale = classify(body, max_depth=64, max_event_age_s=60, now=now)
     assert isinstance(stale, Quarantined)
     assert stale.reason == "stale"
+
+
+def test_event_types_naming_internal_topics_are_quarantined() -> None:
+    for event_type in ("quarantine", "dlq.email", "retry.crm"):
+        body = b'{"id":"w","event":{"id":"e","type":"%s"}}' % event_type.encode()
+        decision = classify(body, max_depth=64)
+        assert isinstance(decision, Quarantined), event_type
+        assert decision.reason == "invalid_event_type"
+
+
+def test_with_a_maximum_age_an_event_without_a_readable_time_is_stale() -> None:
+    for created in ("", '"created_at":"yesterday",'):
+        body = b'{"id":"w","event":{%s"id":"e","type":"a.b"}}' % created.encode()
+        decision = classify(body, max_depth=64, max_event_age_s=60)
+        assert isinstance(decision, Quarantined)
+        assert decision.reason == "stale"
+        assert isinstance(classify(body, max_depth=64), Routed)  # no maximum: no check

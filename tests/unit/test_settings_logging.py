@@ -90,3 +90,25 @@ def test_library_log_records_come_out_as_json_lines(capsys: pytest.CaptureFixtur
     assert line["level"] == "warning"
     assert line["logger"] == "aiokafka.conn"
     structlog.reset_defaults()
+
+
+def test_tracebacks_nested_secrets_and_odd_text_are_masked_without_breaking_the_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("info", "json")
+    log = structlog.get_logger("t")
+
+    def send() -> None:
+        raise ValueError("cannot mail jane.doe@example.com")
+
+    try:
+        send()
+    except ValueError as err:
+        log.exception("send_failed", error=err, headers={"Authorization": "Bearer x"})
+    log.info("odd", request_id="\udcff-\ud83d")
+    first, second = (json.loads(line) for line in capsys.readouterr().err.strip().splitlines())
+    assert "jane.doe@example.com" not in json.dumps(first)
+    assert "j***@example.com" in first["exception"]
+    assert first["error"] == "ValueError: cannot mail j***@example.com"
+    assert first["headers"] == {"Authorization": "***"}
+    assert second["request_id"] == "\\udcff-\\ud83d"
