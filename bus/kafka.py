@@ -504,6 +504,9 @@ class KafkaSubscription:
         self._timing = bus.group_timing
         self._on_revoke = on_revoke
         self._consumer: Any = None
+        # True until a fetch completes: while the group (re)balances, the assignment aiokafka
+        # reports is not yet one to read from, so lag() reports none.
+        self._joining = True
 
     async def start(self) -> None:
         if self._consumer is not None:
@@ -559,16 +562,20 @@ class KafkaSubscription:
         consumer = self._require()
         try:
             # getmany first waits, without any bound, for a group assignment while a
-            # rebalance runs (forever if the broker died mid-join): bound it, so the worker
-            # sees its stop signal and `pubrelay replay` its deadline.
-            async with asyncio.timeout(timeout_s + 0.5):
+            # rebalance runs (forever if the broker died mid-join): bound it by what a join
+            # may take, so the worker sees its stop signal and `pubrelay replay` its deadline.
+            t = self._timing
+            join_s = (t.rebalance_timeout_ms or t.session_timeout_ms) / 1000
+            async with asyncio.timeout(timeout_s + join_s):
                 batches = await consumer.getmany(
                     timeout_ms=int(timeout_s * 1000), max_records=max_records
                 )
         except TimeoutError:
+            self._joining = True  # still waiting for the group to settle
             return []
         except KafkaError as err:
             raise BusUnavailable(f"the Kafka consumer cannot fetch: {err!r}") from err
+        self._joining = False
         return [
             Message(
                 topic=record.topic,
@@ -617,7 +624,7 @@ class KafkaSubscription:
         end offsets up to a batch low, so the lag read against it is low too.
         """
         consumer = self._require()
-        assigned = list(consumer.assignment())
+        assigned = [] if self._joining else list(consumer.assignment())
         if not assigned:
             return {}
         try:

@@ -23,6 +23,20 @@ class WorkerSettings(BaseModel):
     shutdown_timeout_s: float = Field(
         default=20.0, ge=0, description="bound for finishing in-flight events on stop"
     )
+    revoke_timeout_s: float = Field(
+        default=8.0,
+        ge=0,
+        description=(
+            "bound for finishing in-flight handler calls when partitions are revoked "
+            "(also capped by shutdown_timeout_s); keep it below the consumer group's "
+            "rebalance timeout (10 s by default)"
+        ),
+    )
+    handler_timeout_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="bound for one handler call, 0 = none; a timeout is retried (transient)",
+    )
     concurrency: int = Field(
         default=32, gt=0, description="events of different customers handled at once, per handler"
     )

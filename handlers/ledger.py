@@ -136,7 +136,10 @@ class SqliteLedger:
             await self.purge()
 
     async def close(self) -> None:
-        if self._flusher is not None:
+        # Completions still pending are written before the connections close.
+        while self._pending or (self._flusher is not None and not self._flusher.done()):
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush(), name="ledger-flush")
             with contextlib.suppress(Exception):
                 await self._flusher
         for conn, run in ((self._reader, self._read), (self._writer, self._write)):
@@ -165,23 +168,29 @@ class SqliteLedger:
         await asyncio.shield(entry.future)
 
     async def _flush(self) -> None:
-        # Every completion that arrives while a commit runs joins the next one.
-        while self._pending:
-            batch, self._pending = self._pending, []
+        # Every completion that arrives while a commit (or the purge) runs joins the next
+        # commit. The flusher only ends with nothing pending and no await between that check
+        # and its end: ``mark_done`` starts a new flusher only once this one is done.
+        while True:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await self._write(self._write_batch, batch)
+                except Exception as err:  # the store's own errors, handed to each caller
+                    for entry in batch:
+                        if not entry.future.done():
+                            entry.future.set_exception(err)
+                            entry.future.exception()  # retrieved: a cancelled caller won't warn
+                else:
+                    for entry in batch:
+                        if not entry.future.done():
+                            entry.future.set_result(None)
+            if time.monotonic() < self._next_purge:
+                return
             try:
-                await self._write(self._write_batch, batch)
-            except Exception as err:  # the store's own errors, handed to each caller
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(err)
-                        entry.future.exception()  # retrieved: a cancelled caller must not warn
-            else:
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_result(None)
-        if time.monotonic() >= self._next_purge:
-            with contextlib.suppress(sqlite3.Error):
                 await self.purge()
+            except Exception as err:  # the purge is housekeeping: retried at the next interval
+                log.warning("ledger_purge_failed", error_type=type(err).__name__, error=str(err))
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         conn = self._writer

@@ -22,10 +22,20 @@ Per handler (:class:`HandlerRunner`):
   (an empty set: every event type with a model in :data:`schemas.events.DATA_MODELS`)
   plus its replay topic ``<prefix>retry.<handler>``. Records of other types that still
   reach it are committed as ``ignored`` without calling it.
+* **Revoke** (a Kafka rebalance): records of the revoked partitions not yet started are
+  skipped, a retry back-off on them ends at once (the event stays uncommitted: the new
+  owner handles it), and only handler calls in progress are waited for, bounded by
+  ``min(shutdown_timeout_s, revoke_timeout_s)`` (keep it below the group's rebalance
+  timeout, 10 s by default); then their offsets are committed.
 * **Shutdown.** When ``stop`` is set: fetching stops, events in a handler call finish (a
-  pending retry back-off is abandoned: the event stays uncommitted and comes back), all of
-  it bounded by ``shutdown_timeout_s``; then the final commit; then the handlers are
-  stopped in reverse start order.
+  pending retry back-off is abandoned: the event stays uncommitted and comes back, and
+  so do the customer's later events: the lane stops there, so the order holds after the
+  restart), all of it bounded by ``shutdown_timeout_s``; then the final commit; then the
+  handlers are stopped in reverse start order.
+* **Robustness.** A handler call is bounded by ``handler_timeout_s`` (a timeout is a
+  transient failure). An unexpected error in the worker's own handling of an event is
+  logged (``worker_lane_failed``) and the event is tried again after a capped back-off:
+  it is never dropped and never stops its lane.
 """
 
 from __future__ import annotations
@@ -108,9 +118,31 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def _printable(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (lone surrogates) as ``\\udxxx`` escapes.
+
+    A handler's error message may quote customer data decoded from JSON, where a lone
+    surrogate (``"\\ud83d"``) is valid; headers and JSON log lines must be UTF-8.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _message(err: BaseException) -> str:
+    """``str(err)``, printable; a plugin's exception whose ``__str__`` fails still has a name."""
+    try:
+        return _printable(str(err))
+    except Exception:  # any failure of foreign code: describe it instead
+        return f"<unprintable {type(err).__name__}>"
+
+
 def _error_text(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}"
+    text = f"{type(err).__name__}: {_message(err)}"
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def _short_error(err: BaseException) -> str:
+    """The error message for a log line: printable and at most 300 characters."""
+    return _message(err)[:300]
 
 
 def _error_type(err: BaseException) -> str:
@@ -129,18 +161,22 @@ def dead_letter_headers(
     handler: str,
     source_topic: str,
 ) -> Headers:
-    """The original headers (any old ``dlq-*`` removed) plus this failure's ``dlq-*``."""
+    """The original headers (any old ``dlq-*`` removed) plus this failure's ``dlq-*``.
+
+    Values are UTF-8; what UTF-8 cannot encode (a lone surrogate quoted in an error
+    message) becomes a ``\\udxxx`` escape instead of failing the dead letter.
+    """
     kept = tuple((k, v) for k, v in original if not k.startswith(DLQ_HEADER_PREFIX))
-    return (
-        *kept,
-        (DLQ_ERROR, error.encode()),
-        (DLQ_ERROR_TYPE, error_type.encode()),
-        (DLQ_ATTEMPTS, str(attempts).encode()),
-        (DLQ_FIRST_FAILED_AT, first_failed_at.encode()),
-        (DLQ_LAST_FAILED_AT, last_failed_at.encode()),
-        (DLQ_HANDLER, handler.encode()),
-        (DLQ_SOURCE_TOPIC, source_topic.encode()),
+    added = (
+        (DLQ_ERROR, error),
+        (DLQ_ERROR_TYPE, error_type),
+        (DLQ_ATTEMPTS, str(attempts)),
+        (DLQ_FIRST_FAILED_AT, first_failed_at),
+        (DLQ_LAST_FAILED_AT, last_failed_at),
+        (DLQ_HANDLER, handler),
+        (DLQ_SOURCE_TOPIC, source_topic),
     )
+    return (*kept, *((k, v.encode("utf-8", "backslashreplace")) for k, v in added))
 
 
 class _Backoff:
@@ -171,6 +207,8 @@ class _Partition:
     committed: int | None = None
     running: int = 0
     revoking: bool = False
+    # Set with ``revoking``: ends a retry back-off (or ledger wait) on this partition at once.
+    revoked: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, offset: int) -> None:
         self.offsets.append(offset)
@@ -257,14 +295,21 @@ class HandlerRunner:
 
     # -- helpers ----------------------------------------------------------------------
 
-    async def _sleep(self, delay_s: float) -> bool:
-        """Sleep unless ``stop`` is set first; return whether the full delay passed."""
-        if self.stop.is_set():
+    async def _sleep(self, delay_s: float, part: _Partition | None = None) -> bool:
+        """Sleep unless ``stop`` (or ``part``'s revoke) comes first; whether the delay passed."""
+        if self.stop.is_set() or (part is not None and part.revoked.is_set()):
             return False
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop.wait(), delay_s)
-            return False
-        return True
+        wakers = [asyncio.ensure_future(self.stop.wait())]
+        if part is not None:
+            wakers.append(asyncio.ensure_future(part.revoked.wait()))
+        try:
+            done, _ = await asyncio.wait(
+                wakers, timeout=delay_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waker in wakers:
+                waker.cancel()
+        return not done
 
     def _bus_error(self, operation: str, err: BaseException, delay_s: float) -> None:
         self._metrics.bus_errors.labels(self.name, operation).inc()
@@ -272,7 +317,7 @@ class HandlerRunner:
             "worker_bus_error",
             operation=operation,
             error_type=type(err).__name__,
-            error=str(err)[:300],
+            error=_short_error(err),
             retry_in_s=round(delay_s, 3),
         )
 
@@ -282,8 +327,10 @@ class HandlerRunner:
         fn: Callable[[], Awaitable[T]],
         *,
         give_up_on_stop: bool,
+        part: _Partition | None = None,
     ) -> tuple[bool, T | None]:
-        """Run ``fn`` until it succeeds; with ``give_up_on_stop``, return (False, None) on stop.
+        """Run ``fn`` until it succeeds; with ``give_up_on_stop``, return (False, None) on stop
+        (or when ``part`` is revoked).
 
         Without it the loop only ends by success or by cancellation (the shutdown bound).
         """
@@ -297,7 +344,7 @@ class HandlerRunner:
                 delay = backoff.step()
                 self._bus_error(operation, err, delay)
                 if give_up_on_stop:
-                    if not await self._sleep(delay):
+                    if not await self._sleep(delay, part):
                         return False, None
                 else:
                     await asyncio.sleep(delay)
@@ -314,12 +361,26 @@ class HandlerRunner:
             await self._fetch_loop(sub)
         finally:
             await self._drain()
-            with contextlib.suppress(Exception):
-                await self._commit(sub)
-            with contextlib.suppress(Exception):
-                await sub.close()
-            self._sub = None
-            self.log.info("worker_stopped", group=self.group)
+            await self._shut(sub)
+
+    async def _shut(self, sub: Subscription) -> None:
+        """The final commit, then closing the subscription; an error is logged, not raised."""
+        steps: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
+            ("final_commit", lambda: self._commit(sub)),
+            ("close", sub.close),
+        )
+        for operation, step in steps:
+            try:
+                await step()
+            except Exception as err:  # shutting down anyway: the log says what was lost
+                self.log.error(
+                    "worker_shutdown_error",
+                    operation=operation,
+                    error_type=type(err).__name__,
+                    error=_short_error(err),
+                )
+        self._sub = None
+        self.log.info("worker_stopped", group=self.group)
 
     async def _subscribe(self) -> Subscription | None:
         async def ensure() -> None:
@@ -364,6 +425,8 @@ class HandlerRunner:
                     await self._sleep(delay)
                     continue
                 backoff.reset()
+                if self.stop.is_set():
+                    break  # not dispatched, not committed: delivered again after the restart
                 for message in messages:
                     self._dispatch(message)
             now = time.monotonic()
@@ -407,13 +470,21 @@ class HandlerRunner:
         return True
 
     async def _on_revoke(self, tps: Collection[TopicPartition]) -> None:
-        """Finish what runs on the revoked partitions (bounded), commit, forget them."""
+        """Finish the handler calls in progress on the revoked partitions, commit, forget them.
+
+        Records not yet started are skipped and retry back-offs end at once (those events
+        stay uncommitted: the new owner handles them). The wait is bounded by
+        ``min(shutdown_timeout_s, revoke_timeout_s)``: the consumer group waits for this
+        callback only up to its rebalance timeout, after which it moves on without us.
+        """
         parts = [self._parts[tp] for tp in tps if tp in self._parts]
         if not parts:
             return
         for part in parts:
             part.revoking = True  # lanes skip their records not yet started
-        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+            part.revoked.set()  # back-offs on these partitions end now
+        settings = self.settings
+        deadline = time.monotonic() + min(settings.shutdown_timeout_s, settings.revoke_timeout_s)
         while any(p.running for p in parts):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -444,26 +515,72 @@ class HandlerRunner:
         lane = self._lanes[lane_key] = deque([item])
         task = asyncio.create_task(self._run_lane(lane_key, lane), name=f"lane-{self.name}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._lane_ended)
+
+    def _lane_ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (err := task.exception()) is not None:
+            # _run_lane catches everything; this would be a bug in the lane itself.
+            self.log.error(
+                "worker_lane_crashed",
+                error_type=type(err).__name__,
+                error=_short_error(err),
+                exc_info=err,
+            )
 
     async def _run_lane(self, lane_key: object, lane: deque[_Item]) -> None:
+        """Handle the lane's records one after another until it is empty.
+
+        A record whose handling fails unexpectedly stays at the head and is tried again
+        after a capped back-off. A record abandoned on stop ends the lane: the customer's
+        later records must not run before it (they all come back after the restart).
+        """
+        backoff = _Backoff(self.settings.bus_backoff_initial_s, self.settings.bus_backoff_max_s)
         try:
-            while lane and not self._draining:
+            while lane and not self._draining and not self.stop.is_set():
                 item = lane[0]
                 part = item.part
                 if not part.revoking:
+                    failed: Exception | None = None
                     part.running += 1
                     try:
-                        if await self._process(item):
-                            part.finish(item.message.offset)
+                        finished = await self._process(item)
+                    except Exception as err:  # never drop the record, never end the lane
+                        failed, finished = err, False
                     finally:
                         part.running -= 1
                         self._item_done.set()
+                    if failed is not None:
+                        delay = backoff.step()
+                        self._lane_failed(item, failed, delay)
+                        await self._sleep(delay, part)
+                        continue  # the same record again (unless stopping or revoked)
+                    backoff.reset()
+                    if finished:
+                        part.finish(item.message.offset)
+                    elif not part.revoking:
+                        break  # abandoned on stop: the rest of the lane waits for it
                 lane.popleft()
                 self._buffered -= 1
                 self._room.set()
         finally:
             self._lanes.pop(lane_key, None)
+
+    def _lane_failed(self, item: _Item, err: Exception, delay_s: float) -> None:
+        message = item.message
+        fields = {
+            "topic": message.topic,
+            "partition": message.partition,
+            "offset": message.offset,
+            "error_type": type(err).__name__,
+            "error": _short_error(err),
+            "retry_in_s": round(delay_s, 3),
+        }
+        try:
+            self.log.error("worker_lane_failed", exc_info=err, **fields)
+        except Exception:  # the traceback itself may not render (undecodable text)
+            with contextlib.suppress(Exception):
+                self.log.error("worker_lane_failed", **fields)
 
     async def _drain(self) -> None:
         """Let running handler calls finish within ``shutdown_timeout_s``; cancel the rest."""
@@ -529,6 +646,7 @@ class HandlerRunner:
             "ledger",
             lambda: self.ledger.is_done(self.name, ident.event_id),
             give_up_on_stop=True,
+            part=item.part,
         )
         if not ok:
             return False
@@ -551,6 +669,8 @@ class HandlerRunner:
         first_failed_at: str | None = None
         max_attempts = self.settings.max_attempts
         while True:
+            if item.part.revoking:
+                return False  # no longer ours: the new owner handles it (uncommitted)
             event.attempt += 1
             error = await self._call(event)
             if error is None or isinstance(error, SkipEvent):
@@ -571,20 +691,37 @@ class HandlerRunner:
                 attempt=event.attempt,
                 retry_in_s=round(delay, 3),
                 error_type=type(error).__name__,
-                error=str(error)[:300],
+                error=_short_error(error),
             )
-            if not await self._sleep(delay):
-                return False  # stopping: the event stays uncommitted and comes back
+            if not await self._sleep(delay, item.part):
+                return False  # stopping or revoked: the event stays uncommitted, comes back
 
     async def _call(self, event: Event) -> Exception | None:
-        """One handler call within a concurrency slot; the exception it raised, if any."""
+        """One handler call within a concurrency slot; the exception it raised, if any.
+
+        A call over ``handler_timeout_s`` is cancelled and counts as a transient failure, and
+        so does a ``CancelledError`` the handler raised while this lane was not cancelled
+        (say a shared future some library cancelled): only our own cancellation propagates.
+        """
+        timeout_s = self.settings.handler_timeout_s or None
         async with self._slots:
             self._m_in_flight.inc()
             started = time.perf_counter()
+            bound = asyncio.timeout(timeout_s)
             try:
-                await self.handler.handle(event)
-            except asyncio.CancelledError:
-                raise
+                async with bound:
+                    await self.handler.handle(event)
+            except asyncio.CancelledError as err:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # the lane is being cancelled (shutdown bound)
+                retry = RetryLater(f"the handler raised CancelledError: {_message(err)}")
+                retry.__cause__ = err
+                return retry
+            except TimeoutError as err:
+                if bound.expired():
+                    return TimeoutError(f"the handler call took more than {timeout_s} s")
+                return err
             except Exception as err:  # classified by the caller
                 return err
             finally:
@@ -613,7 +750,7 @@ class HandlerRunner:
                 "event_skipped",
                 event_id=ident.event_id,
                 event_type=ident.event_type,
-                reason=str(skip)[:300],
+                reason=_short_error(skip),
             )
             return True
         self._m_handled.inc()
@@ -680,7 +817,7 @@ class HandlerRunner:
             event_type=ident.event_type if ident else None,
             attempts=attempts,
             error_type=type(error).__name__,
-            error=str(error)[:300],
+            error=_short_error(error),
             permanent=not is_transient(error),
             dlq_topic=self.dlq_topic,
         )
@@ -754,7 +891,7 @@ class Worker:
                         "handler_stop_failed",
                         handler=handler.name,
                         error_type=type(err).__name__,
-                        error=str(err)[:300],
+                        error=_short_error(err),
                     )
             log.info("worker_finished")
 

@@ -8,6 +8,7 @@ are replaced.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -72,7 +73,10 @@ _encoder = msgspec.json.Encoder(enc_hook=str)
 
 def _dumps(obj: Any, **_: Any) -> str:
     # msgspec renders a log line in a fraction of json.dumps's time (one per request).
-    return _encoder.encode(obj).decode()
+    try:
+        return _encoder.encode(obj).decode()
+    except (TypeError, ValueError):  # whatever it cannot encode, a log call must not fail
+        return json.dumps(obj, default=repr)
 
 
 def configure_logging(

@@ -101,6 +101,34 @@ async def test_sqlite_ledger_deletes_expired_rows_from_its_file(tmp_path: Path) 
         await ledger.close()
 
 
+async def test_a_completion_arriving_while_the_ledger_purges_is_written(tmp_path: Path) -> None:
+    """A ``mark_done`` that joins the group commit while its flusher runs the purge."""
+    path = tmp_path / "l.sqlite3"
+    ledger = SqliteLedger(path, retention_s=0.5)  # purges at most every 0.5 s
+    await ledger.open()
+    try:
+        await asyncio.gather(*(ledger.mark_done("email", f"ev_old_{n}") for n in range(5000)))
+        await asyncio.sleep(0.6)  # those expired; the next flush purges them (a while)
+        await ledger.mark_done("email", "ev_a")  # returns while its flusher purges
+        await asyncio.wait_for(ledger.mark_done("email", "ev_b"), 5)
+        assert await ledger.is_done("email", "ev_b")
+    finally:
+        await ledger.close()
+
+
+async def test_closing_the_ledger_writes_the_completions_still_pending(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    ledger = SqliteLedger(path, retention_s=3600)
+    await ledger.open()
+    pending = [asyncio.create_task(ledger.mark_done("email", f"ev_{n}")) for n in range(20)]
+    await asyncio.sleep(0)  # every completion queued, the first commit under way
+    await ledger.close()
+    await asyncio.wait_for(asyncio.gather(*pending), 5)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute("SELECT count(*) FROM ledger").fetchone()
+    assert rows == (20,)
+
+
 def test_the_ledger_url_picks_the_implementation(tmp_path: Path, redis_server: str) -> None:
     default = create_ledger(LedgerSettings(), tmp_path)
     assert isinstance(default, SqliteLedger)

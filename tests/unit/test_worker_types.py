@@ -168,6 +168,24 @@ def test_dead_letter_headers_keep_the_original_and_replace_old_dlq_headers() -> 
     }
 
 
+def test_dead_letter_headers_escape_what_utf8_cannot_encode() -> None:
+    """A handler's error quoting a name decoded from JSON ``"Ren\\ud83d"`` (lone surrogate)."""
+    headers = dead_letter_headers(
+        (),
+        error="HandlerError: CRM rejected name Ren\ud83d",
+        error_type="schemas.errors.HandlerError",
+        attempts=1,
+        first_failed_at="2024-01-01T00:00:00.000+00:00",
+        last_failed_at="2024-01-01T00:00:00.000+00:00",
+        handler="crm",
+        source_topic="voucherify.customer.\udcff",
+    )
+    values = dict(headers)
+    assert values["dlq-error"] == b"HandlerError: CRM rejected name Ren\\ud83d"
+    assert values["dlq-source-topic"] == b"voucherify.customer.\\udcff"
+    assert values["dlq-attempts"] == b"1"
+
+
 def _event(body: bytes | None = None) -> Event:
     value, key, headers = event_record(event_id="evcus_1", customer_id="cust_9", body=body)
     return Event(
@@ -209,3 +227,14 @@ def test_worker_and_ledger_settings_refuse_inconsistent_values() -> None:
     with pytest.raises(ValidationError):
         LedgerSettings(url="mysql://x")
     assert LedgerSettings().retention_s == 30 * 24 * 3600
+    with pytest.raises(ValidationError):
+        WorkerSettings(handler_timeout_s=-1)
+
+
+def test_handler_calls_and_revokes_are_bounded_by_default() -> None:
+    settings = WorkerSettings()
+    assert settings.handler_timeout_s == 60.0
+    # Below the consumer group's default rebalance timeout (10 s), so a revoke never
+    # makes the group go on without this member.
+    assert settings.revoke_timeout_s < 10.0
+    assert WorkerSettings(handler_timeout_s=0).handler_timeout_s == 0  # 0: no bound
