@@ -69,6 +69,7 @@ from handlers.types import (
 )
 from schemas.envelope import lean_decoder
 from schemas.errors import PluginError, RetryLater, SkipEvent, TopicMissing
+from schemas.masking import mask_emails
 from schemas.record import HEADER_EVENT_ID, HEADER_EVENT_TYPE, Headers, header, topic_for
 
 if TYPE_CHECKING:
@@ -136,7 +137,9 @@ def _message(err: BaseException) -> str:
 
 
 def _error_text(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {_message(err)}"
+    # The dead-letter header is printed by `pubrelay dlq list`: no full customer address
+    # (a pydantic error quotes the input, an SMTP reply the recipient).
+    text = mask_emails(f"{type(err).__name__}: {_message(err)}")
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
 
 

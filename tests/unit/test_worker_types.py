@@ -238,3 +238,10 @@ def test_handler_calls_and_revokes_are_bounded_by_default() -> None:
     # makes the group go on without this member.
     assert settings.revoke_timeout_s < 10.0
     assert WorkerSettings(handler_timeout_s=0).handler_timeout_s == 0  # 0: no bound
+
+
+def test_dead_letter_error_text_masks_customer_addresses() -> None:
+    from handlers.worker import _error_text  # noqa: PLC0415 - a private helper under test
+
+    text = _error_text(ValueError("input_value='jane.doe@example.com' is not valid"))
+    assert text == "ValueError: input_value='j***@example.com' is not valid"
