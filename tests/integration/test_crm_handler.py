@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import pytest
-import structlog
-from prometheus_client import CollectorRegistry
 from structlog.testing import CapturingLogger
 
 from handlers.crm import HubSpotHandler, create
@@ -22,6 +18,8 @@ from handlers.types import Event, HandlerContext
 from schemas.errors import ConfigError, HandlerError, RetryLater, SkipEvent
 from schemas.samples import sample_publication_body
 from tests.fixtures.fake_hubspot import TOKEN, FakeHubSpot
+from tests.fixtures.handler_harness import Harness as GenericHarness
+from tests.fixtures.handler_harness import capturing_context
 from tests.fixtures.process import free_port
 
 EVENT_TYPE = "customer.publication.succeeded"
@@ -61,36 +59,11 @@ def publication(
     )
 
 
-@dataclass
-class Harness:
-    handler: HubSpotHandler
-    registry: CollectorRegistry
-    logs: CapturingLogger
-
-    def metric(self, name: str, **labels: str) -> float:
-        return self.registry.get_sample_value(name, labels) or 0.0
-
-    def log_events(self) -> list[str]:
-        return [str(call.kwargs.get("event", call.args[:1])) for call in self.logs.calls]
-
-    def log_text(self) -> str:
-        return repr([(c.method_name, c.args, c.kwargs) for c in self.logs.calls])
+Harness = GenericHarness[HubSpotHandler]
 
 
 def crm_context(tmp_path: Path, env: dict[str, str]) -> tuple[HandlerContext, CapturingLogger]:
-    logs = CapturingLogger()
-    logger = structlog.wrap_logger(
-        logs, processors=[], wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG)
-    )
-    context = HandlerContext(
-        name="crm",
-        data_dir=tmp_path,
-        metrics_registry=CollectorRegistry(),
-        logger=logger,
-        topic_prefix="voucherify.",
-        env=env,
-    )
-    return context, logs
+    return capturing_context("crm", tmp_path, env)
 
 
 def crm_env(fake: FakeHubSpot, **settings: str) -> dict[str, str]:

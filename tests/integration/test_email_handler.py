@@ -4,30 +4,27 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
-from prometheus_client import CollectorRegistry
-from structlog.testing import CapturingLogger
 
 from bus.sqlite import SqliteBus
 from handlers.email import EmailHandler, create
 from handlers.ledger import SqliteLedger
-from handlers.types import Event, HandlerContext, KeyLedger, dlq_topic
+from handlers.types import Event, KeyLedger, dlq_topic
 from handlers.worker import Worker
 from schemas.errors import HandlerError, RetryLater, SkipEvent
 from schemas.events import CUSTOMER_PUBLICATION_SUCCEEDED, PUBLICATION_SUCCEEDED
 from schemas.record import header
 from schemas.samples import sample_publication_event
+from tests.fixtures.handler_harness import Harness as GenericHarness
+from tests.fixtures.handler_harness import capturing_context
 from tests.fixtures.process import free_port
 from tests.fixtures.smtp import SmtpServer, TlsFiles
 from tests.fixtures.worker import (
@@ -106,20 +103,7 @@ def as_event(body: dict[str, Any], attempt: int = 1) -> Event:
     )
 
 
-@dataclass
-class Harness:
-    handler: EmailHandler
-    registry: CollectorRegistry
-    logs: CapturingLogger
-
-    def metric(self, name: str, **labels: str) -> float:
-        return self.registry.get_sample_value(name, labels) or 0.0
-
-    def log_events(self) -> list[str]:
-        return [str(call.kwargs.get("event", call.args[:1])) for call in self.logs.calls]
-
-    def log_text(self) -> str:
-        return repr([(c.method_name, c.args, c.kwargs) for c in self.logs.calls])
+Harness = GenericHarness[EmailHandler]
 
 
 def email_env(url: str, **settings: str) -> dict[str, str]:
@@ -143,19 +127,7 @@ def email_env(url: str, **settings: str) -> dict[str, str]:
 async def running_email(
     url: str, tmp_path: Path, *, ledger: KeyLedger | None = None, **settings: str
 ) -> AsyncIterator[Harness]:
-    logs = CapturingLogger()
-    logger = structlog.wrap_logger(
-        logs, processors=[], wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG)
-    )
-    context = HandlerContext(
-        name="email",
-        data_dir=tmp_path,
-        metrics_registry=CollectorRegistry(),
-        logger=logger,
-        topic_prefix="voucherify.",
-        env=email_env(url, **settings),
-        ledger=ledger,
-    )
+    context, logs = capturing_context("email", tmp_path, email_env(url, **settings), ledger=ledger)
     handler = create(context)
     await handler.start()
     try:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-import structlog
-from prometheus_client import CollectorRegistry
 
 from handlers.http_forward import (
     ForwardHandler,
@@ -23,6 +20,7 @@ from handlers.types import Event, HandlerContext
 from schemas.errors import ConfigError, HandlerError, RetryLater
 from schemas.samples import sample_publication_event
 from tests.fixtures.fake_receiver import SECRET, FakeReceiver
+from tests.fixtures.handler_harness import capturing_context
 from tests.fixtures.process import free_port
 
 EVENT_TYPE = "customer.publication.succeeded"
@@ -53,18 +51,7 @@ def publication(n: int, *, indent: int | None = None, attempt: int = 1) -> Event
 
 
 def forward_context(tmp_path: Path, env: dict[str, str]) -> HandlerContext:
-    return HandlerContext(
-        name="http",
-        data_dir=tmp_path,
-        metrics_registry=CollectorRegistry(),
-        logger=structlog.wrap_logger(
-            structlog.testing.CapturingLogger(),
-            processors=[],
-            wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
-        ),
-        topic_prefix="voucherify.",
-        env=env,
-    )
+    return capturing_context("http", tmp_path, env)[0]
 
 
 def forward_env(url: str, **settings: str) -> dict[str, str]:
