@@ -11,6 +11,7 @@ import gc
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -189,9 +190,9 @@ async def run(settings: Settings, *, webhook: bool, worker: bool) -> int:
 async def _wait(stop: asyncio.Event, worker_task: asyncio.Task[None] | None) -> int:
     """Until a signal, or until the worker ends on its own (a failure)."""
     stopped = asyncio.create_task(stop.wait())
-    waiting: set[asyncio.Future[object]] = {stopped}  # type: ignore[arg-type]
+    waiting: list[asyncio.Task[Any]] = [stopped]
     if worker_task is not None:
-        waiting.add(worker_task)  # type: ignore[arg-type]
+        waiting.append(worker_task)
     await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     stopped.cancel()
