@@ -42,8 +42,10 @@ def _is_secret_key(key: str) -> bool:
 
 def _mask(value: Any) -> Any:
     if isinstance(value, str):
-        # Lone surrogates (from a hostile header or JSON "\ud83d") must not break logging.
-        return mask_emails(value.encode("utf-8", "backslashreplace").decode("utf-8"))
+        if not value.isascii():  # O(1) for the usual ASCII value
+            # Lone surrogates (a hostile header, JSON "\ud83d") must not break logging.
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return mask_emails(value)
     if isinstance(value, BaseException):
         return _mask(f"{type(value).__name__}: {value}")
     if isinstance(value, dict):
