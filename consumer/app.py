@@ -168,18 +168,27 @@ class Intake:
                 topic, body, key=key, headers=headers, timeout_s=self.publish_timeout_s
             )
         except TopicMissing as err:
+            if topic == self.quarantine_topic:
+                return self._unavailable(fields, err)
             # The event's topic cannot be created (no permission, auto-create off): keep the
             # event in quarantine rather than answer 503 until Voucherify gives up on us.
-            if topic == self.quarantine_topic:
-                raise BusUnavailable(str(err)) from err
-            return await self._publish_no_topic(request, body, fields, received_at, err)
+            no_topic = Quarantined(
+                "no_topic",
+                str(err),
+                delivery_id=str(fields.get("delivery_id") or "") or None,
+                event_id=str(fields.get("event_id") or "") or None,
+                event_type=str(fields.get("event_type") or "") or None,
+            )
+            topic, key, headers = self._quarantine_record(no_topic, request, received_at)
+            fields.update(reason=no_topic.reason, detail=no_topic.detail)
+            try:
+                await self.bus.publish(
+                    topic, body, key=key, headers=headers, timeout_s=self.publish_timeout_s
+                )
+            except BusError as again:
+                return self._unavailable(fields, again)
         except BusUnavailable as err:
-            self.metrics.bus_errors.labels("publish").inc()
-            fields["outcome"] = "unavailable"
-            fields["error"] = str(err)
-            response = _json(503, "unavailable", "the event store is unavailable; retry later")
-            response.headers["Retry-After"] = self.retry_after
-            return response
+            return self._unavailable(fields, err)
         self.metrics.publish_seconds.observe(time.perf_counter() - published)
 
         if topic == self.quarantine_topic:
@@ -188,6 +197,15 @@ class Intake:
             return _json(202, "quarantined", "kept on the quarantine topic")
         fields["outcome"] = "accepted"
         return _json(202, "accepted")
+
+    def _unavailable(self, fields: dict[str, object], err: BusError) -> web.Response:
+        """503 + Retry-After: nothing was stored, Voucherify will deliver again."""
+        self.metrics.bus_errors.labels("publish").inc()
+        fields["outcome"] = "unavailable"
+        fields["error"] = str(err)
+        response = _json(503, "unavailable", "the event store is unavailable; retry later")
+        response.headers["Retry-After"] = self.retry_after
+        return response
 
     def _quarantine_record(
         self, decision: Quarantined, request: web.Request, received_at: bytes
@@ -208,38 +226,6 @@ class Intake:
                 headers.append((name, value.encode()))
         key = decision.event_id.encode() if decision.event_id else None
         return self.quarantine_topic, key, tuple(headers)
-
-    async def _publish_no_topic(
-        self,
-        request: web.Request,
-        body: bytes,
-        fields: dict[str, object],
-        received_at: bytes,
-        err: TopicMissing,
-    ) -> web.Response:
-        decision = Quarantined(
-            "no_topic",
-            str(err),
-            delivery_id=str(fields.get("delivery_id") or "") or None,
-            event_id=str(fields.get("event_id") or "") or None,
-            event_type=str(fields.get("event_type") or "") or None,
-        )
-        topic, key, headers = self._quarantine_record(decision, request, received_at)
-        fields.update(reason=decision.reason, detail=decision.detail)
-        try:
-            await self.bus.publish(
-                topic, body, key=key, headers=headers, timeout_s=self.publish_timeout_s
-            )
-        except BusError as again:
-            self.metrics.bus_errors.labels("publish").inc()
-            fields["outcome"] = "unavailable"
-            fields["error"] = str(again)
-            response = _json(503, "unavailable", "the event store is unavailable; retry later")
-            response.headers["Retry-After"] = self.retry_after
-            return response
-        self.metrics.quarantined.labels(decision.reason).inc()
-        fields["outcome"] = "quarantined"
-        return _json(202, "quarantined", "kept on the quarantine topic")
 
     async def ready(self, _: web.Request) -> web.Response:
         try:

@@ -52,3 +52,24 @@ async def test_event_whose_topic_may_not_be_created_is_quarantined_not_refused(
     finally:
         await bus.close()
         await admin.close()
+
+
+async def test_no_quarantine_topic_either_is_a_503_not_a_500(
+    aiohttp_client: Callable[..., Any], make_app: MakeApp, kafka_broker: TansuBroker
+) -> None:
+    settings = kafka_bus_settings(kafka_broker, auto_create_topics=False)
+    bus = make_kafka_bus(settings)
+    await bus.start()
+    try:
+        app, _ = make_app(bus, topic_prefix=settings.topic_prefix)
+        client = await aiohttp_client(app)
+        body = event_body(event_id="evv_2", event_type="voucher.published")
+
+        response = await client.post(
+            "/webhooks/voucherify", data=body, headers=signed_headers(body)
+        )
+
+        assert response.status == 503
+        assert "Retry-After" in response.headers
+    finally:
+        await bus.close()
