@@ -54,8 +54,13 @@ async def test_event_whose_topic_may_not_be_created_is_quarantined_not_refused(
         await admin.close()
 
 
+@pytest.mark.parametrize(
+    "body",
+    [event_body(event_id="evv_2", event_type="voucher.published"), b"not json at all"],
+    ids=["new-event-type", "unroutable-body"],
+)
 async def test_no_quarantine_topic_either_is_a_503_not_a_500(
-    aiohttp_client: Callable[..., Any], make_app: MakeApp, kafka_broker: TansuBroker
+    aiohttp_client: Callable[..., Any], make_app: MakeApp, kafka_broker: TansuBroker, body: bytes
 ) -> None:
     settings = kafka_bus_settings(kafka_broker, auto_create_topics=False)
     bus = make_kafka_bus(settings)
@@ -63,7 +68,6 @@ async def test_no_quarantine_topic_either_is_a_503_not_a_500(
     try:
         app, _ = make_app(bus, topic_prefix=settings.topic_prefix)
         client = await aiohttp_client(app)
-        body = event_body(event_id="evv_2", event_type="voucher.published")
 
         response = await client.post(
             "/webhooks/voucherify", data=body, headers=signed_headers(body)
