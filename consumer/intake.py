@@ -14,12 +14,12 @@ from typing import Final
 import msgspec
 
 from schemas.envelope import LeanEnvelope, lean_decoder
-from schemas.record import DLQ_TOPIC_PREFIX, QUARANTINE_TOPIC
+from schemas.record import DLQ_TOPIC_PREFIX, QUARANTINE_TOPIC, RETRY_TOPIC_PREFIX
 
 _STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*+"?', re.DOTALL)  # linear: see signature.py
 _BRACKET: Final = re.compile(rb"[\[\]{}]")
 _TOPIC_SAFE: Final = re.compile(r"[A-Za-z0-9._-]{1,200}")
-_INTERNAL_TOPICS: Final = (QUARANTINE_TOPIC, DLQ_TOPIC_PREFIX, "retry.")
+_INTERNAL_TOPICS: Final = (QUARANTINE_TOPIC, DLQ_TOPIC_PREFIX, RETRY_TOPIC_PREFIX)
 
 
 def json_depth_exceeds(body: bytes, max_depth: int) -> bool:

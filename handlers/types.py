@@ -36,7 +36,7 @@ from pydantic import BaseModel, ValidationError
 from structlog.typing import FilteringBoundLogger
 
 from schemas.errors import ConfigError
-from schemas.record import DLQ_TOPIC_PREFIX, HEADER_DELIVERY_ID, Headers, header
+from schemas.record import DLQ_TOPIC_PREFIX, HEADER_DELIVERY_ID, RETRY_TOPIC_PREFIX, Headers, header
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from schemas.events import WebhookEnvelope
 
 ENTRY_POINT_GROUP: Final = "pubrelay.handlers"
-RETRY_TOPIC_PREFIX: Final = "retry."
 DLQ_HEADER_PREFIX: Final = "dlq-"
 
 Outcome = Literal["handled", "retried", "dead_lettered", "skipped", "duplicate", "ignored"]

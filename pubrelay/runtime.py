@@ -23,7 +23,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from bus import create_bus
 from bus.types import Bus
-from consumer.app import create_app
+from consumer.app import create_app, healthz
 from handlers.ledger import create_ledger
 from handlers.registry import build_handlers
 from handlers.worker import Worker
@@ -59,9 +59,6 @@ def tune_gc() -> None:
 
 def create_ops_app(bus: Bus, registry: CollectorRegistry) -> web.Application:
     """``/healthz``, ``/readyz`` and ``/metrics`` for a worker-only process."""
-
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
         try:

@@ -19,6 +19,7 @@ HEADER_CONTENT_TYPE: Final = "content-type"
 DEFAULT_TOPIC_PREFIX: Final = "voucherify."
 QUARANTINE_TOPIC: Final = "quarantine"
 DLQ_TOPIC_PREFIX: Final = "dlq."
+RETRY_TOPIC_PREFIX: Final = "retry."
 
 Headers = tuple[tuple[str, bytes], ...]
 
