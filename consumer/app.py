@@ -22,8 +22,8 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from bus.types import Bus
 from consumer.config import HttpSettings, WebhookSettings
-from consumer.intake import Quarantined, Routed, classify
 from consumer.metrics import WebhookMetrics
+from consumer.routing import Quarantined, Routed, classify
 from consumer.signature import Verifier
 from schemas.errors import BusError, BusUnavailable, TopicMissing
 from schemas.record import (

@@ -24,9 +24,9 @@ from prometheus_client.process_collector import ProcessCollector
 from bus import create_bus
 from bus.types import Bus
 from consumer.app import create_app, healthz
-from handlers.ledger import create_ledger
 from handlers.registry import build_handlers
-from handlers.worker import Worker
+from handlers.worker.ledger import create_ledger
+from handlers.worker.runner import Worker
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings
 from schemas.errors import BusUnavailable, PubrelayError

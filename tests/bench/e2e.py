@@ -19,7 +19,7 @@ import aiohttp
 from aiosmtpd.controller import Controller
 
 from consumer.signature import sign
-from schemas.samples import sample_publication_body
+from tests.fixtures.samples import sample_publication_body
 
 SECRET = "bench-secret"
 TIME_LIMIT_S = 120.0

@@ -16,11 +16,11 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from bus.types import Bus
+from handlers.builtin.noop import NoopHandler
 from handlers.config import LedgerSettings, WorkerSettings
-from handlers.ledger import Ledger, create_ledger
-from handlers.noop import NoopHandler
+from handlers.worker.ledger import Ledger, create_ledger
 from schemas.record import HEADER_DELIVERY_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE
-from schemas.samples import sample_publication_body
+from tests.fixtures.samples import sample_publication_body
 
 EVENT_TYPE = "customer.publication.succeeded"
 TIME_LIMIT_S = 120.0
@@ -105,7 +105,7 @@ async def through_worker(
     bus: Bus, prefix: str, count: int, ledger: Ledger, group_prefix: str
 ) -> float:
     """Events/s of the worker with the no-op handler finishing ``count`` events."""
-    from handlers.worker import Worker  # noqa: PLC0415 - keeps `--help` fast
+    from handlers.worker.runner import Worker  # noqa: PLC0415 - keeps `--help` fast
 
     registry = CollectorRegistry()
     settings = WorkerSettings(group_prefix=group_prefix, commit_interval_s=0.2)

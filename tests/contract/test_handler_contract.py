@@ -13,10 +13,10 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 
 from bus.types import Bus
-from handlers.ledger import Ledger
 from handlers.registry import available
 from handlers.types import Event, Handler, dlq_topic
-from handlers.worker import Worker
+from handlers.worker.ledger import Ledger
+from handlers.worker.runner import Worker
 from schemas.errors import HandlerError, RetryLater
 from schemas.record import header
 from tests.fixtures.worker import (
@@ -84,7 +84,7 @@ def finished(registry: CollectorRegistry, name: str) -> float:
 
 def test_the_builtin_and_the_example_plugin_are_registered() -> None:
     installed = set(available())
-    assert "noop" in installed, 'pyproject.toml needs noop = "handlers.noop:create"'
+    assert "noop" in installed, 'pyproject.toml needs noop = "handlers.builtin.noop:create"'
     assert "example" in installed, "pip install -e tests/plugins/example_plugin"
 
 

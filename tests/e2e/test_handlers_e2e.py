@@ -14,9 +14,9 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.signature import sign
-from schemas.samples import sample_publication_body
 from tests.fixtures.fake_hubspot import TOKEN, FakeHubSpot
 from tests.fixtures.process import Launcher, pubrelay_bin
+from tests.fixtures.samples import sample_publication_body
 from tests.fixtures.smtp import SmtpServer
 
 SECRET = "e2e-secret"

@@ -14,9 +14,9 @@ from bus.config import BusSettings
 from bus.types import Message
 from consumer.signature import sign
 from schemas.record import header
-from schemas.samples import sample_publication_body
 from tests.fixtures.kafka import TansuBroker, kafka_bus_settings, make_kafka_bus
 from tests.fixtures.process import Launcher
+from tests.fixtures.samples import sample_publication_body
 
 pytestmark = pytest.mark.kafka
 

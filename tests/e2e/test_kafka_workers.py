@@ -13,9 +13,9 @@ import pytest
 
 from bus.config import BusSettings
 from schemas.record import HEADER_DELIVERY_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE
-from schemas.samples import sample_publication_body
 from tests.fixtures.kafka import TansuBroker, kafka_bus_settings, make_kafka_bus
 from tests.fixtures.process import Launcher, PubrelayProcess
+from tests.fixtures.samples import sample_publication_body
 
 pytestmark = pytest.mark.kafka
 

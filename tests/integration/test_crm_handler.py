@@ -13,14 +13,14 @@ import aiohttp
 import pytest
 from structlog.testing import CapturingLogger
 
-from handlers.crm import HubSpotHandler, create
+from handlers.builtin.crm.handler import HubSpotHandler, create
 from handlers.types import Event, HandlerContext
 from schemas.errors import ConfigError, HandlerError, RetryLater, SkipEvent
-from schemas.samples import sample_publication_body
 from tests.fixtures.fake_hubspot import TOKEN, FakeHubSpot
 from tests.fixtures.handler_harness import Harness as GenericHarness
 from tests.fixtures.handler_harness import capturing_context
 from tests.fixtures.process import free_port
+from tests.fixtures.samples import sample_publication_body
 
 EVENT_TYPE = "customer.publication.succeeded"
 PUBLISHED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)

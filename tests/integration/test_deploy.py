@@ -21,10 +21,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from consumer.metrics import WebhookMetrics
-from handlers.crm import _metrics as crm_metrics
-from handlers.metrics import WorkerMetrics
-from handlers.publications import PublicationMetrics, PublicationMetricsSettings
+from handlers.builtin.crm.handler import _metrics as crm_metrics
+from handlers.builtin.metrics import PublicationMetrics, PublicationMetricsSettings
 from handlers.types import HandlerContext
+from handlers.worker.metrics import WorkerMetrics
 from pubrelay.cli import build_parser
 from pubrelay.settings import describe_settings
 

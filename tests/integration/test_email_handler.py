@@ -15,17 +15,17 @@ from typing import Any
 import pytest
 
 from bus.sqlite import SqliteBus
-from handlers.email import EmailHandler, create
-from handlers.ledger import SqliteLedger
+from handlers.builtin.email.handler import EmailHandler, create
 from handlers.types import Event, KeyLedger, dlq_topic
-from handlers.worker import Worker
+from handlers.worker.ledger import SqliteLedger
+from handlers.worker.runner import Worker
 from schemas.errors import HandlerError, RetryLater, SkipEvent
 from schemas.events import CUSTOMER_PUBLICATION_SUCCEEDED, PUBLICATION_SUCCEEDED
 from schemas.record import header
-from schemas.samples import sample_publication_event
 from tests.fixtures.handler_harness import Harness as GenericHarness
 from tests.fixtures.handler_harness import capturing_context
 from tests.fixtures.process import free_port
+from tests.fixtures.samples import sample_publication_event
 from tests.fixtures.smtp import SmtpServer, TlsFiles
 from tests.fixtures.worker import (
     eventually,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from handlers.http_forward import (
+from handlers.builtin.http import (
     ForwardHandler,
     create,
     sign_forward,
@@ -18,10 +18,10 @@ from handlers.http_forward import (
 )
 from handlers.types import Event, HandlerContext
 from schemas.errors import ConfigError, HandlerError, RetryLater
-from schemas.samples import sample_publication_event
 from tests.fixtures.fake_receiver import SECRET, FakeReceiver
 from tests.fixtures.handler_harness import capturing_context
 from tests.fixtures.process import free_port
+from tests.fixtures.samples import sample_publication_event
 
 EVENT_TYPE = "customer.publication.succeeded"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from bus.sqlite import SqliteBus
-from handlers.ledger import Ledger
 from handlers.types import Event, dlq_topic
-from handlers.worker import Worker
+from handlers.worker.ledger import Ledger
+from handlers.worker.runner import Worker
 from schemas.errors import HandlerError
 from tests.fixtures.worker import (
     ScriptedHandler,

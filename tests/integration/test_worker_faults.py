@@ -22,9 +22,9 @@ from structlog.typing import EventDict, WrappedLogger
 
 from bus.sqlite import SqliteBus
 from bus.types import Bus, RevokeCallback, Subscription, TopicPartition
-from handlers.ledger import Ledger
 from handlers.types import Event, dlq_topic
-from handlers.worker import Worker
+from handlers.worker.ledger import Ledger
+from handlers.worker.runner import Worker
 from schemas.errors import HandlerError, RetryLater
 from schemas.record import header, topic_for
 from tests.fixtures.worker import (

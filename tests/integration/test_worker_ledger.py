@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from bus.types import Bus
 from handlers.config import LedgerSettings
-from handlers.ledger import Ledger, RedisLedger, SqliteLedger, create_ledger
-from handlers.worker import Worker
+from handlers.worker.ledger import Ledger, RedisLedger, SqliteLedger, create_ledger
+from handlers.worker.runner import Worker
 from tests.fixtures.redis import free_port, start_redis, stop_redis
 from tests.fixtures.worker import (
     ScriptedHandler,

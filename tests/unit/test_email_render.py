@@ -14,13 +14,13 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from handlers.email import create, format_preview, load_settings, render_preview
-from handlers.email_settings import EmailSettings
-from handlers.email_templates import slug, template_bases
+from handlers.builtin.email.handler import create, format_preview, load_settings, render_preview
+from handlers.builtin.email.rendering import slug, template_bases
+from handlers.builtin.email.settings import EmailSettings
 from handlers.types import HandlerContext
 from schemas.errors import ConfigError, HandlerError, SkipEvent
 from schemas.events import PUBLICATION_SUCCEEDED
-from schemas.samples import sample_publication_event
+from tests.fixtures.samples import sample_publication_event
 
 PUBLISHED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 NOW = datetime(2024, 5, 1, 12, 0, 1, tzinfo=UTC)

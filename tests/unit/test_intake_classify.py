@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from consumer.intake import Quarantined, Routed, classify, json_depth_exceeds
+from consumer.routing import Quarantined, Routed, classify, json_depth_exceeds
 from tests.fixtures.app import event_body
 
 

@@ -13,7 +13,7 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from handlers.publications import (
+from handlers.builtin.metrics import (
     PUBLICATION_EVENT_TYPES,
     PublicationMetricsHandler,
     PublicationMetricsSettings,
@@ -23,7 +23,7 @@ from handlers.registry import load_factory
 from handlers.types import ENTRY_POINT_GROUP, Event, Handler, HandlerContext
 from schemas.errors import ConfigError, SkipEvent
 from schemas.events import CUSTOMER_PUBLICATION_SUCCEEDED, PUBLICATION_SUCCEEDED
-from schemas.samples import sample_publication_event
+from tests.fixtures.samples import sample_publication_event
 
 CPS = CUSTOMER_PUBLICATION_SUCCEEDED
 PS = PUBLICATION_SUCCEEDED
@@ -342,9 +342,9 @@ async def test_the_factory_reads_pubrelay_metrics_settings(tmp_path: Path) -> No
 
 
 def test_the_entry_point_line_for_pyproject_loads_this_factory() -> None:
-    # pyproject.toml: metrics = "handlers.publications:create" in group pubrelay.handlers.
+    # pyproject.toml: metrics = "handlers.builtin.metrics:create" in group pubrelay.handlers.
     entry = EntryPoint(
-        name="metrics", value="handlers.publications:create", group=ENTRY_POINT_GROUP
+        name="metrics", value="handlers.builtin.metrics:create", group=ENTRY_POINT_GROUP
     )
 
     assert load_factory("metrics", {"metrics": entry}) is create

@@ -31,8 +31,8 @@ from schemas.events import (
     parse_event,
 )
 from schemas.publication import Publication
-from schemas.samples import sample_publication_body, sample_publication_event
 from schemas.voucher import AmountDiscount, OtherDiscount, Voucher, format_cents
+from tests.fixtures.samples import sample_publication_body, sample_publication_event
 
 SHARED: Final = Path(__file__).resolve().parents[3] / "shared" / "voucherify"
 

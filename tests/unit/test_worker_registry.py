@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from handlers.noop import NoopHandler
+from handlers.builtin.noop import NoopHandler
 from handlers.registry import available, build_handlers
 from handlers.types import HandlerContext
 from schemas.errors import ConfigError, PluginError

@@ -9,8 +9,8 @@ import structlog
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 
+from handlers.builtin.noop import create as create_noop
 from handlers.config import LedgerSettings, WorkerSettings
-from handlers.noop import create as create_noop
 from handlers.types import (
     Event,
     Handler,
@@ -20,7 +20,7 @@ from handlers.types import (
     dlq_topic,
     retry_topic,
 )
-from handlers.worker import dead_letter_headers, handler_topics, is_transient
+from handlers.worker.runner import dead_letter_headers, handler_topics, is_transient
 from schemas.errors import BusUnavailable, ConfigError, HandlerError, RetryLater, SkipEvent
 from tests.fixtures.worker import event_record
 
@@ -241,7 +241,7 @@ def test_handler_calls_and_revokes_are_bounded_by_default() -> None:
 
 
 def test_dead_letter_error_text_masks_customer_addresses() -> None:
-    from handlers.worker import _error_text  # noqa: PLC0415 - a private helper under test
+    from handlers.worker.runner import _error_text  # noqa: PLC0415 - a private helper under test
 
     text = _error_text(ValueError("input_value='jane.doe@example.com' is not valid"))
     assert text == "ValueError: input_value='j***@example.com' is not valid"

@@ -1,6 +1,6 @@
 """The ``http`` handler: POST each event, signed, to a downstream URL of your own.
 
-Entry point ``http = "handlers.http_forward:create"`` in group ``pubrelay.handlers``.
+Entry point ``http = "handlers.builtin.http:create"`` in group ``pubrelay.handlers``.
 
 **Settings section.** The handler is enabled as ``http`` but reads ``PUBRELAY_FORWARD__*``:
 ``PUBRELAY_HTTP__*`` already configures pubrelay's own web server, and one variable must
@@ -57,7 +57,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from structlog.typing import FilteringBoundLogger
 
-from handlers.http_common import retry_after_s
+from handlers.builtin.retry_after import retry_after_s
 from handlers.types import Event, HandlerContext
 from schemas.errors import ConfigError, HandlerError, RetryLater
 from schemas.masking import mask_emails
@@ -269,7 +269,7 @@ class ForwardHandler:
 
 
 def create(context: HandlerContext) -> ForwardHandler:
-    """Entry point ``http = "handlers.http_forward:create"`` in group ``pubrelay.handlers``.
+    """Entry point ``http = "handlers.builtin.http:create"`` in group ``pubrelay.handlers``.
 
     The settings come from ``PUBRELAY_FORWARD__*``: the context is copied under the section
     name (the handler keeps its own name, ``http``, for the ledger, topics and metrics).

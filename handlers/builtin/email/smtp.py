@@ -43,7 +43,7 @@ from aiosmtplib import (
 from aiosmtplib.protocol import SMTPProtocol
 from structlog.typing import FilteringBoundLogger
 
-from handlers.email_settings import EmailSettings, SmtpEndpoint
+from handlers.builtin.email.settings import EmailSettings, SmtpEndpoint
 from schemas.errors import HandlerError, RetryLater
 from schemas.masking import mask_emails
 

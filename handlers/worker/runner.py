@@ -56,8 +56,6 @@ import structlog
 
 from bus.types import Bus, Message, Subscription, TopicPartition
 from handlers.config import HandlersSettings, LedgerSettings, WorkerSettings
-from handlers.ledger import Ledger, create_ledger
-from handlers.metrics import WorkerMetrics
 from handlers.registry import build_handlers
 from handlers.types import (
     DLQ_HEADER_PREFIX,
@@ -67,6 +65,8 @@ from handlers.types import (
     dlq_topic,
     retry_topic,
 )
+from handlers.worker.ledger import Ledger, create_ledger
+from handlers.worker.metrics import WorkerMetrics
 from schemas.envelope import lean_decoder
 from schemas.errors import PluginError, RetryLater, SkipEvent, TopicMissing
 from schemas.masking import mask_emails

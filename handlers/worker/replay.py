@@ -30,7 +30,7 @@ from handlers.types import (
     dlq_topic,
     retry_topic,
 )
-from handlers.worker import (
+from handlers.worker.runner import (
     DLQ_ATTEMPTS,
     DLQ_ERROR,
     DLQ_ERROR_TYPE,

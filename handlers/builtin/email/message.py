@@ -2,7 +2,7 @@
 
 :class:`MessageComposer` decides whether an event gets an e-mail at all
 (:meth:`~MessageComposer.skip_reason`), builds the template context, renders the
-subject, text and HTML parts (:mod:`handlers.email_templates`) and assembles one
+subject, text and HTML parts (:mod:`handlers.builtin.email.rendering`) and assembles one
 ``multipart/alternative`` :class:`~email.message.EmailMessage` with its headers. The
 handler and the ``pubrelay preview-email`` command share it, so a preview is exactly
 what would be sent.
@@ -19,8 +19,8 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 from typing import Any, Final, Literal, TypeVar
 
-from handlers.email_settings import EmailSettings, SenderAddress
-from handlers.email_templates import TemplateRenderer, render_template, template_bases
+from handlers.builtin.email.rendering import TemplateRenderer, render_template, template_bases
+from handlers.builtin.email.settings import EmailSettings, SenderAddress
 from schemas.campaign import Campaign
 from schemas.customer import Customer
 from schemas.errors import HandlerError

@@ -1,6 +1,6 @@
 """The ``email`` handler: send the customer the code(s) a publication gave them.
 
-Entry point ``email = "handlers.email:create"`` in group ``pubrelay.handlers``. It acts
+Entry point ``email`` in group ``pubrelay.handlers``. It acts
 on ``customer.publication.succeeded`` (one code for one customer) and the project-level
 ``publication.succeeded`` (one publication, possibly several codes: one e-mail lists them
 all). A customer gets one e-mail per publication even when both events arrive for it:
@@ -41,7 +41,7 @@ variable                         default                  meaning
 ``EVENT_TYPES``                  both publication events  event types to act on
 ===============================  =======================  ====================================
 
-**Templates** (Jinja2; lookup order in :mod:`handlers.email_templates`): for each of
+**Templates** (Jinja2; lookup order in :mod:`handlers.builtin.email.rendering`): for each of
 ``<base>.subject.txt``, ``<base>.txt`` and ``<base>.html`` the first of
 ``campaign/<campaign id>``, ``campaign/<slug of campaign name>``,
 ``channel/<slug of channel>``, ``default`` found in ``TEMPLATE_DIR``, else the built-in
@@ -50,7 +50,7 @@ variable                         default                  meaning
 * ``customer``, ``campaign``, ``publication``: the event's models
   (:mod:`schemas.customer`...), empty when the event lacks them; ``metadata`` is ``{}``
   rather than ``None``, so ``customer.metadata.tier`` works or fails clearly.
-* ``voucher``: the (first) code, a :class:`handlers.email_message.VoucherView`:
+* ``voucher``: the (first) code, a :class:`handlers.builtin.email.message.VoucherView`:
   ``code``, ``discount`` (``"10% off"``, ``"$10.00 off"``), ``expires`` (formatted date
   or none), ``starts``, ``details`` (``"10% off, valid until 2024-12-31"``), ``model``.
 * ``vouchers`` and ``codes``: every code of the publication (one for
@@ -94,7 +94,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from structlog.typing import FilteringBoundLogger
 
-from handlers.email_message import (
+from handlers.builtin.email.message import (
     SKIP_REASONS,
     Composed,
     MessageComposer,
@@ -102,14 +102,14 @@ from handlers.email_message import (
     mask_address,
     publication_key,
 )
-from handlers.email_settings import (
+from handlers.builtin.email.rendering import TemplateRenderer
+from handlers.builtin.email.settings import (
     EmailSettings,
     SenderAddress,
     parse_sender,
     parse_smtp_url,
 )
-from handlers.email_smtp import SmtpTransport
-from handlers.email_templates import TemplateRenderer
+from handlers.builtin.email.smtp import SmtpTransport
 from handlers.types import Event, HandlerContext, KeyLedger
 from schemas.errors import HandlerError, RetryLater, SkipEvent
 from schemas.events import WebhookEnvelope, parse_event
@@ -319,7 +319,7 @@ def _build(
 
 
 def create(context: HandlerContext) -> EmailHandler:
-    """Entry point ``email = "handlers.email:create"`` in group ``pubrelay.handlers``."""
+    """Entry point ``email`` in group ``pubrelay.handlers`` (see ``pyproject.toml``)."""
     settings = context.settings(EmailSettings)
     sender, composer = _build(settings, context.env_prefix)
     metrics = _metrics(context.metrics_registry)

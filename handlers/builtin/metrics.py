@@ -1,6 +1,6 @@
 """The built-in ``metrics`` handler: Prometheus counts of published codes for ops dashboards.
 
-Enabled as ``metrics`` (entry point ``metrics = "handlers.publications:create"``); the module
+Enabled as ``metrics`` (entry point ``metrics = "handlers.builtin.metrics:create"``); the module
 is not called ``metrics.py`` because that name holds the worker's own series.
 
 What it exports, on the worker's registry:
@@ -307,7 +307,7 @@ class PublicationMetricsHandler:
 
 
 def create(context: HandlerContext) -> PublicationMetricsHandler:
-    """Entry point ``metrics = "handlers.publications:create"`` in group ``pubrelay.handlers``."""
+    """Entry point ``metrics`` in group ``pubrelay.handlers`` (see ``pyproject.toml``)."""
     settings = context.settings(PublicationMetricsSettings)
     return PublicationMetricsHandler(
         context.name, settings, context.metrics_registry, logger=context.logger

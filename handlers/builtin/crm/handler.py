@@ -1,6 +1,6 @@
 """The ``crm`` handler: upsert the customer of each publication as a HubSpot CRM contact.
 
-Entry point ``crm = "handlers.crm:create"`` in group ``pubrelay.handlers``. Each
+Entry point ``crm = "handlers.builtin.crm.handler:create"`` in group ``pubrelay.handlers``. Each
 ``customer.publication.succeeded`` event becomes one contact upsert keyed by the
 customer's e-mail address, sent in batches to HubSpot's CRM v3 endpoint
 ``POST {base_url}/crm/v3/objects/contacts/batch/upsert`` with
@@ -91,7 +91,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from structlog.typing import FilteringBoundLogger
 
-from handlers.http_common import retry_after_s
+from handlers.builtin.retry_after import retry_after_s
 from handlers.types import Event, HandlerContext
 from schemas.errors import ConfigError, HandlerError, RetryLater, SkipEvent
 from schemas.events import (
@@ -781,7 +781,7 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def create(context: HandlerContext) -> HubSpotHandler:
-    """Entry point ``crm = "handlers.crm:create"`` in group ``pubrelay.handlers``."""
+    """Entry point ``crm`` in group ``pubrelay.handlers`` (see ``pyproject.toml``)."""
     settings = context.settings(CrmSettings)
     token = settings.token.get_secret_value().strip() if settings.token is not None else ""
     if not token:

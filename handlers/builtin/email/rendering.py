@@ -10,7 +10,7 @@ A message has three parts, each a template of its own: the subject
 4. ``default``                          (``default.html``)
 
 first in ``PUBRELAY_EMAIL__TEMPLATE_DIR``, then among the built-in templates shipped in
-``handlers/templates/email/`` (which hold only ``default.*``). A slug is the name in
+``handlers/builtin/email/templates/`` (which hold only ``default.*``). A slug is the name in
 lower case with every run of other characters than ``a-z0-9`` turned into ``-``. So a
 campaign may override only its subject and keep the default bodies; give both ``.txt``
 and ``.html`` when the two parts should tell the same story.
@@ -56,7 +56,7 @@ PART_SUFFIXES: Final[Mapping[Part, str]] = {
     "text": ".txt",
     "html": ".html",
 }
-BUILTIN_TEMPLATES: Final = ("handlers", "templates/email")
+BUILTIN_TEMPLATES: Final = ("handlers.builtin.email", "templates")
 """The package and folder of the built-in templates (``default.subject.txt`` ...)."""
 
 _SLUG_RE: Final = re.compile(r"[^a-z0-9]+")

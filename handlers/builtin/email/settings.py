@@ -36,7 +36,7 @@ _HEADER_BREAK: Final = re.compile(r"[\r\n]")
 class EmailSettings(BaseModel):
     """The ``PUBRELAY_EMAIL__*`` section; unknown keys are refused so typos surface.
 
-    See :mod:`handlers.email` for the meaning of each variable.
+    See :mod:`handlers.builtin.email.handler` for the meaning of each variable.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -38,6 +38,6 @@ class NoopHandler:
 
 
 def create(context: HandlerContext) -> NoopHandler:
-    """Entry point ``noop = "handlers.noop:create"`` in group ``pubrelay.handlers``."""
+    """Entry point ``noop = "handlers.builtin.noop:create"`` in group ``pubrelay.handlers``."""
     settings = context.settings(NoopSettings)
     return NoopHandler(context.name, frozenset(settings.event_types))
