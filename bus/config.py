@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
-from schemas.record import DEFAULT_TOPIC_PREFIX
+from schemas.topics import DEFAULT_TOPIC_PREFIX
 
 
 class BusSettings(BaseModel):

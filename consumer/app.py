@@ -11,7 +11,6 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
 from ipaddress import IPv6Address, ip_address
 from typing import Final
 
@@ -34,9 +33,10 @@ from schemas.record import (
     HEADER_QUARANTINE_REASON,
     HEADER_RECEIVED_AT,
     HEADER_SIGNATURE,
-    QUARANTINE_TOPIC,
     Headers,
 )
+from schemas.timestamps import utc_now_iso
+from schemas.topics import quarantine_topic, topic_for
 
 log = structlog.get_logger("pubrelay.consumer")
 
@@ -58,7 +58,7 @@ class Intake:
         self.settings = webhook
         self.verifier = verifier
         self.topic_prefix = topic_prefix
-        self.quarantine_topic = topic_prefix + QUARANTINE_TOPIC
+        self.quarantine_topic = quarantine_topic(topic_prefix)
         self.publish_timeout_s = publish_timeout_s
         self.metrics = metrics
         self.allowed = tuple(webhook.allowed_networks)
@@ -135,10 +135,10 @@ class Intake:
             max_depth=self.settings.max_json_depth,
             max_event_age_s=self.settings.max_event_age_s,
         )
-        received_at = datetime.now(UTC).isoformat(timespec="milliseconds").encode()
+        received_at = utc_now_iso().encode()
         headers: Headers
         if isinstance(decision, Routed):
-            topic = self.topic_prefix + decision.event_type
+            topic = topic_for(self.topic_prefix, decision.event_type)
             key: bytes | None = decision.key.encode()
             headers = (
                 (HEADER_EVENT_ID, decision.event_id.encode()),

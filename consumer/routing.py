@@ -14,12 +14,12 @@ from typing import Final
 import msgspec
 
 from schemas.envelope import LeanEnvelope, lean_decoder
-from schemas.record import DLQ_TOPIC_PREFIX, QUARANTINE_TOPIC, RETRY_TOPIC_PREFIX
+from schemas.timestamps import parse_timestamp
+from schemas.topics import INTERNAL_TOPICS
 
 _STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*+"?', re.DOTALL)  # linear: see signature.py
 _BRACKET: Final = re.compile(rb"[\[\]{}]")
 _TOPIC_SAFE: Final = re.compile(r"[A-Za-z0-9._-]{1,200}")
-_INTERNAL_TOPICS: Final = (QUARANTINE_TOPIC, DLQ_TOPIC_PREFIX, RETRY_TOPIC_PREFIX)
 
 
 def json_depth_exceeds(body: bytes, max_depth: int) -> bool:
@@ -62,14 +62,6 @@ class Quarantined:
 Decision = Routed | Quarantined
 
 
-def _parse_time(value: str) -> datetime | None:
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
-
-
 def classify(
     body: bytes,
     *,
@@ -99,7 +91,7 @@ def classify(
     if (
         not event.id
         or not _TOPIC_SAFE.fullmatch(event.type)
-        or event.type.startswith(_INTERNAL_TOPICS)
+        or event.type.startswith(INTERNAL_TOPICS)
     ):
         return Quarantined(
             "invalid_event_type",
@@ -109,7 +101,7 @@ def classify(
             event_id=event.id or None,
         )
     if max_event_age_s is not None:
-        created = _parse_time(event.created_at) if event.created_at else None
+        created = parse_timestamp(event.created_at)
         current = now or datetime.now(UTC)
         if created is None or (current - created).total_seconds() > max_event_age_s:
             # With a maximum age set, an event without a readable time cannot prove it is

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from schemas.topics import DEFAULT_GROUP_PREFIX
+
 DEFAULT_LEDGER_RETENTION_S = 30 * 24 * 3600.0
 
 
@@ -52,7 +54,8 @@ class WorkerSettings(BaseModel):
     )
     lag_interval_s: float = Field(default=15.0, gt=0, description="consumer-lag gauge refresh")
     group_prefix: str = Field(
-        default="pubrelay.", description="consumer group of a handler = prefix + handler name"
+        default=DEFAULT_GROUP_PREFIX,
+        description="consumer group of a handler = prefix + handler name",
     )
 
     max_attempts: int = Field(default=5, ge=1, description="handler attempts before dead-letter")

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ValidationError
 from structlog.typing import FilteringBoundLogger
 
 from schemas.errors import ConfigError
-from schemas.record import DLQ_TOPIC_PREFIX, HEADER_DELIVERY_ID, RETRY_TOPIC_PREFIX, Headers, header
+from schemas.record import HEADER_DELIVERY_ID, Headers, header
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -67,21 +67,6 @@ def check_handler_name(name: str) -> str:
             "(at most 63, starting with a letter or digit)"
         )
     return name
-
-
-def dlq_topic(prefix: str, handler: str) -> str:
-    """Where a handler's failed events are kept: ``<prefix>dlq.<handler>``."""
-    return f"{prefix}{DLQ_TOPIC_PREFIX}{handler}"
-
-
-def retry_topic(prefix: str, handler: str) -> str:
-    """Where replay puts events back for one handler only: ``<prefix>retry.<handler>``."""
-    return f"{prefix}{RETRY_TOPIC_PREFIX}{handler}"
-
-
-def consumer_group(group_prefix: str, handler: str) -> str:
-    """The consumer group of one handler (each handler reads at its own pace)."""
-    return f"{group_prefix}{handler}"
 
 
 class Event:

@@ -30,7 +30,8 @@ from handlers.worker.runner import Worker
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings
 from schemas.errors import BusUnavailable, PubrelayError
-from schemas.record import QUARANTINE_TOPIC
+from schemas.events import CUSTOMER_PUBLICATION_SUCCEEDED
+from schemas.topics import quarantine_topic, topic_for
 
 log = structlog.get_logger("pubrelay")
 
@@ -82,7 +83,7 @@ async def started_bus(settings: Settings, *, webhook: bool) -> AsyncIterator[Bus
         if webhook:
             prefix = settings.bus.topic_prefix
             await bus.ensure_topics(
-                [prefix + "customer.publication.succeeded", prefix + QUARANTINE_TOPIC]
+                [topic_for(prefix, CUSTOMER_PUBLICATION_SUCCEEDED), quarantine_topic(prefix)]
             )
         yield bus
     finally:

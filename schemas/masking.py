@@ -16,3 +16,16 @@ _EMAIL: Final = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*(@[A-Za-z0-9.-]+
 def mask_emails(text: str) -> str:
     """Mask every e-mail address inside ``text``."""
     return _EMAIL.sub(r"\1***\2", text) if "@" in text else text
+
+
+def mask_address(address: str) -> str:
+    """One address known to be an address field, masked the same way.
+
+    Unlike :func:`mask_emails`, nothing of a malformed value survives but its first
+    character and its domain (``jack smith@example.com`` -> ``j***@example.com``), and a
+    value without ``@`` is hidden whole (``***``).
+    """
+    local, at, domain = address.partition("@")
+    if not at:
+        return "***"
+    return f"{local[:1]}***@{domain}"

@@ -1,7 +1,8 @@
 """What travels on the bus: the raw request body plus routing headers.
 
 The value of every record is the webhook body exactly as received, so downstream consumers
-can re-verify the Voucherify signature. Routing facts travel as headers.
+can re-verify the Voucherify signature. Routing facts travel as headers; topic names are
+built in :mod:`schemas.topics`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,6 @@ HEADER_SIGNATURE: Final = "x-voucherify-signature"
 HEADER_QUARANTINE_REASON: Final = "quarantine-reason"
 HEADER_CONTENT_TYPE: Final = "content-type"
 
-DEFAULT_TOPIC_PREFIX: Final = "voucherify."
-QUARANTINE_TOPIC: Final = "quarantine"
-DLQ_TOPIC_PREFIX: Final = "dlq."
-RETRY_TOPIC_PREFIX: Final = "retry."
-
 Headers = tuple[tuple[str, bytes], ...]
 
 
@@ -30,8 +26,3 @@ def header(headers: Headers, name: str) -> bytes | None:
         if key == name:
             return value
     return None
-
-
-def topic_for(prefix: str, event_type: str) -> str:
-    """The topic an event of ``event_type`` is published to."""
-    return prefix + event_type

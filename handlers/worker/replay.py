@@ -19,17 +19,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
 
 import structlog
 
 from bus.types import Bus, Message, Subscription, TopicPartition
-from handlers.types import (
-    DLQ_HEADER_PREFIX,
-    check_handler_name,
-    dlq_topic,
-    retry_topic,
-)
+from handlers.types import DLQ_HEADER_PREFIX, check_handler_name
 from handlers.worker.runner import (
     DLQ_ATTEMPTS,
     DLQ_ERROR,
@@ -38,37 +32,22 @@ from handlers.worker.runner import (
     DLQ_LAST_FAILED_AT,
     DLQ_SOURCE_TOPIC,
 )
-from schemas.record import (
+from schemas.record import HEADER_EVENT_ID, HEADER_EVENT_TYPE, Headers, header
+from schemas.timestamps import parse_timestamp
+from schemas.topics import (
+    DEFAULT_GROUP_PREFIX,
     DEFAULT_TOPIC_PREFIX,
-    HEADER_EVENT_ID,
-    HEADER_EVENT_TYPE,
-    Headers,
-    header,
+    dlq_topic,
+    replay_group,
+    retry_topic,
 )
 
 log = structlog.get_logger("pubrelay.handlers.replay")
-
-DEFAULT_GROUP_PREFIX: Final = "pubrelay."
-
-
-def replay_group(group_prefix: str, handler: str) -> str:
-    """The consumer group that remembers which dead letters were replayed."""
-    return f"{group_prefix}replay.{handler}"
 
 
 def _text(headers: Headers, name: str) -> str | None:
     value = header(headers, name)
     return value.decode("utf-8", "replace") if value is not None else None
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +75,8 @@ class DeadLetter:
             error=_text(headers, DLQ_ERROR),
             error_type=_text(headers, DLQ_ERROR_TYPE),
             attempts=int(attempts) if attempts and attempts.isdigit() else None,
-            first_failed_at=_parse_time(_text(headers, DLQ_FIRST_FAILED_AT)),
-            last_failed_at=_parse_time(_text(headers, DLQ_LAST_FAILED_AT)),
+            first_failed_at=parse_timestamp(_text(headers, DLQ_FIRST_FAILED_AT)),
+            last_failed_at=parse_timestamp(_text(headers, DLQ_LAST_FAILED_AT)),
             source_topic=_text(headers, DLQ_SOURCE_TOPIC),
         )
 

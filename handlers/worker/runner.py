@@ -57,20 +57,15 @@ import structlog
 from bus.types import Bus, Message, Subscription, TopicPartition
 from handlers.config import HandlersSettings, LedgerSettings, WorkerSettings
 from handlers.registry import build_handlers
-from handlers.types import (
-    DLQ_HEADER_PREFIX,
-    Event,
-    Handler,
-    consumer_group,
-    dlq_topic,
-    retry_topic,
-)
+from handlers.types import DLQ_HEADER_PREFIX, Event, Handler
 from handlers.worker.ledger import Ledger, create_ledger
 from handlers.worker.metrics import WorkerMetrics
 from schemas.envelope import lean_decoder
 from schemas.errors import PluginError, RetryLater, SkipEvent, TopicMissing
 from schemas.masking import mask_emails
-from schemas.record import HEADER_EVENT_ID, HEADER_EVENT_TYPE, Headers, header, topic_for
+from schemas.record import HEADER_EVENT_ID, HEADER_EVENT_TYPE, Headers, header
+from schemas.timestamps import parse_timestamp, utc_now_iso
+from schemas.topics import consumer_group, dlq_topic, retry_topic, topic_for
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -113,10 +108,6 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, (RetryLater, OSError, TimeoutError)) or (
         getattr(type(err), "retriable", False) is True
     )
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _printable(text: str) -> str:
@@ -678,7 +669,7 @@ class HandlerRunner:
             error = await self._call(event)
             if error is None or isinstance(error, SkipEvent):
                 return await self._completed(event, ident, error)
-            first_failed_at = first_failed_at or _now_iso()
+            first_failed_at = first_failed_at or utc_now_iso()
             if not is_transient(error) or event.attempt >= max_attempts:
                 return await self._dead_letter(
                     item, ident, error, attempts=event.attempt, first_failed_at=first_failed_at
@@ -775,11 +766,8 @@ class HandlerRunner:
             value = getattr(getattr(event.envelope, "event", None), "created_at", None)
             if isinstance(value, datetime):
                 created = value
-        if created is None and ident.created_at:
-            try:
-                created = datetime.fromisoformat(ident.created_at)
-            except ValueError:
-                return None
+        if created is None:
+            created = parse_timestamp(ident.created_at)
         if created is None:
             return None
         if created.tzinfo is None:
@@ -796,7 +784,7 @@ class HandlerRunner:
         first_failed_at: str | None,
     ) -> bool:
         message = item.message
-        now = _now_iso()
+        now = utc_now_iso()
         headers = dead_letter_headers(
             message.headers,
             error=_error_text(error),

@@ -14,11 +14,12 @@ from prometheus_client import CollectorRegistry
 
 from bus.types import Bus
 from handlers.registry import available
-from handlers.types import Event, Handler, dlq_topic
+from handlers.types import Event, Handler
 from handlers.worker.ledger import Ledger
 from handlers.worker.runner import Worker
 from schemas.errors import HandlerError, RetryLater
 from schemas.record import header
+from schemas.topics import dlq_topic
 from tests.fixtures.worker import (
     EVENT_TYPE,
     eventually,

@@ -16,12 +16,13 @@ import pytest
 
 from bus.sqlite import SqliteBus
 from handlers.builtin.email.handler import EmailHandler, create
-from handlers.types import Event, KeyLedger, dlq_topic
+from handlers.types import Event, KeyLedger
 from handlers.worker.ledger import SqliteLedger
 from handlers.worker.runner import Worker
 from schemas.errors import HandlerError, RetryLater, SkipEvent
 from schemas.events import CUSTOMER_PUBLICATION_SUCCEEDED, PUBLICATION_SUCCEEDED
 from schemas.record import header
+from schemas.topics import dlq_topic
 from tests.fixtures.handler_harness import Harness as GenericHarness
 from tests.fixtures.handler_harness import capturing_context
 from tests.fixtures.process import free_port

@@ -22,11 +22,12 @@ from structlog.typing import EventDict, WrappedLogger
 
 from bus.sqlite import SqliteBus
 from bus.types import Bus, RevokeCallback, Subscription, TopicPartition
-from handlers.types import Event, dlq_topic
+from handlers.types import Event
 from handlers.worker.ledger import Ledger
 from handlers.worker.runner import Worker
 from schemas.errors import HandlerError, RetryLater
-from schemas.record import header, topic_for
+from schemas.record import header
+from schemas.topics import dlq_topic, topic_for
 from tests.fixtures.worker import (
     EVENT_TYPE,
     ScriptedHandler,

@@ -16,12 +16,10 @@ from handlers.types import (
     Handler,
     HandlerContext,
     check_handler_name,
-    consumer_group,
-    dlq_topic,
-    retry_topic,
 )
 from handlers.worker.runner import dead_letter_headers, handler_topics, is_transient
 from schemas.errors import BusUnavailable, ConfigError, HandlerError, RetryLater, SkipEvent
+from schemas.topics import consumer_group, dlq_topic, retry_topic
 from tests.fixtures.worker import event_record
 
 

@@ -79,7 +79,6 @@ import asyncio
 import json
 import time
 import types
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -91,6 +90,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from structlog.typing import FilteringBoundLogger
 
+from handlers.builtin.ratelimit import RateLimiter
 from handlers.builtin.retry_after import retry_after_s
 from handlers.types import Event, HandlerContext
 from schemas.errors import ConfigError, HandlerError, RetryLater, SkipEvent
@@ -107,7 +107,6 @@ __all__ = [
     "UPSERT_PATH",
     "CrmSettings",
     "HubSpotHandler",
-    "RequestRateLimiter",
     "create",
 ]
 
@@ -259,39 +258,6 @@ def _as_property(value: Any) -> str | None:
 # --- helpers shared by the request paths ---------------------------------------------------
 
 
-class RequestRateLimiter:
-    """At most ``max_requests`` request starts in any ``window_s``; ``pause`` after a 429.
-
-    A sliding log of start times: HubSpot counts requests over a rolling 10 s window,
-    shared by every app of the portal, so staying under it client-side spares 429s.
-    """
-
-    def __init__(self, max_requests: int, window_s: float) -> None:
-        self.max_requests = max_requests
-        self.window_s = window_s
-        self._starts: deque[float] = deque()
-        self._paused_until = 0.0
-        self._lock = asyncio.Lock()
-
-    def pause(self, delay_s: float) -> None:
-        """No request starts for ``delay_s`` (HubSpot said so)."""
-        self._paused_until = max(self._paused_until, time.monotonic() + delay_s)
-
-    async def acquire(self) -> None:
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                while self._starts and self._starts[0] <= now - self.window_s:
-                    self._starts.popleft()
-                if self._paused_until > now:
-                    await asyncio.sleep(self._paused_until - now)
-                    continue
-                if len(self._starts) < self.max_requests:
-                    self._starts.append(now)
-                    return
-                await asyncio.sleep(self._starts[0] + self.window_s - now)
-
-
 # --- batching --------------------------------------------------------------------------------
 
 
@@ -434,7 +400,7 @@ class HubSpotHandler:
         self._url = settings.base_url + UPSERT_PATH
         self._log = logger
         self._m = metrics
-        self._limiter = RequestRateLimiter(settings.max_requests_per_10s, settings.rate_window_s)
+        self._limiter = RateLimiter(settings.max_requests_per_10s, settings.rate_window_s)
         self._session: aiohttp.ClientSession | None = None
         self._batch: _Batch | None = None
         self._tasks: set[asyncio.Task[None]] = set()

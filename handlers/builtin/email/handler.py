@@ -99,7 +99,6 @@ from handlers.builtin.email.message import (
     Composed,
     MessageComposer,
     Skip,
-    mask_address,
     publication_key,
 )
 from handlers.builtin.email.rendering import TemplateRenderer
@@ -113,6 +112,7 @@ from handlers.builtin.email.smtp import SmtpTransport
 from handlers.types import Event, HandlerContext, KeyLedger
 from schemas.errors import HandlerError, RetryLater, SkipEvent
 from schemas.events import WebhookEnvelope, parse_event
+from schemas.masking import mask_address
 
 __all__ = [
     "EmailHandler",

@@ -29,6 +29,7 @@ from schemas.events import (
     PublicationSucceededData,
     WebhookEnvelope,
 )
+from schemas.masking import mask_address
 from schemas.publication import Publication
 from schemas.voucher import Voucher
 
@@ -38,7 +39,6 @@ __all__ = [
     "Skip",
     "SkipReason",
     "VoucherView",
-    "mask_address",
     "publication_key",
 ]
 
@@ -56,14 +56,6 @@ _SPACE_RE: Final = re.compile(r"\s+")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]+")
 
 PublicationData = CustomerPublicationSucceededData | PublicationSucceededData
-
-
-def mask_address(address: str) -> str:
-    """``jack@example.com`` -> ``j***@example.com``; logs never carry a full address."""
-    local, at, domain = address.partition("@")
-    if not at:
-        return "***"
-    return f"{local[:1]}***@{domain}"
 
 
 def publication_key(data: PublicationData) -> str | None:

@@ -44,38 +44,16 @@ from aiosmtplib.protocol import SMTPProtocol
 from structlog.typing import FilteringBoundLogger
 
 from handlers.builtin.email.settings import EmailSettings, SmtpEndpoint
+from handlers.builtin.ratelimit import RateLimiter
 from schemas.errors import HandlerError, RetryLater
 from schemas.masking import mask_emails
 
-__all__ = ["SendRateLimiter", "SmtpTransport"]
+__all__ = ["SmtpTransport"]
 
 _SERVICE_CLOSING: Final = 421
 _REPLY_MAX: Final = 300
 _STARTTLS: Final = {"auto": None, "always": True, "never": False}
 _CLOSE_WAIT_S: Final = 2.0
-
-
-class SendRateLimiter:
-    """Message starts spaced at least ``1 / per_s`` apart (``per_s`` 0: no limit).
-
-    Relays and providers throttle per second (and punish bursts with 4xx), so the
-    handler paces itself rather than relying on retries.
-    """
-
-    def __init__(self, per_s: float) -> None:
-        self.interval_s = 1.0 / per_s if per_s > 0 else 0.0
-        self._next = 0.0
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        if self.interval_s <= 0:
-            return
-        async with self._lock:
-            now = time.monotonic()
-            if self._next > now:
-                await asyncio.sleep(self._next - now)
-                now = time.monotonic()
-            self._next = max(now, self._next) + self.interval_s
 
 
 class _RelayUnavailable(Exception):
@@ -103,7 +81,7 @@ class SmtpTransport:
         self.endpoint = endpoint
         self._log = logger
         self._on_connect = on_connect or (lambda: None)
-        self._limiter = SendRateLimiter(settings.max_per_s)
+        self._limiter = RateLimiter(1, 1.0 / settings.max_per_s) if settings.max_per_s > 0 else None
         self._clients: list[aiosmtplib.SMTP | None] = [None] * settings.connections
         self._free: asyncio.Queue[int] | None = None
         self._tls: ssl.SSLContext | None = None
@@ -182,7 +160,8 @@ class SmtpTransport:
         free = self._free
         if not self._running or free is None:
             raise RetryLater("the email handler is not running")
-        await self._limiter.acquire()
+        if self._limiter is not None:
+            await self._limiter.acquire()
         slot = await free.get()
         try:
             return await self._transaction(slot, sender, recipient, message)
