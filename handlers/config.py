@@ -3,14 +3,38 @@ handler selection (``PUBRELAY_HANDLERS__*``).
 
 A handler's own settings are not here: each plugin reads ``PUBRELAY_<NAME>__*`` into its
 own model through :meth:`handlers.types.HandlerContext.settings`, so installing a plugin
-never needs a change in pubrelay.
+never needs a change in pubrelay. :func:`load_section` reads such a section with
+pydantic-settings, the same way the root configuration (``pubrelay/settings.py``) reads
+the rest: environment and ``.env``, nested fields with ``__``, lists and maps as JSON.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from schemas.errors import ConfigError
 from schemas.topics import DEFAULT_GROUP_PREFIX
+
+M = TypeVar("M", bound=BaseModel)
+
+ENV_PREFIX = "PUBRELAY_"
 
 DEFAULT_LEDGER_RETENTION_S = 30 * 24 * 3600.0
 
@@ -101,3 +125,89 @@ class LedgerSettings(BaseModel):
         if value and not value.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
             raise ValueError("must start with sqlite:///, redis://, rediss:// or unix://")
         return value
+
+
+def section_env_prefix(handler: str) -> str:
+    """``PUBRELAY_<NAME>__``: where handler ``handler`` reads its settings."""
+    return f"{ENV_PREFIX}{_section_field(handler).upper()}__"
+
+
+def _section_field(handler: str) -> str:
+    return handler.replace("-", "_")
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """The environment source reading a given mapping instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._env = env
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {key.lower(): value for key, value in self._env.items()}
+
+
+def _section_base(env: Mapping[str, str] | None) -> type[BaseSettings]:
+    """The settings class a section is read with: environment and ``.env``, or ``env``."""
+
+    class SectionSettings(BaseSettings):
+        model_config = SettingsConfigDict(
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter="__",
+            env_file=".env" if env is None else None,
+            extra="ignore",
+        )
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            if env is None:
+                return (init_settings, env_settings, dotenv_settings)
+            return (init_settings, _MappingEnvSource(settings_cls, env))
+
+    return SectionSettings
+
+
+def load_section(
+    model: type[M],
+    handler: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> M:
+    """Handler ``handler``'s settings section, validated by ``model``.
+
+    Read from ``PUBRELAY_<NAME>__*`` in the environment and in ``.env`` (the environment
+    wins), or from ``env`` alone when given (tests, embedding); ``overrides`` win over both.
+    Raises :class:`ConfigError` naming the environment variables at fault.
+    """
+    name = _section_field(handler)
+    fields: dict[str, Any] = {name: (model, ...)}
+    root: Callable[..., BaseSettings] = create_model(
+        "HandlerSettings", __base__=_section_base(env), **fields
+    )
+    prefix = section_env_prefix(handler)
+    try:
+        loaded = root(**{name: dict(overrides or {})})
+    except ValidationError as err:
+        problems = [
+            prefix + "__".join(str(p).upper() for p in item["loc"][1:]) + ": " + item["msg"]
+            for item in err.errors()
+        ]
+        raise ConfigError(
+            f"invalid settings for handler {handler!r}: " + "; ".join(problems)
+        ) from None
+    except SettingsError as err:
+        cause = f": {err.__cause__}" if err.__cause__ else ""
+        raise ConfigError(
+            f"invalid settings for handler {handler!r}: a {prefix}* value is not valid JSON "
+            f'(lists are written like \'["a", "b"]\', maps like \'{{"k": "v"}}\'){cause}'
+        ) from None
+    section: M = getattr(loaded, name)
+    return section

@@ -24,17 +24,16 @@ effect once.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, runtime_checkable
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from structlog.typing import FilteringBoundLogger
 
+from handlers.config import load_section, section_env_prefix
 from schemas.errors import ConfigError
 from schemas.record import HEADER_DELIVERY_ID, Headers, header
 
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
     from schemas.events import WebhookEnvelope
 
 ENTRY_POINT_GROUP: Final = "pubrelay.handlers"
-DLQ_HEADER_PREFIX: Final = "dlq-"
 
 Outcome = Literal["handled", "retried", "dead_lettered", "skipped", "duplicate", "ignored"]
 OUTCOMES: Final[tuple[Outcome, ...]] = (
@@ -187,8 +185,9 @@ class KeyLedger(Protocol):
 class HandlerContext:
     """Everything a handler factory may use; no module-level clients or registries.
 
-    ``settings(Model)`` reads the handler's own section from ``PUBRELAY_<NAME>__*``
-    (nested fields with ``__``; list and dict values as JSON), with ``overrides`` on top.
+    ``settings(Model)`` reads the handler's own section from ``PUBRELAY_<NAME>__*`` in the
+    environment and ``.env`` (nested fields with ``__``; list and dict values as JSON), with
+    ``overrides`` on top; ``env``, when given, replaces the environment and ``.env``.
     """
 
     name: str
@@ -204,63 +203,15 @@ class HandlerContext:
 
     @property
     def env_prefix(self) -> str:
-        return "PUBRELAY_" + self.name.upper().replace("-", "_") + "__"
+        return section_env_prefix(self.name)
 
     def settings(self, model: type[M]) -> M:
         """The handler's settings section, validated by ``model`` (a pydantic model).
 
         Raises :class:`ConfigError` naming the environment variables at fault.
         """
-        env = os.environ if self.env is None else self.env
-        prefix = self.env_prefix
-        data: dict[str, Any] = {}
-        for key, value in env.items():
-            if not key.upper().startswith(prefix) or len(key) == len(prefix):
-                continue
-            path = key[len(prefix) :].lower().split("__")
-            _put(data, path, _env_value(value))
-        _merge(data, dict(self.overrides))
-        try:
-            return model.model_validate(data)
-        except ValidationError as err:
-            problems = [
-                prefix + "__".join(str(p).upper() for p in item["loc"]) + ": " + item["msg"]
-                for item in err.errors()
-            ]
-            raise ConfigError(
-                f"invalid settings for handler {self.name!r}: " + "; ".join(problems)
-            ) from None
+        return load_section(model, self.name, env=self.env, overrides=self.overrides)
 
 
 HandlerFactory = Callable[[HandlerContext], Handler]
 """What an entry point in group ``pubrelay.handlers`` names."""
-
-
-def _env_value(value: str) -> Any:
-    """Complex values (lists, objects) come as JSON, like pydantic-settings reads them."""
-    stripped = value.strip()
-    if stripped[:1] in ("[", "{"):
-        try:
-            return json.loads(stripped)
-        except ValueError:
-            return value
-    return value
-
-
-def _put(data: dict[str, Any], path: list[str], value: Any) -> None:
-    node = data
-    for part in path[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[path[-1]] = value
-
-
-def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> None:
-    for key, value in top.items():
-        current = base.get(key)
-        if isinstance(current, dict) and isinstance(value, Mapping):
-            _merge(current, value)
-        else:
-            base[key] = value

@@ -22,7 +22,8 @@ from pydantic import ValidationError
 from bus import create_bus
 from bus.types import Bus
 from consumer.signature import sign
-from handlers.worker.replay import DeadLetter, list_dead_letters, replay
+from handlers.worker.dead_letters import DeadLetter
+from handlers.worker.replay import list_dead_letters, replay
 from pubrelay.logging import configure_logging
 from pubrelay.runtime import EXIT_CONFIG, EXIT_UNAVAILABLE, run
 from pubrelay.secrets import resolve_secrets
@@ -170,7 +171,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_preview_email(_: Settings, args: argparse.Namespace) -> int:
-    from handlers.builtin.email.handler import format_preview, load_settings, render_preview  # noqa: PLC0415
+    from handlers.builtin.email.preview import format_preview, load_settings, render_preview  # noqa: PLC0415
 
     raw = Path(args.file).read_bytes()
     try:

@@ -16,17 +16,14 @@ from typing import Any
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from bus import create_bus
 from bus.types import Bus
-from consumer.app import create_app, healthz
-from handlers.registry import build_handlers
-from handlers.worker.ledger import create_ledger
-from handlers.worker.runner import Worker
+from consumer.app import create_app, create_ops_app
+from handlers.worker.service import open_worker
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings
 from schemas.errors import BusUnavailable, PubrelayError
@@ -51,28 +48,11 @@ def new_registry() -> CollectorRegistry:
 
 
 def tune_gc() -> None:
-    """perf-notes: fewer gen-0 collections and a frozen start-up heap remove the
-    35-45 ms full collections that dominated p99 under load."""
+    """Fewer gen-0 collections and a frozen start-up heap remove the 35-45 ms full
+    collections that dominated p99 under load (docs/performance.md)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-
-
-def create_ops_app(bus: Bus, registry: CollectorRegistry) -> web.Application:
-    """``/healthz``, ``/readyz`` and ``/metrics`` for a worker-only process."""
-
-    async def readyz(_: web.Request) -> web.Response:
-        try:
-            await bus.ping()
-        except BusUnavailable as err:
-            return web.json_response({"status": "unavailable", "message": str(err)}, status=503)
-        return web.json_response({"status": "ready"})
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", make_aiohttp_handler(registry))
-    return app
 
 
 @asynccontextmanager
@@ -118,23 +98,16 @@ async def run(settings: Settings, *, webhook: bool, worker: bool) -> int:
         worker_task: asyncio.Task[None] | None = None
         if worker:
             # Plugins are loaded before anything listens: a bad one stops start-up.
-            ledger = create_ledger(settings.ledger, settings.data_dir)
-            handlers = build_handlers(
-                settings.handlers.enabled,
-                data_dir=settings.data_dir,
-                metrics_registry=registry,
-                topic_prefix=settings.bus.topic_prefix,
-                ledger=ledger,
-            )
-            await ledger.open()
-            stack.push_async_callback(ledger.close)
-            runner = Worker(
-                handlers,
-                bus=bus,
-                ledger=ledger,
-                settings=settings.worker,
-                topic_prefix=settings.bus.topic_prefix,
-                metrics_registry=registry,
+            runner = await stack.enter_async_context(
+                open_worker(
+                    bus=bus,
+                    handlers=settings.handlers,
+                    worker=settings.worker,
+                    ledger=settings.ledger,
+                    data_dir=settings.data_dir,
+                    topic_prefix=settings.bus.topic_prefix,
+                    metrics_registry=registry,
+                )
             )
             worker_task = asyncio.create_task(runner.run_until_stopped(stop), name="worker")
 

@@ -1,9 +1,9 @@
 """The lean envelope: the few fields the intake's hot path needs, decoded with msgspec.
 
 The intake forwards the body bytes unchanged, so it decodes only ids, types and the
-customer id; unknown fields are skipped without building objects (see perf-notes: a full
-nested model costs more than half of a request). Handlers use the full pydantic models
-in :mod:`schemas.events`.
+customer id; unknown fields are skipped without building objects (a full nested model
+costs more than half of a request: ``docs/performance.md``). Handlers use the full
+pydantic models in :mod:`schemas.events`.
 """
 
 from __future__ import annotations

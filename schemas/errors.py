@@ -18,14 +18,6 @@ class ConfigError(PubrelayError):
     """The configuration is invalid; the message names the setting."""
 
 
-class SignatureError(PubrelayError):
-    """A webhook request carries no valid signature."""
-
-
-class PayloadTooLarge(PubrelayError):
-    """A request body is over the configured limit."""
-
-
 class BusError(PubrelayError):
     """The bus failed to do what was asked."""
 

@@ -2,9 +2,9 @@
 
 Handlers call :func:`parse_event` on the raw body the bus delivered. The envelope is
 generic in its ``data``: the event types listed in :data:`DATA_MODELS` get a typed model,
-every other type keeps ``data`` as a plain ``dict`` so plugins still see it (design.md:
-nothing is dropped silently). Routing reads ``event.type``, never the top-level ``type``,
-which for distribution webhooks is only a label the user typed.
+every other type keeps ``data`` as a plain ``dict`` so plugins still see it (nothing is
+dropped silently: ``docs/architecture.md``). Routing reads ``event.type``, never the
+top-level ``type``, which for distribution webhooks is only a label the user typed.
 
 The intake's hot path does not use these models (see :mod:`schemas.envelope`); they are
 for handlers, which need the whole event.

@@ -1,4 +1,4 @@
-"""The Kafka bus: any Kafka-protocol cluster through aiokafka.
+"""The Kafka bus: publishing to any Kafka-protocol cluster through one aiokafka producer.
 
 Publishing: one producer per process, started in :meth:`KafkaBus.start`. ``publish`` is
 ``send`` + wait for the acknowledgement (``acks=all`` by default), bounded by
@@ -6,7 +6,7 @@ Publishing: one producer per process, started in :meth:`KafkaBus.start`. ``publi
 the web layer answers 503 and Voucherify retries. Batches are large (``max_batch_bytes``,
 1 MiB by default) because aiokafka keeps one request in flight per broker: with its 16 KiB
 default a batch holds three or four webhook bodies and concurrent senders queue behind it
-(see ``perf-notes.md``).
+(see ``docs/performance.md``).
 
 A timed-out publish cannot be withdrawn on Kafka: the batch holding it may still be
 delivered until it expires (``request_timeout_s``). The caller was told "not stored", so
@@ -17,46 +17,32 @@ Recovery: the aiokafka producer reconnects by itself when a broker comes back (c
 against a killed and restarted broker), so the same :class:`KafkaBus` keeps serving. The
 one failure it cannot recover from is a dead sender task (aiokafka's "unexpected error in
 sender routine"), after which every send fails; the bus then replaces the producer once,
-under a lock, so concurrent publishes never race to build several.
+under a lock, so concurrent publishes never race to build several. The move to
+unavailable and back is logged once each way, not once per failed request.
 
-Topics are created (or checked) by :meth:`KafkaBus.ensure_topics`, which the process edge
-calls at start-up. The bus remembers those topics and checks them again once, before the
-first publish after a failure (one shared check, not one per request): a broker that
-lost its topics (a memory-storage broker such as Tansu after a restart, a rebuilt
-cluster) gets them back with the configured partitions before new records are sent,
-instead of records going to a topic the broker does not list. While the bus is healthy
-this costs nothing; after an outage it is one metadata request.
-
-Consuming: :class:`KafkaSubscription` is one consumer-group member with manual commits
-(``enable_auto_commit=False``, ``auto_offset_reset="earliest"``); before partitions are
-revoked it awaits the caller's ``on_revoke`` so finished work is committed first.
+Topics are checked and created by :mod:`bus.kafka.admin`; consuming is
+:mod:`bus.kafka.subscription`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka import TopicPartition as KafkaTopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import (
-    IllegalStateError,
-    KafkaConnectionError,
-    KafkaError,
-    UnsupportedCodecError,
-)
-from aiokafka.helpers import create_ssl_context
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError, UnsupportedCodecError
 
 from bus.config import BusSettings
-from bus.types import Message, RevokeCallback, Subscription, TopicPartition
-from schemas.errors import BusUnavailable, ConfigError, TopicMissing
+from bus.kafka._futures import retrieve
+from bus.kafka.admin import KafkaTopics
+from bus.kafka.options import GroupTiming, acks, client_options
+from bus.kafka.subscription import KafkaSubscription
+from bus.types import RevokeCallback, Subscription
+from schemas.errors import BusUnavailable, ConfigError
 from schemas.record import Headers
 
 log = structlog.get_logger("pubrelay.bus.kafka")
@@ -65,71 +51,6 @@ _IDEMPOTENCE_HINT: Final = (
     "set PUBRELAY_BUS__ENABLE_IDEMPOTENCE=false for brokers without idempotent producers "
     "(for example the Tansu test broker)"
 )
-# Kafka error codes answered by CreateTopics that we treat specially.
-_TOPIC_ALREADY_EXISTS: Final = 36
-_INVALID_PARTITIONS: Final = 37
-_INVALID_REPLICATION_FACTOR: Final = 38
-_TOPIC_AUTHORIZATION_FAILED: Final = 29
-_CLUSTER_AUTHORIZATION_FAILED: Final = 31
-_POLICY_VIOLATION: Final = 44
-
-
-@dataclass(frozen=True, slots=True)
-class GroupTiming:
-    """Consumer-group timers.
-
-    The defaults are aiokafka's, safe for production: a member that blocks its event
-    loop for a few seconds is not expelled. Tests against Tansu shorten them, because a
-    group join there waits for the rebalance timeout and a re-join for the old member's
-    session to expire.
-    """
-
-    session_timeout_ms: int = 10_000
-    heartbeat_interval_ms: int = 3_000
-    rebalance_timeout_ms: int | None = None
-    max_poll_interval_ms: int = 300_000
-
-
-def _acks(value: str) -> str | int:
-    return "all" if value == "all" else int(value)
-
-
-def _ssl_context(settings: BusSettings) -> ssl.SSLContext | None:
-    if settings.security_protocol not in ("SSL", "SASL_SSL"):
-        return None
-    try:
-        context: ssl.SSLContext = create_ssl_context(
-            cafile=settings.ssl_cafile,
-            certfile=settings.ssl_certfile,
-            keyfile=settings.ssl_keyfile,
-        )
-    except (OSError, ssl.SSLError) as err:
-        raise ConfigError(
-            f"PUBRELAY_BUS__SSL_*: cannot build the TLS context for the Kafka bus: {err}"
-        ) from err
-    return context
-
-
-def _client_options(settings: BusSettings) -> dict[str, Any]:
-    """Connection options shared by the producer, the consumers and the admin client."""
-    options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
-        "client_id": settings.client_id,
-        "request_timeout_ms": int(settings.request_timeout_s * 1000),
-        "security_protocol": settings.security_protocol,
-        "ssl_context": _ssl_context(settings),
-    }
-    if settings.security_protocol.startswith("SASL_"):
-        if settings.sasl_mechanism is None or settings.sasl_username is None:
-            raise ConfigError(
-                "PUBRELAY_BUS__SASL_MECHANISM and PUBRELAY_BUS__SASL_USERNAME are required "
-                f"with PUBRELAY_BUS__SECURITY_PROTOCOL={settings.security_protocol}"
-            )
-        options["sasl_mechanism"] = settings.sasl_mechanism
-        options["sasl_plain_username"] = settings.sasl_username
-        password = settings.sasl_password
-        options["sasl_plain_password"] = password.get_secret_value() if password else None
-    return options
 
 
 def _sender_dead(producer: Any) -> bool:
@@ -140,12 +61,6 @@ def _sender_dead(producer: Any) -> bool:
     sender = getattr(producer, "_sender", None)
     task = getattr(sender, "sender_task", None)
     return isinstance(task, asyncio.Task) and task.done()
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark an abandoned future's outcome as seen, so asyncio does not log it."""
-    if not future.cancelled():
-        future.exception()
 
 
 class KafkaBus:
@@ -160,13 +75,10 @@ class KafkaBus:
             )
         self.settings = settings
         self.group_timing = group_timing or GroupTiming()
-        self._options = _client_options(settings)
+        self._options = client_options(settings)
         self._producer: Any = None
         self._replacement: asyncio.Task[Any] | None = None
-        self._ensured: set[str] = set()
-        self._ensuring: dict[str, asyncio.Task[None]] = {}
-        self._recheck_topics = False
-        self._recheck: asyncio.Task[None] | None = None
+        self._topics = KafkaTopics(settings, self._options, lambda: self._producer)
         self._available = True
 
     # -- lifecycle ------------------------------------------------------------------
@@ -176,7 +88,7 @@ class KafkaBus:
         try:
             return AIOKafkaProducer(
                 **self._options,
-                acks=_acks(s.acks),
+                acks=acks(s.acks),
                 enable_idempotence=s.enable_idempotence,
                 compression_type=None if s.compression == "none" else s.compression,
                 linger_ms=s.linger_ms,
@@ -244,8 +156,7 @@ class KafkaBus:
             log.warning("bus_producer_stop_failed", bus="kafka", error=repr(err))
 
     async def close(self) -> None:
-        if self._recheck is not None and not self._recheck.done():
-            self._recheck.cancel()
+        self._topics.close()
         replacement = self._replacement
         producer, self._producer = self._producer, None
         if replacement is not None and not replacement.done():
@@ -268,7 +179,7 @@ class KafkaBus:
         # waiting must not cancel a half-started producer.
         if self._replacement is None or self._replacement.done():
             self._replacement = asyncio.create_task(self._replace(producer))
-            self._replacement.add_done_callback(_retrieve)
+            self._replacement.add_done_callback(retrieve)
         try:
             return await asyncio.shield(self._replacement)
         except ConfigError as err:
@@ -301,15 +212,12 @@ class KafkaBus:
         try:
             async with asyncio.timeout(timeout):
                 producer = await self._current_producer()
-                if self._recheck_topics:
-                    await self._recheck_topics_once()
-                if topic not in self._ensured:
-                    await self._ensure_new_topic(topic)
+                await self._topics.before_publish(topic)
                 delivery = await producer.send(topic, value, key=key, headers=list(headers))
                 await asyncio.shield(delivery)
         except (TimeoutError, KafkaError, BusUnavailable) as err:
             if delivery is not None and not delivery.done():
-                delivery.add_done_callback(_retrieve)
+                delivery.add_done_callback(retrieve)
             self._mark_unavailable(err)
             if isinstance(err, BusUnavailable):
                 raise
@@ -321,40 +229,11 @@ class KafkaBus:
             raise BusUnavailable(f"the Kafka bus did not store the record: {reason}") from err
         self._mark_available(time.monotonic() - started)
 
-    async def _ensure_new_topic(self, topic: str) -> None:
-        """First publish to a topic (a new event type, a dead-letter topic): make sure it
-        exists, so a cluster without broker-side auto-creation does not stall the send
-        until the timeout. Concurrent first publishes share one check."""
-        task = self._ensuring.get(topic)
-        if task is None:
-            task = asyncio.create_task(self.ensure_topics([topic]))
-            task.add_done_callback(_retrieve)
-            task.add_done_callback(lambda _: self._ensuring.pop(topic, None))
-            self._ensuring[topic] = task
-        try:
-            await asyncio.shield(task)
-        except ConfigError as err:
-            raise BusUnavailable(f"the Kafka bus cannot use topic {topic}: {err}") from err
-        # TopicMissing passes through: the caller decides (the intake quarantines the event).
-
-    async def _recheck_topics_once(self) -> None:
-        """Re-ensure the remembered topics after a failure; concurrent publishes share it."""
-        if self._recheck is None or self._recheck.done():
-            self._recheck = asyncio.create_task(self._recheck_topics_now())
-            self._recheck.add_done_callback(_retrieve)
-        try:
-            await asyncio.shield(self._recheck)
-        except (TopicMissing, ConfigError) as err:
-            raise BusUnavailable(f"the Kafka bus cannot use its topics: {err}") from err
-
-    async def _recheck_topics_now(self) -> None:
-        await self.ensure_topics(self._ensured)
-        self._recheck_topics = False
-        log.info("bus_topics_rechecked", bus="kafka", topics=len(self._ensured))
+    # -- availability ---------------------------------------------------------------
 
     def _mark_unavailable(self, err: BaseException) -> None:
         """Log the transition to unavailable once, not once per failed request."""
-        self._recheck_topics = bool(self._ensured)
+        self._topics.recheck_later()
         if self._available:
             self._available = False
             log.warning("bus_unavailable", bus="kafka", error=repr(err))
@@ -366,6 +245,20 @@ class KafkaBus:
             self._available = True
             log.info("bus_recovered", bus="kafka", publish_s=round(elapsed_s, 3))
 
+    async def ping(self) -> None:
+        try:
+            await self._topics.names()
+        except BusUnavailable:
+            self._topics.recheck_later()
+            raise
+
+    # -- topics and consumers -------------------------------------------------------
+
+    async def ensure_topics(self, topics: Iterable[str]) -> None:
+        """Check the topics exist, creating the missing ones when allowed
+        (:meth:`bus.kafka.admin.KafkaTopics.ensure`)."""
+        await self._topics.ensure(topics)
+
     def subscribe(
         self,
         group: str,
@@ -373,269 +266,11 @@ class KafkaBus:
         *,
         on_revoke: RevokeCallback | None = None,
     ) -> Subscription:
-        return KafkaSubscription(self, group, topics, on_revoke)
-
-    # -- administration -------------------------------------------------------------
-
-    async def _topic_names(self) -> set[str]:
-        """Every topic of the cluster, without asking the broker to auto-create any."""
-        producer = self._producer
-        if producer is None:
-            raise BusUnavailable("the Kafka bus is not started")
-        try:
-            async with asyncio.timeout(self.settings.request_timeout_s):
-                cluster = await producer.client.fetch_all_metadata()
-        except (TimeoutError, KafkaError) as err:
-            raise BusUnavailable(f"the Kafka bus does not answer: {err!r}") from err
-        return set(cluster.topics())
-
-    async def ping(self) -> None:
-        try:
-            await self._topic_names()
-        except BusUnavailable:
-            self._recheck_topics = bool(self._ensured)
-            raise
-
-    async def ensure_topics(self, topics: Iterable[str]) -> None:
-        """Check the topics exist; create the missing ones when ``auto_create_topics``.
-
-        Bounded by ``request_timeout_s`` for the check and again for the creation.
-        Raises :class:`TopicMissing` naming the topics when they may not be created,
-        :class:`ConfigError` when the cluster rejects the partition or replication
-        settings, :class:`BusUnavailable` when the cluster does not answer.
-        """
-        wanted = sorted(set(topics))
-        existing = await self._topic_names()
-        missing = [t for t in wanted if t not in existing]
-        if not missing:
-            self._ensured.update(wanted)
-            return
-        if not self.settings.auto_create_topics:
-            raise TopicMissing(
-                f"Kafka topics missing: {', '.join(missing)} "
-                "(create them, or set PUBRELAY_BUS__AUTO_CREATE_TOPICS=true)"
-            )
-        await self._create_topics(missing)
-        self._ensured.update(wanted)
-        log.info("bus_topics_created", bus="kafka", topics=missing)
-
-    async def _create_topics(self, names: list[str]) -> None:
-        s = self.settings
-        admin = AIOKafkaAdminClient(**self._options)
-        try:
-            async with asyncio.timeout(s.request_timeout_s):
-                await admin.start()
-                response = await admin.create_topics(
-                    [NewTopic(n, s.partitions, s.replication_factor) for n in names],
-                    timeout_ms=int(s.request_timeout_s * 1000),
-                )
-        except (TimeoutError, KafkaError) as err:
-            raise BusUnavailable(f"cannot create Kafka topics {names}: {err!r}") from err
-        finally:
-            with contextlib.suppress(KafkaError, TimeoutError):
-                await admin.close()
-        _check_created(response.topic_errors)
-
-
-def _check_created(topic_errors: Sequence[tuple[Any, ...]]) -> None:
-    """Turn CreateTopics error codes into our errors (an existing topic is fine)."""
-    for item in topic_errors:
-        name, code = item[0], item[1]
-        message = item[2] if len(item) > 2 else None
-        if code in (0, _TOPIC_ALREADY_EXISTS):
-            continue
-        detail = f"{name}: error {code} {message or ''}".strip()
-        if code in (_INVALID_PARTITIONS, _INVALID_REPLICATION_FACTOR):
-            raise ConfigError(
-                "the Kafka cluster rejected PUBRELAY_BUS__PARTITIONS / "
-                f"PUBRELAY_BUS__REPLICATION_FACTOR for topic {detail}"
-            )
-        if code in (_TOPIC_AUTHORIZATION_FAILED, _CLUSTER_AUTHORIZATION_FAILED, _POLICY_VIOLATION):
-            raise TopicMissing(f"Kafka topic may not be created: {detail}")
-        raise BusUnavailable(f"Kafka topic could not be created: {detail}")
-
-
-# -- consuming ----------------------------------------------------------------------
-
-
-def _ours(tp: Any) -> TopicPartition:
-    return TopicPartition(tp.topic, tp.partition)
-
-
-def _theirs(tp: TopicPartition) -> Any:
-    return KafkaTopicPartition(tp.topic, tp.partition)
-
-
-class _RevokeListener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
-    """Lets the worker commit finished work before partitions move to another member."""
-
-    def __init__(self, group: str, on_revoke: RevokeCallback | None) -> None:
-        self._group = group
-        self._on_revoke = on_revoke
-
-    async def on_partitions_revoked(self, revoked: Collection[Any]) -> None:
-        if not revoked:
-            return
-        log.info("bus_partitions_revoked", bus="kafka", group=self._group, count=len(revoked))
-        if self._on_revoke is not None:
-            try:
-                await self._on_revoke([_ours(tp) for tp in revoked])
-            except Exception:
-                log.exception("bus_revoke_callback_failed", bus="kafka", group=self._group)
-
-    async def on_partitions_assigned(self, assigned: Collection[Any]) -> None:
-        log.info("bus_partitions_assigned", bus="kafka", group=self._group, count=len(assigned))
-
-
-class KafkaSubscription:
-    """A consumer-group member on :class:`KafkaBus` (a :class:`bus.types.Subscription`)."""
-
-    def __init__(
-        self,
-        bus: KafkaBus,
-        group: str,
-        topics: Sequence[str],
-        on_revoke: RevokeCallback | None = None,
-    ) -> None:
-        self.group = group
-        self.topics = list(dict.fromkeys(topics))
-        self._settings = bus.settings
-        self._options = bus._options
-        self._timing = bus.group_timing
-        self._on_revoke = on_revoke
-        self._consumer: Any = None
-        # True until a fetch completes: while the group (re)balances, the assignment aiokafka
-        # reports is not yet one to read from, so lag() reports none.
-        self._joining = True
-
-    async def start(self) -> None:
-        if self._consumer is not None:
-            return
-        t = self._timing
-        # The coordinator holds a JoinGroup until every member rejoined (up to the rebalance
-        # timeout); a shorter request timeout would abort every join of a busy group.
-        # Same rule as the Java client: rebalance timeout + 5 s at least.
-        rebalance_ms = t.rebalance_timeout_ms or t.session_timeout_ms
-        options = {
-            **self._options,
-            "request_timeout_ms": max(self._options["request_timeout_ms"], rebalance_ms + 5_000),
-        }
-        consumer = AIOKafkaConsumer(
-            **options,
-            group_id=self.group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=t.session_timeout_ms,
-            heartbeat_interval_ms=t.heartbeat_interval_ms,
-            rebalance_timeout_ms=t.rebalance_timeout_ms,
-            max_poll_interval_ms=t.max_poll_interval_ms,
+        return KafkaSubscription(
+            group,
+            topics,
+            options=self._options,
+            timing=self.group_timing,
+            request_timeout_s=self.settings.request_timeout_s,
+            on_revoke=on_revoke,
         )
-        try:
-            async with asyncio.timeout(self._settings.request_timeout_s):
-                await consumer.start()
-            consumer.subscribe(self.topics, listener=_RevokeListener(self.group, self._on_revoke))
-        except (TimeoutError, KafkaError) as err:
-            with contextlib.suppress(KafkaError, TimeoutError):
-                async with asyncio.timeout(self._settings.request_timeout_s):
-                    await consumer.stop()
-            raise BusUnavailable(f"cannot start a Kafka consumer: {err!r}") from err
-        self._consumer = consumer
-        log.info("bus_subscribed", bus="kafka", group=self.group, topics=self.topics)
-
-    async def close(self) -> None:
-        consumer, self._consumer = self._consumer, None
-        if consumer is None:
-            return
-        try:
-            async with asyncio.timeout(self._settings.request_timeout_s):
-                await consumer.stop()
-        except (TimeoutError, KafkaError) as err:
-            log.warning("bus_consumer_stop_failed", bus="kafka", group=self.group, error=repr(err))
-
-    def _require(self) -> Any:
-        if self._consumer is None:
-            raise BusUnavailable("the Kafka subscription is not started")
-        return self._consumer
-
-    async def fetch(self, *, max_records: int = 500, timeout_s: float = 1.0) -> list[Message]:
-        """Records after the last fetched ones; broker errors become ``BusUnavailable``."""
-        consumer = self._require()
-        try:
-            # getmany first waits, without any bound, for a group assignment while a
-            # rebalance runs (forever if the broker died mid-join): bound it by what a join
-            # may take, so the worker sees its stop signal and `pubrelay replay` its deadline.
-            t = self._timing
-            join_s = (t.rebalance_timeout_ms or t.session_timeout_ms) / 1000
-            async with asyncio.timeout(timeout_s + join_s):
-                batches = await consumer.getmany(
-                    timeout_ms=int(timeout_s * 1000), max_records=max_records
-                )
-        except TimeoutError:
-            self._joining = True  # still waiting for the group to settle
-            return []
-        except KafkaError as err:
-            raise BusUnavailable(f"the Kafka consumer cannot fetch: {err!r}") from err
-        self._joining = False
-        return [
-            Message(
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                key=record.key,
-                value=record.value if record.value is not None else b"",
-                headers=tuple((k, v if v is not None else b"") for k, v in record.headers),
-                timestamp_ms=record.timestamp,
-            )
-            for records in batches.values()
-            for record in records
-        ]
-
-    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
-        """Commit offsets of partitions still assigned to this member.
-
-        Offsets of partitions already revoked are dropped (logged): their records are
-        delivered again to the new owner, which the idempotency ledger absorbs.
-        """
-        consumer = self._require()
-        assigned = consumer.assignment()
-        wanted = {_theirs(tp): offset for tp, offset in offsets.items()}
-        kept = {tp: offset for tp, offset in wanted.items() if tp in assigned}
-        if len(kept) < len(wanted):
-            log.info(
-                "bus_commit_skipped_unassigned",
-                bus="kafka",
-                group=self.group,
-                partitions=len(wanted) - len(kept),
-            )
-        if not kept:
-            return
-        try:
-            async with asyncio.timeout(self._settings.request_timeout_s):
-                await consumer.commit(kept)
-        except IllegalStateError as err:  # revoked between the check and the commit
-            log.info("bus_commit_skipped_unassigned", bus="kafka", group=self.group, error=str(err))
-        except (TimeoutError, KafkaError) as err:
-            raise BusUnavailable(f"the Kafka consumer cannot commit: {err!r}") from err
-
-    async def lag(self) -> Mapping[TopicPartition, int]:
-        """End offset minus committed offset per assigned partition.
-
-        The end offset comes from a ListOffsets request. The Tansu test broker reports
-        end offsets up to a batch low, so the lag read against it is low too.
-        """
-        consumer = self._require()
-        assigned = [] if self._joining else list(consumer.assignment())
-        if not assigned:
-            return {}
-        try:
-            async with asyncio.timeout(self._settings.request_timeout_s):
-                ends = await consumer.end_offsets(assigned)
-                starts = await consumer.beginning_offsets(assigned)
-                out: dict[TopicPartition, int] = {}
-                for tp in assigned:
-                    committed = await consumer.committed(tp)
-                    done = starts[tp] if committed is None else committed
-                    out[_ours(tp)] = max(0, ends[tp] - done)
-        except (TimeoutError, KafkaError) as err:
-            raise BusUnavailable(f"the Kafka consumer cannot read its lag: {err!r}") from err
-        return out

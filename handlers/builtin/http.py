@@ -57,6 +57,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from structlog.typing import FilteringBoundLogger
 
+from handlers.builtin.http_client import HttpUrlStr, client_session
 from handlers.builtin.retry_after import retry_after_s
 from handlers.types import Event, HandlerContext
 from schemas.errors import ConfigError, HandlerError, RetryLater
@@ -65,8 +66,8 @@ from schemas.masking import mask_emails
 __all__ = [
     "SETTINGS_SECTION",
     "SIGNATURE_VERSION",
-    "ForwardHandler",
     "ForwardSettings",
+    "HttpHandler",
     "create",
     "sign_forward",
     "verify_forward_signature",
@@ -137,22 +138,20 @@ def verify_forward_signature(
 
 
 class ForwardSettings(BaseModel):
-    """The ``PUBRELAY_FORWARD__*`` section; unknown keys are refused so typos surface."""
+    """The ``http`` handler's section, ``PUBRELAY_FORWARD__*``; unknown keys are refused so
+    typos surface.
+
+    Not ``PUBRELAY_HTTP__*``, although the handler is named ``http``: that section
+    configures pubrelay's own web server, and one variable must not mean two things.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(description="downstream endpoint, http:// or https://")
+    url: HttpUrlStr = Field(description="downstream endpoint, http:// or https://")
     secret: SecretStr = Field(description="HMAC-SHA256 key of X-Pubrelay-Signature")
     timeout_s: float = Field(default=10.0, gt=0)
     headers: dict[str, str] = Field(default_factory=dict, description="extra request headers")
     event_types: list[str] = Field(default_factory=list, description="empty: every event type")
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value
 
     @field_validator("secret")
     @classmethod
@@ -175,7 +174,7 @@ class ForwardSettings(BaseModel):
         return value
 
 
-class ForwardHandler:
+class HttpHandler:
     """Signs and POSTs every event; one ``aiohttp`` session between start and stop."""
 
     def __init__(
@@ -197,13 +196,12 @@ class ForwardHandler:
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:  # keeps the secret and any credentials in headers out
-        return f"ForwardHandler(name={self.name!r})"
+        return f"HttpHandler(name={self.name!r})"
 
     async def start(self) -> None:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
-                headers={"User-Agent": "pubrelay-forward"},
+            self._session = client_session(
+                timeout_s=self.settings.timeout_s, user_agent="pubrelay-forward"
             )
 
     async def stop(self) -> None:
@@ -268,7 +266,7 @@ class ForwardHandler:
         self._requests.labels(result).inc()
 
 
-def create(context: HandlerContext) -> ForwardHandler:
+def create(context: HandlerContext) -> HttpHandler:
     """Entry point ``http = "handlers.builtin.http:create"`` in group ``pubrelay.handlers``.
 
     The settings come from ``PUBRELAY_FORWARD__*``: the context is copied under the section
@@ -284,7 +282,7 @@ def create(context: HandlerContext) -> ForwardHandler:
             f"{context.env_prefix}* configures pubrelay's web server)"
         ) from None
     registry = context.metrics_registry
-    return ForwardHandler(
+    return HttpHandler(
         name=context.name,
         settings=settings,
         logger=context.logger,

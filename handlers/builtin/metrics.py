@@ -1,7 +1,8 @@
 """The built-in ``metrics`` handler: Prometheus counts of published codes for ops dashboards.
 
-Enabled as ``metrics`` (entry point ``metrics = "handlers.builtin.metrics:create"``); the module
-is not called ``metrics.py`` because that name holds the worker's own series.
+Enabled as ``metrics`` (entry point ``metrics = "handlers.builtin.metrics:create"``). Its
+series count publications; the worker's own series (handled, retried, dead-lettered...)
+are :mod:`handlers.worker.metrics`, the webhook consumer's :mod:`consumer.metrics`.
 
 What it exports, on the worker's registry:
 

@@ -1,4 +1,4 @@
-"""HTTP details shared by the handlers that call HTTP APIs (``crm``, ``http``)."""
+"""``Retry-After`` read as a delay, for the handlers that call HTTP services (``crm``, ``http``)."""
 
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ also pass a natural idempotency key (the event id) to the systems they write to.
 
 Two implementations:
 
-* :class:`SqliteLedger` (default): one file in the data directory, WAL journal,
-  ``synchronous=FULL``; concurrent completions share one commit (group commit).
+* :class:`SqliteLedger` (default): one file in the data directory, opened like the
+  embedded bus's (:mod:`bus.sqlite.db`: WAL journal, ``synchronous=FULL``); concurrent
+  completions share one commit (group commit).
 * :class:`RedisLedger` (``PUBRELAY_LEDGER__URL=redis://host:port/db``): one key per pair
   with a TTL of the retention, for several worker processes sharing one ledger. Its
   durability is Redis's (enable ``appendonly`` in production).
@@ -25,21 +26,18 @@ import contextlib
 import math
 import sqlite3
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Final, Protocol
 
 import structlog
 
+from bus.sqlite.db import ConnectionThread, transaction
 from handlers.config import LedgerSettings
 
 if TYPE_CHECKING:
     import redis.asyncio
 
 log = structlog.get_logger("pubrelay.handlers.ledger")
-
-T = TypeVar("T")
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS ledger (
@@ -101,38 +99,17 @@ class SqliteLedger:
         self.path = path
         self.retention_s = retention_s
         self.timeout_s = timeout_s
-        self._reader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-read")
-        self._writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-write")
-        self._reader: sqlite3.Connection | None = None
-        self._writer: sqlite3.Connection | None = None
+        self._reader = ConnectionThread("ledger-read")
+        self._writer = ConnectionThread("ledger-write")
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
         self._next_purge = 0.0
 
-    async def _read(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._reader_pool, fn, *args)
-
-    async def _write(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._writer_pool, fn, *args)
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False
-        )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        return conn
-
-    def _open_writer(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._connect()
-        conn.executescript(_SCHEMA)
-        return conn
-
     async def open(self) -> None:
-        if self._writer is None:
-            self._writer = await self._write(self._open_writer)
-            self._reader = await self._read(self._connect)
+        if not self._writer.is_open:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            await self._writer.open(self.path, busy_timeout_s=self.timeout_s, schema=_SCHEMA)
+            await self._reader.open(self.path, busy_timeout_s=self.timeout_s)
             await self.purge()
 
     async def close(self) -> None:
@@ -142,23 +119,12 @@ class SqliteLedger:
                 self._flusher = asyncio.create_task(self._flush(), name="ledger-flush")
             with contextlib.suppress(Exception):
                 await self._flusher
-        for conn, run in ((self._reader, self._read), (self._writer, self._write)):
-            if conn is not None:
-                await run(conn.close)
-        self._reader = self._writer = None
-        self._reader_pool.shutdown(wait=True)
-        self._writer_pool.shutdown(wait=True)
+        await self._reader.close()
+        await self._writer.close()
 
     async def is_done(self, handler: str, event_id: str) -> bool:
-        return await self._read(self._is_done, handler, event_id, time.time() - self.retention_s)
-
-    def _is_done(self, handler: str, event_id: str, cutoff: float) -> bool:
-        assert self._reader is not None, "ledger not open"
-        row = self._reader.execute(
-            "SELECT 1 FROM ledger WHERE handler = ? AND event_id = ? AND completed_at >= ?",
-            (handler, event_id, cutoff),
-        ).fetchone()
-        return row is not None
+        cutoff = time.time() - self.retention_s
+        return await self._reader.run(_is_done, handler, event_id, cutoff)
 
     async def mark_done(self, handler: str, event_id: str) -> None:
         entry = _Pending(handler, event_id, asyncio.get_running_loop().create_future())
@@ -175,7 +141,7 @@ class SqliteLedger:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    await self._write(self._write_batch, batch)
+                    await self._writer.run(_write_batch, batch)
                 except Exception as err:  # the store's own errors, handed to each caller
                     for entry in batch:
                         if not entry.future.done():
@@ -192,34 +158,35 @@ class SqliteLedger:
             except Exception as err:  # the purge is housekeeping: retried at the next interval
                 log.warning("ledger_purge_failed", error_type=type(err).__name__, error=str(err))
 
-    def _write_batch(self, batch: list[_Pending]) -> None:
-        conn = self._writer
-        assert conn is not None, "ledger not open"
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(
-                "INSERT INTO ledger (handler, event_id, completed_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (handler, event_id) "
-                "DO UPDATE SET completed_at = excluded.completed_at",
-                [(e.handler, e.event_id, e.completed_at) for e in batch],
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
-
     async def purge(self) -> int:
         """Forget entries older than the retention; return how many were removed."""
         self._next_purge = time.monotonic() + min(_PURGE_EVERY_S, self.retention_s)
-        removed = await self._write(self._purge, time.time() - self.retention_s)
+        removed = await self._writer.run(_purge, time.time() - self.retention_s)
         if removed:
             log.info("ledger_purged", entries=removed)
         return removed
 
-    def _purge(self, cutoff: float) -> int:
-        assert self._writer is not None, "ledger not open"
-        return self._writer.execute("DELETE FROM ledger WHERE completed_at < ?", (cutoff,)).rowcount
+
+def _is_done(conn: sqlite3.Connection, handler: str, event_id: str, cutoff: float) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM ledger WHERE handler = ? AND event_id = ? AND completed_at >= ?",
+        (handler, event_id, cutoff),
+    ).fetchone()
+    return row is not None
+
+
+def _write_batch(conn: sqlite3.Connection, batch: list[_Pending]) -> None:
+    with transaction(conn):
+        conn.executemany(
+            "INSERT INTO ledger (handler, event_id, completed_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (handler, event_id) "
+            "DO UPDATE SET completed_at = excluded.completed_at",
+            [(e.handler, e.event_id, e.completed_at) for e in batch],
+        )
+
+
+def _purge(conn: sqlite3.Connection, cutoff: float) -> int:
+    return conn.execute("DELETE FROM ledger WHERE completed_at < ?", (cutoff,)).rowcount
 
 
 class RedisLedger:

@@ -11,29 +11,23 @@ commits the dead-letter offsets it replayed. It commits a contiguous run only: w
 filter (``event_id``, ``since``) leaves an earlier dead letter in place, the replayed
 ones after it stay listed too, and replaying them again is harmless (the ledger turns an
 event already handled into a ``duplicate``). ``dry_run`` publishes and commits nothing.
+
+The dead-letter format itself (the ``dlq-*`` headers) is :mod:`handlers.worker.dead_letters`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 import structlog
 
 from bus.types import Bus, Message, Subscription, TopicPartition
-from handlers.types import DLQ_HEADER_PREFIX, check_handler_name
-from handlers.worker.runner import (
-    DLQ_ATTEMPTS,
-    DLQ_ERROR,
-    DLQ_ERROR_TYPE,
-    DLQ_FIRST_FAILED_AT,
-    DLQ_LAST_FAILED_AT,
-    DLQ_SOURCE_TOPIC,
-)
-from schemas.record import HEADER_EVENT_ID, HEADER_EVENT_TYPE, Headers, header
-from schemas.timestamps import parse_timestamp
+from handlers.types import check_handler_name
+from handlers.worker.dead_letters import DeadLetter
 from schemas.topics import (
     DEFAULT_GROUP_PREFIX,
     DEFAULT_TOPIC_PREFIX,
@@ -43,53 +37,6 @@ from schemas.topics import (
 )
 
 log = structlog.get_logger("pubrelay.handlers.replay")
-
-
-def _text(headers: Headers, name: str) -> str | None:
-    value = header(headers, name)
-    return value.decode("utf-8", "replace") if value is not None else None
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """One record of a dead-letter topic, with its ``dlq-*`` facts decoded."""
-
-    message: Message
-    event_id: str | None
-    event_type: str | None
-    error: str | None
-    error_type: str | None
-    attempts: int | None
-    first_failed_at: datetime | None
-    last_failed_at: datetime | None
-    source_topic: str | None
-
-    @classmethod
-    def from_message(cls, message: Message) -> DeadLetter:
-        headers = message.headers
-        attempts = _text(headers, DLQ_ATTEMPTS)
-        return cls(
-            message=message,
-            event_id=_text(headers, HEADER_EVENT_ID),
-            event_type=_text(headers, HEADER_EVENT_TYPE),
-            error=_text(headers, DLQ_ERROR),
-            error_type=_text(headers, DLQ_ERROR_TYPE),
-            attempts=int(attempts) if attempts and attempts.isdigit() else None,
-            first_failed_at=parse_timestamp(_text(headers, DLQ_FIRST_FAILED_AT)),
-            last_failed_at=parse_timestamp(_text(headers, DLQ_LAST_FAILED_AT)),
-            source_topic=_text(headers, DLQ_SOURCE_TOPIC),
-        )
-
-    @property
-    def original_headers(self) -> Headers:
-        """The headers the record had before it was dead-lettered."""
-        return tuple((k, v) for k, v in self.message.headers if not k.startswith(DLQ_HEADER_PREFIX))
-
-    def failed_since(self, since: datetime) -> bool:
-        when = self.last_failed_at or datetime.fromtimestamp(
-            self.message.timestamp_ms / 1000, tz=UTC
-        )
-        return when >= (since if since.tzinfo else since.replace(tzinfo=UTC))
 
 
 @dataclass(slots=True)
@@ -102,6 +49,20 @@ class ReplaySummary:
     matched: int = 0
     replayed: int = 0
     committed: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+@asynccontextmanager
+async def _dead_letter_topic(
+    bus: Bus, handler: str, topic_prefix: str, group_prefix: str
+) -> AsyncIterator[Subscription]:
+    """``handler``'s dead-letter topic, read in its replay group until the block ends."""
+    check_handler_name(handler)
+    sub = bus.subscribe(replay_group(group_prefix, handler), [dlq_topic(topic_prefix, handler)])
+    await sub.start()
+    try:
+        yield sub
+    finally:
+        await sub.close()
 
 
 async def _read_pending(
@@ -143,15 +104,10 @@ async def list_dead_letters(
     idle_timeout_s: float = 1.0,
 ) -> list[DeadLetter]:
     """The dead letters of ``handler`` not yet replayed (oldest first); commits nothing."""
-    check_handler_name(handler)
-    sub = bus.subscribe(replay_group(group_prefix, handler), [dlq_topic(topic_prefix, handler)])
-    await sub.start()
-    try:
+    async with _dead_letter_topic(bus, handler, topic_prefix, group_prefix) as sub:
         messages = await _read_pending(
             sub, limit=limit, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
         )
-    finally:
-        await sub.close()
     letters = [DeadLetter.from_message(m) for m in messages]
     return [d for d in letters if event_id is None or d.event_id == event_id]
 
@@ -176,12 +132,9 @@ async def replay(
     Raises :class:`schemas.errors.BusUnavailable` when a publish fails; what was replayed
     before it is committed first, so running it again continues where it stopped.
     """
-    check_handler_name(handler)
     target = retry_topic(topic_prefix, handler)
     summary = ReplaySummary(handler=handler, dry_run=dry_run)
-    sub = bus.subscribe(replay_group(group_prefix, handler), [dlq_topic(topic_prefix, handler)])
-    await sub.start()
-    try:
+    async with _dead_letter_topic(bus, handler, topic_prefix, group_prefix) as sub:
         messages = await _read_pending(
             sub, limit=limit, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
         )
@@ -220,8 +173,6 @@ async def replay(
             if frontier and not dry_run:
                 await sub.commit(frontier)
                 summary.committed = frontier
-    finally:
-        await sub.close()
     log.info(
         "replay_finished",
         handler=handler,

@@ -105,7 +105,7 @@ async def through_worker(
     bus: Bus, prefix: str, count: int, ledger: Ledger, group_prefix: str
 ) -> float:
     """Events/s of the worker with the no-op handler finishing ``count`` events."""
-    from handlers.worker.runner import Worker  # noqa: PLC0415 - keeps `--help` fast
+    from handlers.worker.service import Worker  # noqa: PLC0415 - keeps `--help` fast
 
     registry = CollectorRegistry()
     settings = WorkerSettings(group_prefix=group_prefix, commit_interval_s=0.2)

@@ -16,7 +16,7 @@ from bus.types import Bus
 from handlers.registry import available
 from handlers.types import Event, Handler
 from handlers.worker.ledger import Ledger
-from handlers.worker.runner import Worker
+from handlers.worker.service import Worker
 from schemas.errors import HandlerError, RetryLater
 from schemas.record import header
 from schemas.topics import dlq_topic

@@ -21,7 +21,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from consumer.metrics import WebhookMetrics
-from handlers.builtin.crm.handler import _metrics as crm_metrics
+from handlers.builtin.crm.metrics import crm_metrics
 from handlers.builtin.metrics import PublicationMetrics, PublicationMetricsSettings
 from handlers.types import HandlerContext
 from handlers.worker.metrics import WorkerMetrics

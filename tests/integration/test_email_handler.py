@@ -18,7 +18,7 @@ from bus.sqlite import SqliteBus
 from handlers.builtin.email.handler import EmailHandler, create
 from handlers.types import Event, KeyLedger
 from handlers.worker.ledger import SqliteLedger
-from handlers.worker.runner import Worker
+from handlers.worker.service import Worker
 from schemas.errors import HandlerError, RetryLater, SkipEvent
 from schemas.events import CUSTOMER_PUBLICATION_SUCCEEDED, PUBLICATION_SUCCEEDED
 from schemas.record import header

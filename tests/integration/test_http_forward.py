@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from handlers.builtin.http import HttpHandler as ForwardHandler
 from handlers.builtin.http import (
-    ForwardHandler,
     create,
     sign_forward,
     verify_forward_signature,

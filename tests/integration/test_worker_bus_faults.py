@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from bus.sqlite import SqliteBus
 from handlers.types import Event
 from handlers.worker.ledger import Ledger
-from handlers.worker.runner import Worker
+from handlers.worker.service import Worker
 from schemas.errors import HandlerError
 from schemas.topics import dlq_topic
 from tests.fixtures.worker import (

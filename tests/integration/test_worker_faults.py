@@ -24,7 +24,7 @@ from bus.sqlite import SqliteBus
 from bus.types import Bus, RevokeCallback, Subscription, TopicPartition
 from handlers.types import Event
 from handlers.worker.ledger import Ledger
-from handlers.worker.runner import Worker
+from handlers.worker.service import Worker
 from schemas.errors import HandlerError, RetryLater
 from schemas.record import header
 from schemas.topics import dlq_topic, topic_for

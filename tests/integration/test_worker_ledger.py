@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from bus.types import Bus
 from handlers.config import LedgerSettings
 from handlers.worker.ledger import Ledger, RedisLedger, SqliteLedger, create_ledger
-from handlers.worker.runner import Worker
+from handlers.worker.service import Worker
 from tests.fixtures.redis import free_port, start_redis, stop_redis
 from tests.fixtures.worker import (
     ScriptedHandler,

@@ -15,7 +15,7 @@ from handlers.config import HandlersSettings, LedgerSettings
 from handlers.types import Event
 from handlers.worker.ledger import Ledger
 from handlers.worker.replay import list_dead_letters, replay
-from handlers.worker.runner import Worker, run_worker
+from handlers.worker.service import Worker, run_worker
 from schemas.errors import HandlerError, PluginError, RetryLater, SkipEvent
 from schemas.record import header
 from schemas.topics import dlq_topic, retry_topic

@@ -14,7 +14,8 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from handlers.builtin.email.handler import create, format_preview, load_settings, render_preview
+from handlers.builtin.email.handler import create
+from handlers.builtin.email.preview import format_preview, load_settings, render_preview
 from handlers.builtin.email.rendering import slug, template_bases
 from handlers.builtin.email.settings import EmailSettings
 from handlers.types import HandlerContext

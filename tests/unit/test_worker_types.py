@@ -17,7 +17,9 @@ from handlers.types import (
     HandlerContext,
     check_handler_name,
 )
-from handlers.worker.runner import dead_letter_headers, handler_topics, is_transient
+from handlers.worker.dead_letters import dead_letter_headers
+from handlers.worker.retry import is_transient
+from handlers.worker.runner import handler_topics
 from schemas.errors import BusUnavailable, ConfigError, HandlerError, RetryLater, SkipEvent
 from schemas.topics import consumer_group, dlq_topic, retry_topic
 from tests.fixtures.worker import event_record
@@ -87,6 +89,35 @@ def test_invalid_plugin_settings_name_the_environment_variables() -> None:
     assert "PUBRELAY_MY_CRM__SMTP__HOST" in message
     assert "PUBRELAY_MY_CRM__SMTP__PORT" in message
     assert "PUBRELAY_MY_CRM__PASSWORD" in message
+
+
+def test_a_plugin_reads_its_section_from_dotenv_too_the_environment_winning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_text(
+        "PUBRELAY_MY_CRM__SMTP__HOST=dotenv-host\n"
+        "PUBRELAY_MY_CRM__PASSWORD=from-dotenv\n"
+        "PUBRELAY_MY_CRM__CHANNELS='[\"API\"]'\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PUBRELAY_MY_CRM__PASSWORD", "from-environment")
+    ctx = HandlerContext(
+        name="my-crm",
+        data_dir=tmp_path,
+        metrics_registry=CollectorRegistry(),
+        logger=structlog.get_logger("test"),
+        topic_prefix="voucherify.",
+    )
+    settings = ctx.settings(PluginSettings)
+    assert settings.smtp.host == "dotenv-host"
+    assert settings.channels == ["API"]
+    assert settings.password.get_secret_value() == "from-environment"
+
+
+def test_a_section_value_that_must_be_json_names_the_section() -> None:
+    ctx = context(name="my-crm", env={"PUBRELAY_MY_CRM__CHANNELS": "API, Automation"})
+    with pytest.raises(ConfigError, match=r"'my-crm'.*PUBRELAY_MY_CRM__\*.*not valid JSON"):
+        ctx.settings(PluginSettings)
 
 
 @pytest.mark.parametrize("name", ["email", "crm-hubspot", "metrics_2"])
@@ -239,7 +270,9 @@ def test_handler_calls_and_revokes_are_bounded_by_default() -> None:
 
 
 def test_dead_letter_error_text_masks_customer_addresses() -> None:
-    from handlers.worker.runner import _error_text  # noqa: PLC0415 - a private helper under test
+    from handlers.worker.dead_letters import (  # noqa: PLC0415 - a helper under test
+        error_text as _error_text,
+    )
 
     text = _error_text(ValueError("input_value='jane.doe@example.com' is not valid"))
     assert text == "ValueError: input_value='j***@example.com' is not valid"

@@ -1,69 +1,18 @@
 """The ``email`` handler: send the customer the code(s) a publication gave them.
 
-Entry point ``email`` in group ``pubrelay.handlers``. It acts
-on ``customer.publication.succeeded`` (one code for one customer) and the project-level
+Entry point ``email = "handlers.builtin.email:create"`` in group ``pubrelay.handlers``. It
+acts on ``customer.publication.succeeded`` (one code for one customer) and the project-level
 ``publication.succeeded`` (one publication, possibly several codes: one e-mail lists them
 all). A customer gets one e-mail per publication even when both events arrive for it:
 the handler records ``publication:<id>`` in the worker's ledger (``context.ledger``) after
 sending and checks it before sending. Without a ledger (unit contexts) it remembers the
 publications of this process only, and says so at start.
 
-Settings (``PUBRELAY_EMAIL__*``):
-
-===============================  =======================  ====================================
-variable                         default                  meaning
-===============================  =======================  ====================================
-``SENDER``                       (required)               ``From``: ``Shop <coupons@shop.io>``
-``SMTP_URL``                     ``smtp://localhost:25``  ``smtp://host:port`` or
-                                                          ``smtps://host:port`` (implicit TLS)
-``STARTTLS``                     ``auto``                 ``auto`` (when offered), ``always``,
-                                                          ``never``; not used with ``smtps://``
-``USERNAME`` / ``PASSWORD``      (none)                   SMTP AUTH; sent only over TLS unless
-                                                          ``ALLOW_PLAINTEXT_AUTH=true``
-``CA_FILE``                      system CAs               PEM bundle trusted for the relay
-``VERIFY_TLS``                   ``true``                 check the relay's certificate
-``HELO_HOSTNAME``                the FQDN                 name sent in ``EHLO``
-``REPLY_TO``                     (none)                   ``Reply-To`` header
-``TEMPLATE_DIR``                 (built-ins only)         operator templates, see below
-``CURRENCY_SYMBOL``              (none)                   ``$`` renders 1000 cents ``$10.00``
-``DATE_FORMAT``                  ``%Y-%m-%d``             strftime format of expiry dates
-``LIST_UNSUBSCRIBE``             (none)                   template of the ``List-Unsubscribe``
-                                                          URI(s), e.g.
-                                                          ``https://shop.io/unsub?c={{
-                                                          customer.id|urlencode }}``
-``LIST_UNSUBSCRIBE_ONE_CLICK``   ``false``                add ``List-Unsubscribe-Post``
-                                                          (RFC 8058) for an https URI
-``OPT_OUT_METADATA_KEY``         ``email_opt_out``        customer metadata key; ``true``,
-                                                          ``"true"``, ``"yes"``, ``1`` opt out
-``MAX_PER_S``                    ``10``                   messages per second (0: no limit)
-``CONNECTIONS``                  ``1``                    SMTP connections kept open
-``TIMEOUT_S``                    ``30``                   bound for one SMTP command
-``EVENT_TYPES``                  both publication events  event types to act on
-===============================  =======================  ====================================
-
-**Templates** (Jinja2; lookup order in :mod:`handlers.builtin.email.rendering`): for each of
-``<base>.subject.txt``, ``<base>.txt`` and ``<base>.html`` the first of
-``campaign/<campaign id>``, ``campaign/<slug of campaign name>``,
-``channel/<slug of channel>``, ``default`` found in ``TEMPLATE_DIR``, else the built-in
-``default``. HTML is autoescaped; an undefined name is an error. Templates see:
-
-* ``customer``, ``campaign``, ``publication``: the event's models
-  (:mod:`schemas.customer`...), empty when the event lacks them; ``metadata`` is ``{}``
-  rather than ``None``, so ``customer.metadata.tier`` works or fails clearly.
-* ``voucher``: the (first) code, a :class:`handlers.builtin.email.message.VoucherView`:
-  ``code``, ``discount`` (``"10% off"``, ``"$10.00 off"``), ``expires`` (formatted date
-  or none), ``starts``, ``details`` (``"10% off, valid until 2024-12-31"``), ``model``.
-* ``vouchers`` and ``codes``: every code of the publication (one for
-  ``customer.publication.succeeded``).
-* ``channel``, ``event`` (``event.id``, ``event.created_at``...), ``event_id``,
-  ``event_type``, ``sender``, ``list_unsubscribe_url`` (rendered, or none) and, in the
-  bodies, ``subject``.
-
-The message is ``multipart/alternative`` (text, then HTML) with ``From``, ``To``
-(customer name and address), ``Reply-To``, ``Subject``, ``Date``, ``Auto-Submitted``,
-``List-Unsubscribe`` when configured, and ``Message-ID:
-<pubrelay.<publication id>@<sender domain>>``, the same for every resend of a
-publication.
+The parts, one module each: :mod:`~handlers.builtin.email.settings` (``PUBRELAY_EMAIL__*``),
+:mod:`~handlers.builtin.email.message` (whether an event gets an e-mail, and the message:
+headers, and the names templates see), :mod:`~handlers.builtin.email.rendering` (the
+Jinja2 templates and where they are looked up), :mod:`~handlers.builtin.email.smtp`
+(delivery through the relay).
 
 **Outcomes** (see :mod:`handlers.types`): sent -> returns. No address, an opted-out
 customer, no code, a publication already mailed -> :class:`SkipEvent` (also counted in
@@ -72,8 +21,8 @@ customer, no code, a publication already mailed -> :class:`SkipEvent` (also coun
 template bug -> :class:`HandlerError` (dead letter, with the reply or the template name).
 Logs never carry a full address (``j***@example.com``) nor the password.
 
-``pubrelay preview-email FILE`` renders what an event would send, without sending:
-:func:`render_preview` and :func:`format_preview`.
+``pubrelay preview-email FILE`` renders what an event would send, without sending
+(:mod:`handlers.builtin.email.preview`).
 """
 
 from __future__ import annotations
@@ -81,16 +30,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from email import policy
-from email.message import EmailMessage
-from pathlib import Path
-from typing import Any, Final, NoReturn, cast
+from typing import Any, Final, NoReturn
 
-import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from structlog.typing import FilteringBoundLogger
 
@@ -101,27 +46,14 @@ from handlers.builtin.email.message import (
     Skip,
     publication_key,
 )
-from handlers.builtin.email.rendering import TemplateRenderer
-from handlers.builtin.email.settings import (
-    EmailSettings,
-    SenderAddress,
-    parse_sender,
-    parse_smtp_url,
-)
+from handlers.builtin.email.settings import EmailSettings, parse_smtp_url
 from handlers.builtin.email.smtp import SmtpTransport
 from handlers.types import Event, HandlerContext, KeyLedger
 from schemas.errors import HandlerError, RetryLater, SkipEvent
-from schemas.events import WebhookEnvelope, parse_event
+from schemas.events import WebhookEnvelope
 from schemas.masking import mask_address
 
-__all__ = [
-    "EmailHandler",
-    "EmailSettings",
-    "create",
-    "format_preview",
-    "load_settings",
-    "render_preview",
-]
+__all__ = ["EmailHandler", "create"]
 
 _MEMORY_KEYS_MAX: Final = 100_000
 _OUTCOMES: Final = ("sent", "deferred", "rejected", "template_error")
@@ -199,7 +131,6 @@ class EmailHandler:
         *,
         name: str,
         settings: EmailSettings,
-        sender: SenderAddress,
         composer: MessageComposer,
         transport: SmtpTransport,
         ledger: KeyLedger | None,
@@ -209,7 +140,7 @@ class EmailHandler:
         self.name = name
         self.event_types = frozenset(settings.event_types)
         self.settings = settings
-        self.sender = sender
+        self.sender = composer.sender
         self.composer = composer
         self._transport = transport
         self._ledger = ledger
@@ -309,19 +240,10 @@ class EmailHandler:
         )
 
 
-def _build(
-    settings: EmailSettings, env_prefix: str, *, clock: Callable[[], datetime] | None = None
-) -> tuple[SenderAddress, MessageComposer]:
-    sender = parse_sender(settings.sender, f"{env_prefix}SENDER")
-    renderer = TemplateRenderer(settings.template_dir)
-    renderer.check()
-    return sender, MessageComposer(settings, sender, renderer, clock=clock)
-
-
 def create(context: HandlerContext) -> EmailHandler:
     """Entry point ``email`` in group ``pubrelay.handlers`` (see ``pyproject.toml``)."""
     settings = context.settings(EmailSettings)
-    sender, composer = _build(settings, context.env_prefix)
+    composer = MessageComposer.from_settings(settings, context.env_prefix)
     metrics = _metrics(context.metrics_registry)
     transport = SmtpTransport(
         settings,
@@ -332,56 +254,9 @@ def create(context: HandlerContext) -> EmailHandler:
     return EmailHandler(
         name=context.name,
         settings=settings,
-        sender=sender,
         composer=composer,
         transport=transport,
         ledger=context.ledger,
         logger=context.logger,
         metrics=metrics,
     )
-
-
-# --- preview (``pubrelay preview-email FILE``) ----------------------------------------------
-
-
-def load_settings(env: Mapping[str, str] | None = None) -> EmailSettings:
-    """``PUBRELAY_EMAIL__*`` from ``env`` (default: the process environment), as the
-    worker reads them; :class:`ConfigError` naming the variable at fault."""
-    context = HandlerContext(
-        name="email",
-        data_dir=Path(),
-        metrics_registry=CollectorRegistry(auto_describe=False),
-        logger=cast(FilteringBoundLogger, structlog.get_logger("pubrelay.handlers.email")),
-        topic_prefix="",
-        env=env,
-    )
-    return context.settings(EmailSettings)
-
-
-def render_preview(
-    raw: bytes, settings: EmailSettings, *, now: datetime | None = None
-) -> EmailMessage:
-    """The e-mail the handler would send for the webhook body ``raw``, without sending.
-
-    Raises :class:`SkipEvent` (the reason no e-mail would be sent), :class:`HandlerError`
-    (a template bug, an unusable address), :class:`ConfigError` (settings, template
-    syntax) or pydantic's ``ValidationError`` (not a webhook body). The ledger is not
-    consulted: a publication already mailed previews the same message again.
-    """
-    _, composer = _build(settings, "PUBRELAY_EMAIL__", clock=(lambda: now) if now else None)
-    envelope = parse_event(raw)
-    skip = composer.skip_reason(envelope)
-    if skip is not None:
-        raise SkipEvent(f"{skip.reason}: {skip.message}")
-    return composer.compose(envelope).message
-
-
-def format_preview(message: EmailMessage) -> str:
-    """Headers, then each part decoded under a ``--- text/plain ---`` style rule."""
-    lines = [f"{name}: {value}" for name, value in message.items()]
-    for part in message.walk():
-        if part.is_multipart():
-            continue
-        content = part.get_content()
-        lines += ["", f"--- {part.get_content_type()} ---", str(content).rstrip("\n")]
-    return "\n".join(lines) + "\n"

@@ -6,6 +6,27 @@ subject, text and HTML parts (:mod:`handlers.builtin.email.rendering`) and assem
 ``multipart/alternative`` :class:`~email.message.EmailMessage` with its headers. The
 handler and the ``pubrelay preview-email`` command share it, so a preview is exactly
 what would be sent.
+
+**What templates see** (:meth:`MessageComposer.context`; where templates are looked up
+is :mod:`handlers.builtin.email.rendering`):
+
+* ``customer``, ``campaign``, ``publication``: the event's models
+  (:mod:`schemas.customer`...), empty when the event lacks them; ``metadata`` is ``{}``
+  rather than ``None``, so ``customer.metadata.tier`` works or fails clearly.
+* ``voucher``: the (first) code, a :class:`VoucherView`:
+  ``code``, ``discount`` (``"10% off"``, ``"$10.00 off"``), ``expires`` (formatted date
+  or none), ``starts``, ``details`` (``"10% off, valid until 2024-12-31"``), ``model``.
+* ``vouchers`` and ``codes``: every code of the publication (one for
+  ``customer.publication.succeeded``).
+* ``channel``, ``event`` (``event.id``, ``event.created_at``...), ``event_id``,
+  ``event_type``, ``sender``, ``list_unsubscribe_url`` (rendered, or none) and, in the
+  bodies, ``subject``.
+
+The message is ``multipart/alternative`` (text, then HTML) with ``From``, ``To``
+(customer name and address), ``Reply-To``, ``Subject``, ``Date``, ``Auto-Submitted``,
+``List-Unsubscribe`` when configured, and ``Message-ID:
+<pubrelay.<publication id>@<sender domain>>``, the same for every resend of a
+publication.
 """
 
 from __future__ import annotations
@@ -20,7 +41,7 @@ from email.utils import format_datetime
 from typing import Any, Final, Literal, TypeVar
 
 from handlers.builtin.email.rendering import TemplateRenderer, render_template, template_bases
-from handlers.builtin.email.settings import EmailSettings, SenderAddress
+from handlers.builtin.email.settings import EmailSettings, SenderAddress, parse_sender
 from schemas.campaign import Campaign
 from schemas.customer import Customer
 from schemas.errors import HandlerError
@@ -106,7 +127,6 @@ class Composed:
     message: EmailMessage
     recipient: str
     templates: tuple[str, ...]
-    dedupe_key: str | None
 
 
 class MessageComposer:
@@ -129,6 +149,22 @@ class MessageComposer:
             if settings.list_unsubscribe
             else None
         )
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: EmailSettings,
+        env_prefix: str,
+        *,
+        clock: Callable[[], datetime] | None = None,
+    ) -> MessageComposer:
+        """The composer of the ``email`` handler and the preview: the sender checked and
+        every template compiled now, so a mistake stops start-up (:class:`ConfigError`
+        naming the variable, ``<env_prefix>SENDER``, or the template)."""
+        sender = parse_sender(settings.sender, f"{env_prefix}SENDER")
+        renderer = TemplateRenderer(settings.template_dir)
+        renderer.check()
+        return cls(settings, sender, renderer, clock=clock)
 
     # --- whether to send ---------------------------------------------------------------------
 
@@ -201,7 +237,6 @@ class MessageComposer:
             message=message,
             recipient=recipient,
             templates=(subject.name, text.name, html.name),
-            dedupe_key=publication_key(data),
         )
 
     def message_id(self, envelope: WebhookEnvelope[Any], data: PublicationData) -> str:

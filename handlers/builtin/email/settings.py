@@ -2,6 +2,38 @@
 
 Kept apart from the handler so the template renderer, the SMTP transport and the
 ``pubrelay preview-email`` command read one model without importing each other.
+
+===============================  =======================  ====================================
+variable                         default                  meaning
+===============================  =======================  ====================================
+``SENDER``                       (required)               ``From``: ``Shop <coupons@shop.io>``
+``SMTP_URL``                     ``smtp://localhost:25``  ``smtp://host:port`` or
+                                                          ``smtps://host:port`` (implicit TLS)
+``STARTTLS``                     ``auto``                 ``auto`` (when offered), ``always``,
+                                                          ``never``; not used with ``smtps://``
+``USERNAME`` / ``PASSWORD``      (none)                   SMTP AUTH; sent only over TLS unless
+                                                          ``ALLOW_PLAINTEXT_AUTH=true``
+``CA_FILE``                      system CAs               PEM bundle trusted for the relay
+``VERIFY_TLS``                   ``true``                 check the relay's certificate
+``HELO_HOSTNAME``                the FQDN                 name sent in ``EHLO``
+``REPLY_TO``                     (none)                   ``Reply-To`` header
+``TEMPLATE_DIR``                 (built-ins only)         operator templates, see
+                                                          :mod:`~handlers.builtin.email.rendering`
+``CURRENCY_SYMBOL``              (none)                   ``$`` renders 1000 cents ``$10.00``
+``DATE_FORMAT``                  ``%Y-%m-%d``             strftime format of expiry dates
+``LIST_UNSUBSCRIBE``             (none)                   template of the ``List-Unsubscribe``
+                                                          URI(s), e.g.
+                                                          ``https://shop.io/unsub?c={{
+                                                          customer.id|urlencode }}``
+``LIST_UNSUBSCRIBE_ONE_CLICK``   ``false``                add ``List-Unsubscribe-Post``
+                                                          (RFC 8058) for an https URI
+``OPT_OUT_METADATA_KEY``         ``email_opt_out``        customer metadata key; ``true``,
+                                                          ``"true"``, ``"yes"``, ``1`` opt out
+``MAX_PER_S``                    ``10``                   messages per second (0: no limit)
+``CONNECTIONS``                  ``1``                    SMTP connections kept open
+``TIMEOUT_S``                    ``30``                   bound for one SMTP command
+``EVENT_TYPES``                  both publication events  event types to act on
+===============================  =======================  ====================================
 """
 
 from __future__ import annotations
@@ -34,10 +66,8 @@ _HEADER_BREAK: Final = re.compile(r"[\r\n]")
 
 
 class EmailSettings(BaseModel):
-    """The ``PUBRELAY_EMAIL__*`` section; unknown keys are refused so typos surface.
-
-    See :mod:`handlers.builtin.email.handler` for the meaning of each variable.
-    """
+    """The ``PUBRELAY_EMAIL__*`` section (the table above); unknown keys are refused so
+    typos surface."""
 
     model_config = ConfigDict(extra="forbid")
 

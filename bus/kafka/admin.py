@@ -1,0 +1,191 @@
+"""The Kafka bus's topics: listing them, checking and creating them, and re-checking them
+after a failure.
+
+Topics are created (or checked) by :meth:`KafkaTopics.ensure`, which the process edge
+calls at start-up through ``KafkaBus.ensure_topics``. The bus remembers those topics and
+checks them again once, before the first publish after a failure (one shared check, not
+one per request): a broker that lost its topics (a memory-storage broker such as Tansu
+after a restart, a rebuilt cluster) gets them back with the configured partitions before
+new records are sent, instead of records going to a topic the broker does not list.
+While the bus is healthy this costs nothing; after an outage it is one metadata request.
+
+The first publish to a topic not yet ensured (a new event type, a dead-letter topic)
+ensures it first, so a cluster without broker-side auto-creation does not stall the send
+until the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import structlog
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    InvalidPartitionsError,
+    InvalidReplicationFactorError,
+    KafkaError,
+    NoError,
+    PolicyViolationError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+)
+
+from bus.config import BusSettings
+from bus.kafka._futures import retrieve
+from bus.kafka.options import ClientOptions
+from schemas.errors import BusUnavailable, ConfigError, TopicMissing
+
+log = structlog.get_logger("pubrelay.bus.kafka")
+
+# CreateTopics answers, by what they mean for us.
+_CREATED = frozenset({NoError.errno, TopicAlreadyExistsError.errno})
+_REJECTED_SETTINGS = frozenset({InvalidPartitionsError.errno, InvalidReplicationFactorError.errno})
+_NOT_ALLOWED = frozenset(
+    {
+        TopicAuthorizationFailedError.errno,
+        ClusterAuthorizationFailedError.errno,
+        PolicyViolationError.errno,
+    }
+)
+
+
+class KafkaTopics:
+    """The topics one Kafka bus publishes to.
+
+    Lists them through the producer's metadata (``producer`` returns the bus's current
+    producer, ``None`` while it is not started), creates missing ones with an admin
+    client, and remembers those it ensured.
+    """
+
+    def __init__(
+        self,
+        settings: BusSettings,
+        options: ClientOptions,
+        producer: Callable[[], Any],
+    ) -> None:
+        self._settings = settings
+        self._options = options
+        self._producer = producer
+        self._ensured: set[str] = set()
+        self._ensuring: dict[str, asyncio.Task[None]] = {}
+        self._recheck_wanted = False
+        self._recheck: asyncio.Task[None] | None = None
+
+    def recheck_later(self) -> None:
+        """After a failure: check the ensured topics again before the next publish."""
+        self._recheck_wanted = bool(self._ensured)
+
+    def close(self) -> None:
+        """Stop a re-check still running."""
+        if self._recheck is not None and not self._recheck.done():
+            self._recheck.cancel()
+
+    async def before_publish(self, topic: str) -> None:
+        """Re-check the topics after a failure, and ensure ``topic`` on its first publish."""
+        if self._recheck_wanted:
+            await self._recheck_once()
+        if topic not in self._ensured:
+            await self._ensure_new(topic)
+
+    async def names(self) -> set[str]:
+        """Every topic of the cluster, without asking the broker to auto-create any."""
+        producer = self._producer()
+        if producer is None:
+            raise BusUnavailable("the Kafka bus is not started")
+        try:
+            async with asyncio.timeout(self._settings.request_timeout_s):
+                cluster = await producer.client.fetch_all_metadata()
+        except (TimeoutError, KafkaError) as err:
+            raise BusUnavailable(f"the Kafka bus does not answer: {err!r}") from err
+        return set(cluster.topics())
+
+    async def ensure(self, topics: Iterable[str]) -> None:
+        """Check the topics exist; create the missing ones when ``auto_create_topics``.
+
+        Bounded by ``request_timeout_s`` for the check and again for the creation.
+        Raises :class:`TopicMissing` naming the topics when they may not be created,
+        :class:`ConfigError` when the cluster rejects the partition or replication
+        settings, :class:`BusUnavailable` when the cluster does not answer.
+        """
+        wanted = sorted(set(topics))
+        existing = await self.names()
+        missing = [t for t in wanted if t not in existing]
+        if not missing:
+            self._ensured.update(wanted)
+            return
+        if not self._settings.auto_create_topics:
+            raise TopicMissing(
+                f"Kafka topics missing: {', '.join(missing)} "
+                "(create them, or set PUBRELAY_BUS__AUTO_CREATE_TOPICS=true)"
+            )
+        await self._create(missing)
+        self._ensured.update(wanted)
+        log.info("bus_topics_created", bus="kafka", topics=missing)
+
+    async def _ensure_new(self, topic: str) -> None:
+        """Ensure a topic on its first publish; concurrent first publishes share one check."""
+        task = self._ensuring.get(topic)
+        if task is None:
+            task = asyncio.create_task(self.ensure([topic]))
+            task.add_done_callback(retrieve)
+            task.add_done_callback(lambda _: self._ensuring.pop(topic, None))
+            self._ensuring[topic] = task
+        try:
+            await asyncio.shield(task)
+        except ConfigError as err:
+            raise BusUnavailable(f"the Kafka bus cannot use topic {topic}: {err}") from err
+        # TopicMissing passes through: the caller decides (the intake quarantines the event).
+
+    async def _recheck_once(self) -> None:
+        """Re-ensure the remembered topics after a failure; concurrent publishes share it."""
+        if self._recheck is None or self._recheck.done():
+            self._recheck = asyncio.create_task(self._recheck_now())
+            self._recheck.add_done_callback(retrieve)
+        try:
+            await asyncio.shield(self._recheck)
+        except (TopicMissing, ConfigError) as err:
+            raise BusUnavailable(f"the Kafka bus cannot use its topics: {err}") from err
+
+    async def _recheck_now(self) -> None:
+        await self.ensure(self._ensured)
+        self._recheck_wanted = False
+        log.info("bus_topics_rechecked", bus="kafka", topics=len(self._ensured))
+
+    async def _create(self, names: list[str]) -> None:
+        s = self._settings
+        admin = AIOKafkaAdminClient(**self._options)
+        try:
+            async with asyncio.timeout(s.request_timeout_s):
+                await admin.start()
+                response = await admin.create_topics(
+                    [NewTopic(n, s.partitions, s.replication_factor) for n in names],
+                    timeout_ms=int(s.request_timeout_s * 1000),
+                )
+        except (TimeoutError, KafkaError) as err:
+            raise BusUnavailable(f"cannot create Kafka topics {names}: {err!r}") from err
+        finally:
+            with contextlib.suppress(KafkaError, TimeoutError):
+                await admin.close()
+        _check_created(response.topic_errors)
+
+
+def _check_created(topic_errors: Sequence[tuple[Any, ...]]) -> None:
+    """Turn CreateTopics error codes into our errors (an existing topic is fine)."""
+    for item in topic_errors:
+        name, code = item[0], item[1]
+        message = item[2] if len(item) > 2 else None
+        if code in _CREATED:
+            continue
+        detail = f"{name}: error {code} {message or ''}".strip()
+        if code in _REJECTED_SETTINGS:
+            raise ConfigError(
+                "the Kafka cluster rejected PUBRELAY_BUS__PARTITIONS / "
+                f"PUBRELAY_BUS__REPLICATION_FACTOR for topic {detail}"
+            )
+        if code in _NOT_ALLOWED:
+            raise TopicMissing(f"Kafka topic may not be created: {detail}")
+        raise BusUnavailable(f"Kafka topic could not be created: {detail}")

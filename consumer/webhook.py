@@ -1,0 +1,366 @@
+"""The webhook request, step by step (``POST /webhooks/voucherify``).
+
+Check the source address, read the body within the limit, verify the signature over the
+raw bytes (before any JSON is parsed), classify the body, build its record (routed to the
+event's topic, or quarantined with a reason), publish it, and answer: 202 only once the
+bus acknowledged the record, 503 with ``Retry-After`` when it did not. Every request is
+counted and logged once, at the end, as one ``webhook_request`` line.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from ipaddress import IPv6Address, ip_address
+from typing import Final
+
+import structlog
+from aiohttp import web
+
+from bus.types import Bus
+from consumer.config import WebhookSettings
+from consumer.metrics import WebhookMetrics
+from consumer.routing import Quarantined, Routed, classify
+from consumer.signature import Verifier
+from schemas.errors import BusError, BusUnavailable, TopicMissing
+from schemas.record import (
+    HEADER_CONTENT_TYPE,
+    HEADER_DELIVERY_ID,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_QUARANTINE_REASON,
+    HEADER_RECEIVED_AT,
+    HEADER_SIGNATURE,
+    Headers,
+)
+from schemas.timestamps import utc_now_iso
+from schemas.topics import quarantine_topic, topic_for
+
+log = structlog.get_logger("pubrelay.consumer")
+
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """How a request ends: the HTTP answer, and the outcome it is counted and logged by.
+
+    ``outcome`` is also the ``status`` of the JSON body; ``signature_present`` and
+    ``error`` are added to the log line when set.
+    """
+
+    status: int
+    outcome: str
+    message: str | None = None
+    retry_after: str | None = None
+    signature_present: bool | None = None
+    error: str | None = None
+
+    def response(self) -> web.Response:
+        body = {"status": self.outcome}
+        if self.message is not None:
+            body["message"] = self.message
+        response = web.json_response(body, status=self.status)
+        if self.retry_after is not None:
+            response.headers["Retry-After"] = self.retry_after
+        return response
+
+    def log_fields(self) -> dict[str, object]:
+        fields: dict[str, object] = {"outcome": self.outcome}
+        if self.signature_present is not None:
+            fields["signature_present"] = self.signature_present
+        if self.error is not None:
+            fields["error"] = self.error
+        return fields
+
+
+_FORBIDDEN: Final = Answer(403, "forbidden", "source address is not in the allowlist")
+_ACCEPTED: Final = Answer(202, "accepted")
+_QUARANTINED: Final = Answer(202, "quarantined", "kept on the quarantine topic")
+_INTERNAL_ERROR: Final = Answer(500, "error", "internal error; the event was not accepted")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What a request publishes: to the event's topic, or to quarantine with a reason.
+
+    ``routed`` is set when the event's topic was known, also when it fell back to
+    quarantine because that topic may not be created; ``quarantined`` is set when the
+    record goes to the quarantine topic.
+    """
+
+    topic: str
+    key: bytes | None
+    headers: Headers
+    received_at: bytes
+    routed: Routed | None = None
+    quarantined: Quarantined | None = None
+
+    def log_fields(self) -> dict[str, object]:
+        """The event's part of the log line: its ids, and why it was quarantined."""
+        fields: dict[str, object] = {}
+        if self.routed is not None:
+            fields.update(
+                delivery_id=self.routed.delivery_id,
+                event_id=self.routed.event_id,
+                event_type=self.routed.event_type,
+            )
+        if self.quarantined is not None:
+            fields.update(reason=self.quarantined.reason, detail=self.quarantined.detail)
+            if self.routed is None:
+                fields.update(
+                    delivery_id=self.quarantined.delivery_id,
+                    event_id=self.quarantined.event_id,
+                )
+        return fields
+
+
+@dataclass(slots=True)
+class RequestLine:
+    """The request's one ``webhook_request`` log line: its id, the record once built
+    (replaced when the event falls back to quarantine), then the answer's fields."""
+
+    request_id: str
+    record: Record | None = None
+
+    def fields(self, answer: Answer | None = None) -> dict[str, object]:
+        fields: dict[str, object] = {"request_id": self.request_id}
+        if self.record is not None:
+            fields.update(self.record.log_fields())
+        if answer is not None:
+            fields.update(answer.log_fields())
+        return fields
+
+
+class Intake:
+    """The webhook endpoint and its dependencies (one per application)."""
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        webhook: WebhookSettings,
+        verifier: Verifier,
+        topic_prefix: str,
+        publish_timeout_s: float,
+        max_body_bytes: int,
+        metrics: WebhookMetrics,
+    ) -> None:
+        self.bus = bus
+        self.settings = webhook
+        self.verifier = verifier
+        self.topic_prefix = topic_prefix
+        self.quarantine_topic = quarantine_topic(topic_prefix)
+        self.publish_timeout_s = publish_timeout_s
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+        self.allowed = tuple(webhook.allowed_networks)
+        self.retry_after = str(webhook.retry_after_s)
+        self.too_large = Answer(413, "too_large", f"body is over the {max_body_bytes}-byte limit")
+
+    async def receive(self, request: web.Request) -> web.Response:
+        """The aiohttp handler: answer the request, then count and log it once."""
+        started = time.perf_counter()
+        line = RequestLine(_request_id(request))
+        try:
+            answer = await self._answer(request, line)
+        except Exception:  # a bug must still answer, count and log
+            log.exception("webhook_request_failed", **line.fields())
+            answer = _INTERNAL_ERROR
+        elapsed_s = time.perf_counter() - started
+        self.metrics.requests.labels(answer.outcome).inc()
+        self.metrics.request_seconds.labels(answer.outcome).observe(elapsed_s)
+        emit = log.info if answer.status < 500 else log.warning
+        emit(
+            "webhook_request",
+            status=answer.status,
+            latency_ms=round(elapsed_s * 1000, 2),
+            **line.fields(answer),
+        )
+        return answer.response()
+
+    async def _answer(self, request: web.Request, line: RequestLine) -> Answer:
+        """The steps in order; the first that refuses the request answers it."""
+        if (refused := self._check_source(request)) is not None:
+            return refused
+        body = await self._read_body(request)
+        if isinstance(body, Answer):
+            return body
+        if (refused := self._check_signature(request, body)) is not None:
+            return refused
+        # classify() drops the decoded envelope before it returns: what stays alive across
+        # the publish await is the record, bytes and a few short strings (docs/performance.md).
+        record = self._build_record(request, body)
+        line.record = record
+        return await self._publish(record, body, request, line)
+
+    def _check_source(self, request: web.Request) -> Answer | None:
+        """403 unless the client's address is in the allowlist (when one is set)."""
+        if not self.allowed:
+            return None
+        remote = request.remote
+        if self.settings.trust_forwarded_for:
+            forwarded = request.headers.get("X-Forwarded-For")
+            if forwarded:
+                # The rightmost entry is the one our proxy added; everything left of it
+                # is whatever the client chose to send.
+                remote = forwarded.rsplit(",", 1)[-1].strip()
+        try:
+            address = ip_address(remote or "")
+        except ValueError:
+            return _FORBIDDEN
+        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a dual-stack listener sees ::ffff:a.b.c.d
+        return None if any(address in network for network in self.allowed) else _FORBIDDEN
+
+    async def _read_body(self, request: web.Request) -> bytes | Answer:
+        """The raw body; 413 over the limit (before reading when the length is declared)."""
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            return self.too_large
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self.too_large
+        except (ConnectionError, ValueError) as err:
+            return Answer(400, "bad_request", f"could not read the body: {err}")
+
+    def _check_signature(self, request: web.Request, body: bytes) -> Answer | None:
+        """401 unless the body carries a valid signature (or unsigned requests are allowed)."""
+        signature = request.headers.get(HEADER_SIGNATURE)
+        if self.settings.allow_unsigned or self.verifier.verify(body, signature):
+            return None
+        return Answer(
+            401,
+            "unauthorized",
+            "missing or invalid x-voucherify-signature",
+            signature_present=signature is not None,
+        )
+
+    def _build_record(self, request: web.Request, body: bytes) -> Record:
+        """Classify the verified body and build its record: routed, or quarantined."""
+        decision = classify(
+            body,
+            max_depth=self.settings.max_json_depth,
+            max_event_age_s=self.settings.max_event_age_s,
+        )
+        received_at = utc_now_iso().encode()
+        if isinstance(decision, Quarantined):
+            return self._quarantine_record(decision, request, received_at)
+        headers = (
+            (HEADER_EVENT_ID, decision.event_id.encode()),
+            (HEADER_EVENT_TYPE, decision.event_type.encode()),
+            (HEADER_DELIVERY_ID, decision.delivery_id.encode()),
+            (HEADER_RECEIVED_AT, received_at),
+            (HEADER_SIGNATURE, _raw_header(request, HEADER_SIGNATURE)),
+        )
+        topic = topic_for(self.topic_prefix, decision.event_type)
+        return Record(topic, decision.key.encode(), headers, received_at, routed=decision)
+
+    def _quarantine_record(
+        self,
+        decision: Quarantined,
+        request: web.Request,
+        received_at: bytes,
+        routed: Routed | None = None,
+    ) -> Record:
+        """A record for the quarantine topic: the reason, and whatever ids are known."""
+        headers: list[tuple[str, bytes]] = [
+            (HEADER_QUARANTINE_REASON, decision.reason.encode()),
+            ("quarantine-detail", decision.detail.encode()),
+            (HEADER_RECEIVED_AT, received_at),
+            (HEADER_CONTENT_TYPE, _raw_header(request, "Content-Type")),
+            (HEADER_SIGNATURE, _raw_header(request, HEADER_SIGNATURE)),
+        ]
+        for name, value in (
+            (HEADER_DELIVERY_ID, decision.delivery_id),
+            (HEADER_EVENT_ID, decision.event_id),
+            (HEADER_EVENT_TYPE, decision.event_type),
+        ):
+            if value:
+                headers.append((name, value.encode()))
+        key = decision.event_id.encode() if decision.event_id else None
+        return Record(
+            self.quarantine_topic,
+            key,
+            tuple(headers),
+            received_at,
+            routed=routed,
+            quarantined=decision,
+        )
+
+    async def _publish(
+        self, record: Record, body: bytes, request: web.Request, line: RequestLine
+    ) -> Answer:
+        """Publish the record; 202 once the bus acknowledged it, 503 when it did not.
+
+        An event whose topic may not be created is kept in quarantine instead (and the
+        log line says so).
+        """
+        published = time.perf_counter()
+        try:
+            await self._send(record, body)
+        except TopicMissing as err:
+            if record.routed is None:  # the quarantine topic itself is missing
+                return self._unavailable(err)
+            # The event's topic cannot be created (no permission, auto-create off): keep the
+            # event in quarantine rather than answer 503 until Voucherify gives up on us.
+            record = self._no_topic_record(record.routed, err, request, record.received_at)
+            line.record = record
+            try:
+                await self._send(record, body)
+            except BusError as again:
+                return self._unavailable(again)
+        except BusUnavailable as err:
+            return self._unavailable(err)
+        self.metrics.publish_seconds.observe(time.perf_counter() - published)
+        if record.quarantined is not None:
+            self.metrics.quarantined.labels(record.quarantined.reason).inc()
+            return _QUARANTINED
+        return _ACCEPTED
+
+    def _no_topic_record(
+        self, routed: Routed, err: TopicMissing, request: web.Request, received_at: bytes
+    ) -> Record:
+        """The quarantine record of an event whose topic may not be created."""
+        no_topic = Quarantined(
+            "no_topic",
+            str(err),
+            delivery_id=routed.delivery_id or None,
+            event_id=routed.event_id or None,
+            event_type=routed.event_type or None,
+        )
+        return self._quarantine_record(no_topic, request, received_at, routed=routed)
+
+    async def _send(self, record: Record, body: bytes) -> None:
+        await self.bus.publish(
+            record.topic,
+            body,
+            key=record.key,
+            headers=record.headers,
+            timeout_s=self.publish_timeout_s,
+        )
+
+    def _unavailable(self, err: BusError) -> Answer:
+        """503 + Retry-After: nothing was stored, Voucherify will deliver again."""
+        self.metrics.bus_errors.labels("publish").inc()
+        return Answer(
+            503,
+            "unavailable",
+            "the event store is unavailable; retry later",
+            retry_after=self.retry_after,
+            error=str(err),
+        )
+
+
+def _request_id(request: web.Request) -> str:
+    """The caller's ``X-Request-Id`` when it is a sane token, otherwise a new one."""
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def _raw_header(request: web.Request, name: str) -> bytes:
+    """A header's value as the bytes received (aiohttp decodes them as UTF-8 with
+    surrogate escapes; encoding back the same way cannot fail)."""
+    return request.headers.get(name, "").encode("utf-8", "surrogateescape")

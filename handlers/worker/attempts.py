@@ -1,0 +1,328 @@
+"""One record to a final outcome: identify it, check the ledger, call the handler, retry,
+record the completion or publish the dead letter.
+
+* **Identification.** The event id and type come from the ``event-id`` / ``event-type``
+  headers, else from the body's ``event``; a record with neither cannot be routed or
+  deduplicated and is dead-lettered at once (0 attempts). Records of event types the
+  handler does not read are ``ignored`` without calling it.
+* **Ledger.** An event the handler already completed is a ``duplicate``; a completed one
+  is recorded after the effect (even while shutting down, bounded by the drain).
+* **Attempts.** See :mod:`handlers.types` for what ``handle`` may raise and
+  :mod:`handlers.worker.retry` for which failures are retried and when. A handler call is
+  bounded by ``handler_timeout_s`` (a timeout is a transient failure) and runs within one
+  of ``concurrency`` slots; a retry back-off holds no slot.
+* **Dead letters.** The original record plus ``dlq-*`` headers
+  (:mod:`handlers.worker.dead_letters`), published to ``<prefix>dlq.<handler>``; while
+  that publish fails the event stays unfinished, so the commit never passes it.
+* **Abandoned.** On stop, or when the record's partition is revoked, a retry back-off (or
+  a ledger wait) ends at once and the event stays uncommitted: it comes back (after the
+  restart, or to the partition's new owner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import msgspec
+from structlog.typing import FilteringBoundLogger
+
+from bus.types import Bus, Message
+from handlers.config import WorkerSettings
+from handlers.types import Event, Handler
+from handlers.worker.dead_letters import dead_letter_headers, error_text, error_type_name
+from handlers.worker.error_text import error_message, short_error
+from handlers.worker.ledger import Ledger
+from handlers.worker.metrics import WorkerMetrics
+from handlers.worker.offsets import FetchedRecord
+from handlers.worker.retry import BusRetry, is_transient, pause, retry_delay
+from schemas.envelope import lean_decoder
+from schemas.errors import RetryLater, SkipEvent
+from schemas.record import HEADER_EVENT_ID, HEADER_EVENT_TYPE, header
+from schemas.timestamps import parse_timestamp, utc_now_iso
+
+
+@dataclass(slots=True)
+class _Identity:
+    event_id: str
+    event_type: str
+    created_at: str | None
+
+
+class _Unidentified(Exception):
+    """The record has no event id or type: it cannot be routed or deduplicated."""
+
+
+def _identify(message: Message) -> _Identity:
+    """The event's id and type from the headers, else from the body; its creation time."""
+    try:
+        lean = lean_decoder.decode(message.value)
+    except msgspec.DecodeError:
+        lean = None
+    body = lean.event if lean is not None else None
+    event_id = _header_or_body(
+        header(message.headers, HEADER_EVENT_ID),
+        body.id if body is not None else None,
+        "the record has no event id (no event-id header, no event.id)",
+    )
+    event_type = _header_or_body(
+        header(message.headers, HEADER_EVENT_TYPE),
+        body.type if body is not None else None,
+        "the record has no event type (no event-type header)",
+    )
+    return _Identity(event_id, event_type, body.created_at if body is not None else None)
+
+
+def _header_or_body(from_header: bytes | None, from_body: str | None, missing: str) -> str:
+    if from_header:
+        return from_header.decode("utf-8", "replace")
+    if from_body:
+        return from_body
+    raise _Unidentified(missing)
+
+
+def _event(message: Message, ident: _Identity) -> Event:
+    """The event as the handler receives it, before its first attempt."""
+    return Event(
+        id=ident.event_id,
+        type=ident.event_type,
+        raw=message.value,
+        headers=message.headers,
+        key=message.key,
+        attempt=0,
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+    )
+
+
+def _age_s(event: Event, ident: _Identity) -> float | None:
+    """Seconds since the event was created at the source, when the record says."""
+    created: datetime | None = None
+    if event.parsed:
+        value = getattr(getattr(event.envelope, "event", None), "created_at", None)
+        if isinstance(value, datetime):
+            created = value
+    if created is None:
+        created = parse_timestamp(ident.created_at)
+    if created is None:
+        return None
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    return max(0.0, (datetime.now(UTC) - created).total_seconds())
+
+
+class EventProcessor:
+    """Takes one handler's records, one at a time per lane, each to a final outcome."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        bus: Bus,
+        ledger: Ledger,
+        settings: WorkerSettings,
+        dlq_topic: str,
+        metrics: WorkerMetrics,
+        retry: BusRetry,
+        stop: asyncio.Event,
+        log: FilteringBoundLogger,
+    ) -> None:
+        self.handler = handler
+        self.name = handler.name
+        self.bus = bus
+        self.ledger = ledger
+        self.settings = settings
+        self.dlq_topic = dlq_topic
+        self.stop = stop
+        self.log = log
+        self._retry = retry
+        self._event_types = handler.event_types
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._active_ids: dict[str, asyncio.Event] = {}
+        outcome = metrics.events
+        self._m_handled = outcome.labels(self.name, "handled")
+        self._m_retried = outcome.labels(self.name, "retried")
+        self._m_dead = outcome.labels(self.name, "dead_lettered")
+        self._m_skipped = outcome.labels(self.name, "skipped")
+        self._m_duplicate = outcome.labels(self.name, "duplicate")
+        self._m_ignored = outcome.labels(self.name, "ignored")
+        self._m_duration = metrics.duration.labels(self.name)
+        self._m_age = metrics.event_age.labels(self.name)
+        self._m_in_flight = metrics.in_flight.labels(self.name)
+
+    async def process(self, item: FetchedRecord) -> bool:
+        """Handle one record to a final outcome; False when abandoned (shutdown, revoke)."""
+        try:
+            ident = _identify(item.message)
+        except _Unidentified as err:
+            return await self._dead_letter(item, None, err, attempts=0, first_failed_at=None)
+        if self._event_types and ident.event_type not in self._event_types:
+            self._m_ignored.inc()
+            return True
+        # Two deliveries of one event in different lanes (no key): one after the other.
+        while (other := self._active_ids.get(ident.event_id)) is not None:
+            await other.wait()
+        mine = self._active_ids[ident.event_id] = asyncio.Event()
+        try:
+            return await self._unless_done(item, ident)
+        finally:
+            del self._active_ids[ident.event_id]
+            mine.set()
+
+    async def _unless_done(self, item: FetchedRecord, ident: _Identity) -> bool:
+        """The attempts, unless the ledger says the handler already completed this event."""
+        ok, done = await self._retry.keep_trying(
+            "ledger",
+            lambda: self.ledger.is_done(self.name, ident.event_id),
+            give_up_on_stop=True,
+            revoked=item.part.revoked,
+        )
+        if not ok:
+            return False
+        if done:
+            self._m_duplicate.inc()
+            self.log.info("event_duplicate", event_id=ident.event_id, event_type=ident.event_type)
+            return True
+        return await self._attempts(item, ident)
+
+    async def _attempts(self, item: FetchedRecord, ident: _Identity) -> bool:
+        event = _event(item.message, ident)
+        first_failed_at: str | None = None
+        max_attempts = self.settings.max_attempts
+        while True:
+            if item.part.revoking:
+                return False  # no longer ours: the new owner handles it (uncommitted)
+            event.attempt += 1
+            error = await self._call(event)
+            if error is None or isinstance(error, SkipEvent):
+                return await self._completed(event, ident, error)
+            first_failed_at = first_failed_at or utc_now_iso()
+            if not is_transient(error) or event.attempt >= max_attempts:
+                return await self._dead_letter(
+                    item, ident, error, attempts=event.attempt, first_failed_at=first_failed_at
+                )
+            if item.part.revoking:
+                return False
+            if not await self._wait_to_retry(item, ident, event.attempt, error):
+                return False  # stopping or revoked: the event stays uncommitted, comes back
+
+    async def _wait_to_retry(
+        self, item: FetchedRecord, ident: _Identity, attempt: int, error: Exception
+    ) -> bool:
+        """Count and log the retry, then its back-off; False when stop or revoke ended it."""
+        delay = retry_delay(self.settings, attempt, error)
+        self._m_retried.inc()
+        self.log.warning(
+            "event_retry_scheduled",
+            event_id=ident.event_id,
+            event_type=ident.event_type,
+            attempt=attempt,
+            retry_in_s=round(delay, 3),
+            error_type=type(error).__name__,
+            error=short_error(error),
+        )
+        return await pause(delay, self.stop, item.part.revoked)
+
+    async def _call(self, event: Event) -> Exception | None:
+        """One handler call within a concurrency slot; the exception it raised, if any.
+
+        A call over ``handler_timeout_s`` is cancelled and counts as a transient failure, and
+        so does a ``CancelledError`` the handler raised while this lane was not cancelled
+        (say a shared future some library cancelled): only our own cancellation propagates.
+        """
+        timeout_s = self.settings.handler_timeout_s or None
+        async with self._slots:
+            self._m_in_flight.inc()
+            started = time.perf_counter()
+            bound = asyncio.timeout(timeout_s)
+            try:
+                async with bound:
+                    await self.handler.handle(event)
+            except asyncio.CancelledError as err:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # the lane is being cancelled (shutdown bound)
+                retry = RetryLater(f"the handler raised CancelledError: {error_message(err)}")
+                retry.__cause__ = err
+                return retry
+            except TimeoutError as err:
+                if bound.expired():
+                    return TimeoutError(f"the handler call took more than {timeout_s} s")
+                return err
+            except Exception as err:  # classified by the caller
+                return err
+            finally:
+                self._m_duration.observe(time.perf_counter() - started)
+                self._m_in_flight.dec()
+        return None
+
+    async def _completed(self, event: Event, ident: _Identity, skip: SkipEvent | None) -> bool:
+        # The effect is done: record it even while shutting down (bounded by the drain).
+        await self._retry.keep_trying(
+            "ledger",
+            lambda: self.ledger.mark_done(self.name, ident.event_id),
+            give_up_on_stop=False,
+        )
+        if skip is not None:
+            self._m_skipped.inc()
+            self.log.info(
+                "event_skipped",
+                event_id=ident.event_id,
+                event_type=ident.event_type,
+                reason=short_error(skip),
+            )
+            return True
+        self._m_handled.inc()
+        age = _age_s(event, ident)
+        if age is not None:
+            self._m_age.observe(age)
+        self.log.info(
+            "event_handled",
+            event_id=ident.event_id,
+            event_type=ident.event_type,
+            attempt=event.attempt,
+        )
+        return True
+
+    async def _dead_letter(
+        self,
+        item: FetchedRecord,
+        ident: _Identity | None,
+        error: Exception,
+        *,
+        attempts: int,
+        first_failed_at: str | None,
+    ) -> bool:
+        message = item.message
+        now = utc_now_iso()
+        headers = dead_letter_headers(
+            message.headers,
+            error=error_text(error),
+            error_type=error_type_name(error),
+            attempts=attempts,
+            first_failed_at=first_failed_at or now,
+            last_failed_at=now,
+            handler=self.name,
+            source_topic=message.topic,
+        )
+
+        async def publish() -> None:
+            await self.bus.publish(self.dlq_topic, message.value, key=message.key, headers=headers)
+
+        # Not committed past this event until the dead letter is stored (bounded by the drain).
+        await self._retry.keep_trying("publish_dlq", publish, give_up_on_stop=False)
+        self._m_dead.inc()
+        self.log.error(
+            "event_dead_lettered",
+            event_id=ident.event_id if ident else None,
+            event_type=ident.event_type if ident else None,
+            attempts=attempts,
+            error_type=type(error).__name__,
+            error=short_error(error),
+            permanent=not is_transient(error),
+            dlq_topic=self.dlq_topic,
+        )
+        return True
