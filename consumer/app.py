@@ -7,7 +7,7 @@ plus ``/healthz``, ``/readyz`` and ``/metrics``). :func:`create_ops_app`: ``/hea
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
@@ -30,13 +30,11 @@ def create_app(
     topic_prefix: str,
     publish_timeout_s: float,
     registry: CollectorRegistry,
-    manage_bus: bool = True,
 ) -> web.Application:
-    """Build the consumer application.
+    """Build the webhook application on a started bus.
 
-    With ``manage_bus`` the application starts the bus on start-up and closes it on
-    clean-up; otherwise the caller owns the bus's lifecycle (``pubrelay serve`` shares it
-    with the worker).
+    The caller owns the bus's lifecycle: one bus per process, shared with the worker in
+    ``pubrelay serve`` (see ``pubrelay/runtime.py``).
     """
     metrics = WebhookMetrics(registry)
     intake = Intake(
@@ -49,16 +47,6 @@ def create_app(
         metrics=metrics,
     )
     app = web.Application(client_max_size=http.max_body_bytes)
-    if manage_bus:
-
-        async def bus_context(_: web.Application) -> AsyncIterator[None]:
-            await bus.start()
-            try:
-                yield
-            finally:
-                await bus.close()
-
-        app.cleanup_ctx.append(bus_context)
     app.router.add_post(webhook.path, intake.receive)
     _add_ops_routes(app, bus, registry, metrics.bus_errors.labels("ping"))
     return app

@@ -30,6 +30,7 @@ from schemas.record import (
     HEADER_DELIVERY_ID,
     HEADER_EVENT_ID,
     HEADER_EVENT_TYPE,
+    HEADER_QUARANTINE_DETAIL,
     HEADER_QUARANTINE_REASON,
     HEADER_RECEIVED_AT,
     HEADER_SIGNATURE,
@@ -268,7 +269,7 @@ class Intake:
         """A record for the quarantine topic: the reason, and whatever ids are known."""
         headers: list[tuple[str, bytes]] = [
             (HEADER_QUARANTINE_REASON, decision.reason.encode()),
-            ("quarantine-detail", decision.detail.encode()),
+            (HEADER_QUARANTINE_DETAIL, decision.detail.encode()),
             (HEADER_RECEIVED_AT, received_at),
             (HEADER_CONTENT_TYPE, _raw_header(request, "Content-Type")),
             (HEADER_SIGNATURE, _raw_header(request, HEADER_SIGNATURE)),

@@ -24,8 +24,8 @@ from bus.types import Bus
 from consumer.signature import sign
 from handlers.worker.dead_letters import DeadLetter
 from handlers.worker.replay import list_dead_letters, replay
+from pubrelay.exit_codes import EXIT_CONFIG, EXIT_UNAVAILABLE
 from pubrelay.logging import configure_logging
-from pubrelay.runtime import EXIT_CONFIG, EXIT_UNAVAILABLE, run
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings, load_settings
 from schemas.errors import BusUnavailable, HandlerError, PubrelayError, SkipEvent
@@ -47,16 +47,24 @@ def _run_async(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
+def _serve(settings: Settings, *, webhook: bool, worker: bool) -> int:
+    # The long-running processes load the web app and the consume loop; the other
+    # commands (dlq list, replay, send, ...) never import them.
+    from pubrelay.runtime import run  # noqa: PLC0415
+
+    return _run_async(run(settings, webhook=webhook, worker=worker))
+
+
 def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
-    return _run_async(run(settings, webhook=True, worker=True))
+    return _serve(settings, webhook=True, worker=True)
 
 
 def cmd_webhook(settings: Settings, _: argparse.Namespace) -> int:
-    return _run_async(run(settings, webhook=True, worker=False))
+    return _serve(settings, webhook=True, worker=False)
 
 
 def cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
-    return _run_async(run(settings, webhook=False, worker=True))
+    return _serve(settings, webhook=False, worker=True)
 
 
 def cmd_sign(settings: Settings, args: argparse.Namespace) -> int:

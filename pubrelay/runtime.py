@@ -24,6 +24,7 @@ from bus import create_bus
 from bus.types import Bus
 from consumer.app import create_app, create_ops_app
 from handlers.worker.service import open_worker
+from pubrelay.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, EXIT_WORKER_FAILED
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings
 from schemas.errors import BusUnavailable, PubrelayError
@@ -31,11 +32,6 @@ from schemas.events import CUSTOMER_PUBLICATION_SUCCEEDED
 from schemas.topics import quarantine_topic, topic_for
 
 log = structlog.get_logger("pubrelay")
-
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_UNAVAILABLE = 3
-EXIT_WORKER_FAILED = 4
 
 
 def new_registry() -> CollectorRegistry:
@@ -120,7 +116,6 @@ async def run(settings: Settings, *, webhook: bool, worker: bool) -> int:
                 topic_prefix=settings.bus.topic_prefix,
                 publish_timeout_s=settings.bus.publish_timeout_s,
                 registry=registry,
-                manage_bus=False,
             )
         else:
             app = create_ops_app(bus, registry)

@@ -15,6 +15,7 @@ HEADER_DELIVERY_ID: Final = "delivery-id"
 HEADER_RECEIVED_AT: Final = "received-at"
 HEADER_SIGNATURE: Final = "x-voucherify-signature"
 HEADER_QUARANTINE_REASON: Final = "quarantine-reason"
+HEADER_QUARANTINE_DETAIL: Final = "quarantine-detail"
 HEADER_CONTENT_TYPE: Final = "content-type"
 
 Headers = tuple[tuple[str, bytes], ...]

@@ -63,13 +63,9 @@ def known_event_types() -> frozenset[str]:
     return frozenset(DATA_MODELS)
 
 
-def handler_topics(
-    handler: Handler, prefix: str, all_types: Collection[str] | None = None
-) -> list[str]:
+def handler_topics(handler: Handler, prefix: str) -> list[str]:
     """The topics a handler's consumer group reads (its event types and its replay topic)."""
-    types = handler.event_types or frozenset(
-        known_event_types() if all_types is None else all_types
-    )
+    types = handler.event_types or known_event_types()
     return [topic_for(prefix, t) for t in sorted(types)] + [retry_topic(prefix, handler.name)]
 
 
@@ -86,7 +82,6 @@ class HandlerRunner:
         topic_prefix: str,
         metrics: WorkerMetrics,
         stop: asyncio.Event,
-        all_event_types: Collection[str] | None = None,
     ) -> None:
         self.handler = handler
         self.name = handler.name
@@ -94,7 +89,7 @@ class HandlerRunner:
         self.settings = settings
         self.prefix = topic_prefix
         self.stop = stop
-        self.topics = handler_topics(handler, topic_prefix, all_event_types)
+        self.topics = handler_topics(handler, topic_prefix)
         self.group = consumer_group(settings.group_prefix, self.name)
         self.dlq_topic = dlq_topic(topic_prefix, self.name)
         self.log = log.bind(handler=self.name)

@@ -11,7 +11,7 @@ runs one :class:`~handlers.worker.runner.HandlerRunner` per handler side by side
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,7 +46,6 @@ class Worker:
         settings: WorkerSettings,
         topic_prefix: str,
         metrics_registry: CollectorRegistry,
-        all_event_types: Collection[str] | None = None,
     ) -> None:
         names = [h.name for h in handlers]
         if len(set(names)) != len(names):
@@ -58,7 +57,6 @@ class Worker:
         self.topic_prefix = topic_prefix
         self.metrics = WorkerMetrics(metrics_registry)
         self.metrics.declare(names)
-        self.all_event_types = all_event_types
 
     async def run_until_stopped(self, stop: asyncio.Event) -> None:
         """Start the handlers, consume until ``stop`` is set, drain, commit, stop them."""
@@ -97,7 +95,6 @@ class Worker:
             topic_prefix=self.topic_prefix,
             metrics=self.metrics,
             stop=stop,
-            all_event_types=self.all_event_types,
         )
 
     @staticmethod

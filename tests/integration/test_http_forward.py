@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from handlers.builtin.http import HttpHandler as ForwardHandler
 from handlers.builtin.http import (
+    HttpHandler,
     create,
     sign_forward,
     verify_forward_signature,
@@ -65,9 +65,7 @@ def forward_env(url: str, **settings: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def running_forward(
-    url: str, tmp_path: Path, **settings: str
-) -> AsyncIterator[ForwardHandler]:
+async def running_forward(url: str, tmp_path: Path, **settings: str) -> AsyncIterator[HttpHandler]:
     handler = create(forward_context(tmp_path, forward_env(url, **settings)))
     await handler.start()
     try:

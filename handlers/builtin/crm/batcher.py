@@ -21,7 +21,7 @@ from typing import Final
 
 from structlog.typing import FilteringBoundLogger
 
-from handlers.builtin.crm.hubspot import Contacts, Failure, Outcomes
+from handlers.builtin.crm.answers import Contacts, Failure, Outcomes
 from handlers.builtin.crm.metrics import CrmMetrics
 
 __all__ = ["Batcher"]

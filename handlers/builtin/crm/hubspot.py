@@ -34,51 +34,34 @@ they reach a log line or a dead letter.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import aiohttp
 from structlog.typing import FilteringBoundLogger
 
+from handlers.builtin.crm.answers import (
+    Contacts,
+    Failure,
+    Outcomes,
+    attribute,
+    error_summary,
+    every,
+    json_object,
+    multi_status,
+)
 from handlers.builtin.crm.metrics import CrmMetrics
 from handlers.builtin.crm.settings import CrmSettings
 from handlers.builtin.http_client import client_session
 from handlers.builtin.ratelimit import RateLimiter
 from handlers.builtin.retry_after import retry_after_s
-from schemas.errors import HandlerError, RetryLater
-from schemas.masking import mask_emails
 
-__all__ = ["UPSERT_PATH", "Contacts", "Failure", "HubSpotClient", "Outcomes"]
+__all__ = ["UPSERT_PATH", "HubSpotClient"]
 
 UPSERT_PATH: Final = "/crm/v3/objects/contacts/batch/upsert"
 _DAILY_LIMIT_DELAY_S: Final = 3600.0
-_ID_KEYS: Final = ("ids", "id", "email", "emails", "inputs")
-_TRACE_KEYS: Final = ("objectWriteTraceId", "objectWriteTraceIds")
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """Why one contact failed: ``reject`` dead-letters it, ``retry`` retries it
-    (``isolate``: alone, on its next attempt)."""
-
-    kind: Literal["reject", "retry"]
-    message: str
-    delay_s: float | None = None
-    isolate: bool = False
-
-    def error(self) -> HandlerError | RetryLater:
-        if self.kind == "reject":
-            return HandlerError(self.message)
-        return RetryLater(self.message, delay_s=self.delay_s)
-
-
-Contacts = Mapping[str, dict[str, str]]
-"""The inputs of one request: each contact's properties by e-mail address, in order."""
-Outcomes = dict[str, Failure | None]
-"""Each contact's outcome by e-mail address: ``None`` when it was upserted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,17 +131,17 @@ class HubSpotClient:
     async def _upsert(self, contacts: Contacts, *, resend: bool) -> Outcomes:
         session = self._session
         if session is None:
-            return _all(contacts, Failure("retry", "the crm handler is stopping"))
+            return every(contacts, Failure("retry", "the crm handler is stopping"))
         await self._limiter.acquire()
         blocked = self.auth_blocked()
         if blocked is not None:
-            return _all(contacts, blocked)
+            return every(contacts, blocked)
         try:
             answer = await self._post(session, contacts)
         except _NoAnswer as err:
             self._m.requests.labels("network_error").inc()
             self._log.warning("crm_request_failed", contacts=len(contacts), error=str(err))
-            return _all(contacts, Failure("retry", str(err)))
+            return every(contacts, Failure("retry", str(err)))
         return await self._classify(contacts, answer, resend=resend)
 
     async def _post(self, session: aiohttp.ClientSession, contacts: Contacts) -> _Answer:
@@ -180,7 +163,7 @@ class HubSpotClient:
             raise _NoAnswer(f"cannot reach HubSpot: {type(err).__name__}") from err
         elapsed = time.perf_counter() - started
         self._m.duration.observe(elapsed)
-        answer = _Answer(status, _json_object(text), response_headers)
+        answer = _Answer(status, json_object(text), response_headers)
         self._log.debug(
             "crm_batch_sent",
             contacts=len(contacts),
@@ -207,35 +190,35 @@ class HubSpotClient:
         if 400 <= status < 500:
             return await self._client_error(contacts, answer, resend=resend)
         self._m.requests.labels("server_error").inc()
-        return _all(contacts, Failure("retry", f"HubSpot answered an unexpected {status}"))
+        return every(contacts, Failure("retry", f"HubSpot answered an unexpected {status}"))
 
     def _accepted(self, contacts: Contacts) -> Outcomes:
         self._auth_ok()
         self._m.requests.labels("ok").inc()
-        return _all(contacts, None)
+        return every(contacts, None)
 
     def _partly_accepted(self, contacts: Contacts, answer: _Answer) -> Outcomes:
         self._auth_ok()
         self._m.requests.labels("partial").inc()
-        return _multi_status(contacts, answer.body)
+        return multi_status(contacts, answer.body)
 
     def _server_error(self, contacts: Contacts, answer: _Answer) -> Outcomes:
         self._m.requests.labels("server_error").inc()
         delay = retry_after_s(answer.headers.get("Retry-After"))
-        message = "HubSpot: " + _error_summary(answer.status, answer.body)
-        return _all(contacts, Failure("retry", message, delay))
+        message = "HubSpot: " + error_summary(answer.status, answer.body)
+        return every(contacts, Failure("retry", message, delay))
 
     async def _client_error(self, contacts: Contacts, answer: _Answer, *, resend: bool) -> Outcomes:
         """A refused request: nothing was written. Blame whom the error names, if anyone."""
         self._m.requests.labels("client_error").inc()
-        summary = "HubSpot refused the request: " + _error_summary(answer.status, answer.body)
+        summary = "HubSpot refused the request: " + error_summary(answer.status, answer.body)
         if len(contacts) == 1:
-            return _all(contacts, Failure("reject", summary))
-        named, _ = _attribute(contacts, [answer.body], answer.status)
+            return every(contacts, Failure("reject", summary))
+        named, _ = attribute(contacts, [answer.body], answer.status)
         rest = {email: props for email, props in contacts.items() if email not in named}
         outcomes: Outcomes = dict(named)
         if not named or not rest or not resend:
-            outcomes.update(_all(rest, Failure("retry", summary, isolate=True)))
+            outcomes.update(every(rest, Failure("retry", summary, isolate=True)))
         else:
             outcomes.update(await self._upsert(rest, resend=False))
         return outcomes
@@ -249,7 +232,7 @@ class HubSpotClient:
             "crm_rate_limited", contacts=len(contacts), policy=policy, retry_in_s=delay
         )
         message = f"HubSpot rate limit reached ({policy or 'unknown policy'})"
-        return _all(contacts, Failure("retry", message, delay))
+        return every(contacts, Failure("retry", message, delay))
 
     def _rate_limit_delay(self, policy: str, headers: Mapping[str, str]) -> float:
         """``Retry-After``, else an hour for the daily limit, else the limit's interval."""
@@ -266,7 +249,7 @@ class HubSpotClient:
         delay = self.settings.auth_retry_delay_s
         self._auth_blocked_until = time.monotonic() + delay
         self._auth_message = (
-            f"HubSpot rejected the token ({_error_summary(answer.status, answer.body)}): check "
+            f"HubSpot rejected the token ({error_summary(answer.status, answer.body)}): check "
             "PUBRELAY_CRM__TOKEN and the private app's scope crm.objects.contacts.write; "
             f"HubSpot is not called again for {delay:g}s"
         )
@@ -280,7 +263,7 @@ class HubSpotClient:
                 correlation_id=answer.body.get("correlationId"),
                 retry_in_s=delay,
             )
-        return _all(contacts, Failure("retry", self._auth_message, delay))
+        return every(contacts, Failure("retry", self._auth_message, delay))
 
     def _auth_ok(self) -> None:
         if self._auth_failed:
@@ -290,7 +273,7 @@ class HubSpotClient:
             self._log.info("crm_auth_restored")
 
 
-# --- reading HubSpot's bodies (no I/O) -----------------------------------------------------
+# --- the request body --------------------------------------------------------------------
 
 
 def _payload(contacts: Contacts) -> dict[str, Any]:
@@ -305,96 +288,3 @@ def _payload(contacts: Contacts) -> dict[str, Any]:
             for n, (email, properties) in enumerate(contacts.items())
         ]
     }
-
-
-def _all(contacts: Iterable[str], failure: Failure | None) -> Outcomes:
-    return dict.fromkeys(contacts, failure)
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    """HubSpot's JSON answer, or ``{}`` for anything else (a proxy's HTML page...)."""
-    try:
-        value = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _multi_status(contacts: Contacts, body: Mapping[str, Any]) -> Outcomes:
-    """A 207: the contacts its errors name are rejected, the others were upserted."""
-    errors = body.get("errors")
-    named, unnamed = _attribute(contacts, errors if isinstance(errors, list) else (), None)
-    outcomes = _all(contacts, None)
-    outcomes.update(named)
-    results = body.get("results")
-    done = len(results) if isinstance(results, list) else 0
-    if unnamed and done + len(named) < len(contacts):
-        # Some contact failed without being named: retry the unnamed ones alone
-        # (an upsert repeated is harmless), so the culprit is found on its own.
-        failure = Failure("retry", unnamed[0], isolate=True)
-        for email in contacts:
-            if email not in named:
-                outcomes[email] = failure
-    return outcomes
-
-
-def _attribute(
-    contacts: Contacts, errors: Iterable[Any], status: int | None
-) -> tuple[dict[str, Failure], list[str]]:
-    """Map errors to the contacts they name; the summaries of errors naming none."""
-    by_trace = {str(n): email for n, email in enumerate(contacts)}
-    named: dict[str, Failure] = {}
-    unnamed: list[str] = []
-    for error in errors:
-        if not isinstance(error, Mapping):
-            continue
-        summary = "HubSpot rejected the contact: " + _error_summary(status, error)
-        traces, ids = _targets(error)
-        emails = {by_trace[t] for t in traces if t in by_trace} | (ids & contacts.keys())
-        if not emails:
-            unnamed.append(summary)
-        for email in emails:
-            named.setdefault(email, Failure("reject", summary))
-    return named, unnamed
-
-
-def _targets(error: Mapping[str, Any]) -> tuple[set[str], set[str]]:
-    """The trace ids and ids an error names (in its ``context`` or its sub-errors')."""
-    traces: set[str] = set()
-    ids: set[str] = set()
-    contexts: list[Any] = [error.get("context")]
-    for sub in error.get("errors") or ():
-        if isinstance(sub, Mapping):
-            contexts.append(sub.get("context"))
-    for context in contexts:
-        if not isinstance(context, Mapping):
-            continue
-        for key in _TRACE_KEYS:
-            traces.update(_strings(context.get(key)))
-        for key in _ID_KEYS:
-            ids.update(s.strip().lower() for s in _strings(context.get(key)))
-    if isinstance(error.get("id"), str):
-        ids.add(error["id"].strip().lower())
-    return traces, ids
-
-
-def _strings(value: Any) -> Iterable[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, list | tuple):
-        for item in value:
-            if isinstance(item, str | int):
-                yield str(item)
-
-
-def _error_summary(status: int | None, body: Mapping[str, Any]) -> str:
-    """``400 VALIDATION_ERROR: <masked message> (correlationId ...)``, bounded."""
-    category = body.get("category") or body.get("errorType") or ""
-    message = mask_emails(str(body.get("message") or "")[:300])
-    text = f"{status or ''} {category}".strip()
-    if message:
-        text += f": {message}"
-    correlation = body.get("correlationId")
-    if correlation:
-        text += f" (correlationId {correlation})"
-    return text

@@ -1,0 +1,13 @@
+"""The exit codes of the ``pubrelay`` command (the README's "Command line" lists them)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+EXIT_OK: Final = 0
+EXIT_CONFIG: Final = 2
+"""A bad setting, an unknown or broken plugin, a port already taken."""
+EXIT_UNAVAILABLE: Final = 3
+"""The bus could not be reached at start."""
+EXIT_WORKER_FAILED: Final = 4
+"""The worker stopped on an error."""
