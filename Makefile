@@ -1,21 +1,41 @@
 # pubrelay — the two commands a fresh machine needs are `make run` and `make test`.
+#
+# Dependencies are installed from uv.lock (exact versions and hashes) by uv, which the
+# first run installs from PyPI with pip into .tools/ (pinned below): nothing but python3
+# and make is needed. `make lock` updates uv.lock after a change to pyproject.toml.
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+UV_VERSION := 0.13.8
+UV_DIR := .tools/uv-$(UV_VERSION)
+UV := $(UV_DIR)/bin/uv
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_ROOT_USER_ACTION := ignore
+# uv never downloads a Python of its own, and syncs into .venv as it is: an existing
+# environment is kept (no UV_PYTHON: a pyenv shim path would make uv rebuild it each time).
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test lint format bench clean system-deps bench-deps
+.PHONY: run test lint format bench clean lock system-deps bench-deps
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+$(UV):
+	$(PYTHON) -m pip install --quiet --target $(UV_DIR) uv==$(UV_VERSION)
 
-# Re-install when the project metadata changes.
-$(STAMP): pyproject.toml tests/plugins/example_plugin/pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]' -e tests/plugins/example_plugin
+$(BIN)/python: | $(UV)
+	$(UV) venv --quiet --python $(PYTHON) $(VENV)
+
+# Exactly what uv.lock says: the project and the example plugin (editable), the test
+# tools (extra `test`), nothing else. --locked stops when uv.lock is out of date with
+# pyproject.toml (run `make lock`). Re-run when either changes.
+$(STAMP): pyproject.toml uv.lock tests/plugins/example_plugin/pyproject.toml | $(BIN)/python
+	$(UV) sync --locked --extra test
 	touch $(STAMP)
+
+# Resolve the newest versions pyproject.toml allows and write them to uv.lock.
+lock: | $(UV)
+	$(UV) lock --upgrade
 
 # Debian packages (installed only when missing; needs root or sudo):
 # tests need promtool (package prometheus) and redis-server, the benchmark needs wrk.
@@ -58,4 +78,4 @@ bench: $(STAMP) bench-deps
 	$(BIN)/python -m tests.bench
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 OUTCOMES: Final = (
     "accepted",
@@ -12,7 +12,10 @@ OUTCOMES: Final = (
     "unauthorized",
     "forbidden",
     "too_large",
+    "record_too_large",
     "bad_request",
+    "body_timeout",
+    "busy",
     "unavailable",
     "error",
 )
@@ -24,6 +27,18 @@ QUARANTINE_REASONS: Final = (
     "invalid_event_type",
     "stale",
     "no_topic",
+)
+GUARDS: Final = (
+    # 401 without the whitespace-stripped signature check: the body held more quotes and
+    # backslashes than consumer/signature.py's MAX_NORMALISED_TOKENS.
+    "signature_fallback_skipped",
+    # 403: X-Forwarded-For holds fewer entries than TRUSTED_PROXY_HOPS, or no address there.
+    "forwarded_for",
+    # 408: the body did not arrive within BODY_READ_TIMEOUT_S (consumer/body.py).
+    "body_read_timeout",
+    # 503 busy: MAX_CONCURRENT_BODIES, or MAX_CONCURRENT_LARGE_BODIES, were being received.
+    "max_concurrent_bodies",
+    "max_concurrent_large_bodies",
 )
 
 _LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -58,6 +73,18 @@ class WebhookMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.bodies_receiving = Gauge(
+            "pubrelay_webhook_bodies_receiving",
+            "Request bodies being received now (size=large: those over 64 KiB).",
+            ["size"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            "pubrelay_webhook_refused_total",
+            "Webhook requests a guard refused (also counted by their outcome), by guard.",
+            ["guard"],
+            registry=registry,
+        )
         self.bus_errors = Counter(
             "pubrelay_bus_errors_total",
             "Bus operations that failed, by operation.",
@@ -70,5 +97,7 @@ class WebhookMetrics:
             self.request_seconds.labels(outcome)
         for reason in QUARANTINE_REASONS:
             self.quarantined.labels(reason)
+        for guard in GUARDS:
+            self.refused.labels(guard)
         for operation in ("publish", "ping"):
             self.bus_errors.labels(operation)

@@ -13,7 +13,7 @@ from typing import Final
 
 import msgspec
 
-from schemas.envelope import LeanEnvelope, lean_decoder
+from schemas.envelope import LeanEnvelope, decode_lean
 from schemas.timestamps import parse_timestamp
 from schemas.topics import INTERNAL_TOPICS
 
@@ -77,7 +77,7 @@ def classify(
     if json_depth_exceeds(body, max_depth):
         return Quarantined("too_deep", f"JSON nests deeper than {max_depth} levels")
     try:
-        envelope: LeanEnvelope = lean_decoder.decode(text)
+        envelope: LeanEnvelope = decode_lean(text)
     except msgspec.ValidationError as err:
         return Quarantined(
             "no_envelope",

@@ -13,18 +13,19 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from ipaddress import IPv6Address, ip_address
 from typing import Final
 
 import structlog
 from aiohttp import web
 
 from bus.types import Bus
+from consumer.body import BodyReader, BodyRefused
 from consumer.config import WebhookSettings
 from consumer.metrics import WebhookMetrics
 from consumer.routing import Quarantined, Routed, classify
-from consumer.signature import Verifier
-from schemas.errors import BusError, BusUnavailable, TopicMissing
+from consumer.signature import MAX_NORMALISED_TOKENS, Verdict, Verifier
+from consumer.source import Source, SourceCheck
+from schemas.errors import BusError, BusUnavailable, RecordTooLarge, TopicMissing
 from schemas.record import (
     HEADER_CONTENT_TYPE,
     HEADER_DELIVERY_ID,
@@ -49,7 +50,8 @@ class Answer:
     """How a request ends: the HTTP answer, and the outcome it is counted and logged by.
 
     ``outcome`` is also the ``status`` of the JSON body; ``signature_present`` and
-    ``error`` are added to the log line when set.
+    ``error`` are added to the log line when set. ``close`` ends the connection after the
+    answer (a body that was not read to its end).
     """
 
     status: int
@@ -58,6 +60,7 @@ class Answer:
     retry_after: str | None = None
     signature_present: bool | None = None
     error: str | None = None
+    close: bool = False
 
     def response(self) -> web.Response:
         body = {"status": self.outcome}
@@ -66,6 +69,8 @@ class Answer:
         response = web.json_response(body, status=self.status)
         if self.retry_after is not None:
             response.headers["Retry-After"] = self.retry_after
+        if self.close:
+            response.force_close()
         return response
 
     def log_fields(self) -> dict[str, object]:
@@ -78,6 +83,11 @@ class Answer:
 
 
 _FORBIDDEN: Final = Answer(403, "forbidden", "source address is not in the allowlist")
+_NOT_NORMALISED: Final = (
+    f"the signature does not match the body as received, and the body holds more than "
+    f"{MAX_NORMALISED_TOKENS} quotes and backslashes: the check without whitespace was "
+    "not tried"
+)
 _ACCEPTED: Final = Answer(202, "accepted")
 _QUARANTINED: Final = Answer(202, "quarantined", "kept on the quarantine topic")
 _INTERNAL_ERROR: Final = Answer(500, "error", "internal error; the event was not accepted")
@@ -148,6 +158,9 @@ class Intake:
         publish_timeout_s: float,
         max_body_bytes: int,
         metrics: WebhookMetrics,
+        body_read_timeout_s: float,
+        max_concurrent_bodies: int,
+        max_concurrent_large_bodies: int,
     ) -> None:
         self.bus = bus
         self.settings = webhook
@@ -157,9 +170,29 @@ class Intake:
         self.publish_timeout_s = publish_timeout_s
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
-        self.allowed = tuple(webhook.allowed_networks)
+        self.source = SourceCheck(
+            webhook.allowed_networks,
+            trust_forwarded_for=webhook.trust_forwarded_for,
+            trusted_proxy_hops=webhook.trusted_proxy_hops,
+        )
+        self.bad_forwarded_for = Answer(
+            403,
+            "forbidden",
+            _FORBIDDEN.message,
+            error=f"X-Forwarded-For holds fewer than {webhook.trusted_proxy_hops} entries "
+            "(TRUSTED_PROXY_HOPS), or no address there",
+        )
         self.retry_after = str(webhook.retry_after_s)
         self.too_large = Answer(413, "too_large", f"body is over the {max_body_bytes}-byte limit")
+        self.body_reader = BodyReader(
+            max_bytes=max_body_bytes,
+            timeout_s=body_read_timeout_s,
+            max_bodies=max_concurrent_bodies,
+            max_large_bodies=max_concurrent_large_bodies,
+        )
+        reader = self.body_reader
+        metrics.bodies_receiving.labels("any").set_function(lambda: reader.reading)
+        metrics.bodies_receiving.labels("large").set_function(lambda: reader.reading_large)
 
     async def receive(self, request: web.Request) -> web.Response:
         """The aiohttp handler: answer the request, then count and log it once."""
@@ -199,44 +232,57 @@ class Intake:
 
     def _check_source(self, request: web.Request) -> Answer | None:
         """403 unless the client's address is in the allowlist (when one is set)."""
-        if not self.allowed:
+        if not self.source.enabled:
             return None
-        remote = request.remote
-        if self.settings.trust_forwarded_for:
-            forwarded = request.headers.get("X-Forwarded-For")
-            if forwarded:
-                # The rightmost entry is the one our proxy added; everything left of it
-                # is whatever the client chose to send.
-                remote = forwarded.rsplit(",", 1)[-1].strip()
-        try:
-            address = ip_address(remote or "")
-        except ValueError:
-            return _FORBIDDEN
-        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # a dual-stack listener sees ::ffff:a.b.c.d
-        return None if any(address in network for network in self.allowed) else _FORBIDDEN
+        # Every line of the header: a proxy may append a line of its own (consumer/source.py).
+        forwarded = request.headers.getall("X-Forwarded-For", ())
+        verdict = self.source.check(request.remote, forwarded)
+        if verdict is Source.ALLOWED:
+            return None
+        if verdict is Source.BAD_FORWARDED_FOR:
+            self.metrics.refused.labels("forwarded_for").inc()
+            return self.bad_forwarded_for
+        return _FORBIDDEN
 
     async def _read_body(self, request: web.Request) -> bytes | Answer:
-        """The raw body; 413 over the limit (before reading when the length is declared)."""
-        if request.content_length is not None and request.content_length > self.max_body_bytes:
+        """The raw body; 413 over the limit (before reading when the length is declared),
+        408 when it does not arrive in time, 503 when too many are being received
+        (``consumer/body.py``)."""
+        body = await self.body_reader.read(request)
+        if not isinstance(body, BodyRefused):
+            return body
+        if body.guard is not None:
+            self.metrics.refused.labels(body.guard).inc()
+        if body.outcome == "too_large":
             return self.too_large
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self.too_large
-        except (ConnectionError, ValueError) as err:
-            return Answer(400, "bad_request", f"could not read the body: {err}")
+        if body.outcome == "body_timeout":
+            return Answer(408, "body_timeout", body.detail, close=True)
+        if body.outcome == "busy":
+            return Answer(
+                503,
+                "busy",
+                f"{body.detail}; retry later",
+                retry_after=self.retry_after,
+                close=True,
+            )
+        return Answer(400, "bad_request", body.detail)
 
     def _check_signature(self, request: web.Request, body: bytes) -> Answer | None:
         """401 unless the body carries a valid signature (or unsigned requests are allowed)."""
-        signature = request.headers.get(HEADER_SIGNATURE)
-        if self.settings.allow_unsigned or self.verifier.verify(body, signature):
+        if self.settings.allow_unsigned:
             return None
+        signature = request.headers.get(HEADER_SIGNATURE)
+        verdict = self.verifier.check(body, signature)
+        if verdict is Verdict.VALID:
+            return None
+        if verdict is Verdict.NOT_NORMALISED:
+            self.metrics.refused.labels("signature_fallback_skipped").inc()
         return Answer(
             401,
             "unauthorized",
             "missing or invalid x-voucherify-signature",
             signature_present=signature is not None,
+            error=_NOT_NORMALISED if verdict is Verdict.NOT_NORMALISED else None,
         )
 
     def _build_record(self, request: web.Request, body: bytes) -> Record:
@@ -294,7 +340,8 @@ class Intake:
     async def _publish(
         self, record: Record, body: bytes, request: web.Request, line: RequestLine
     ) -> Answer:
-        """Publish the record; 202 once the bus acknowledged it, 503 when it did not.
+        """Publish the record; 202 once the bus acknowledged it, 503 when it did not,
+        413 when the bus refuses it for its size (it always will: no retry can help).
 
         An event whose topic may not be created is kept in quarantine instead (and the
         log line says so).
@@ -311,8 +358,12 @@ class Intake:
             line.record = record
             try:
                 await self._send(record, body)
+            except RecordTooLarge as again:
+                return _too_large_for_bus(again)
             except BusError as again:
                 return self._unavailable(again)
+        except RecordTooLarge as err:
+            return _too_large_for_bus(err)
         except BusUnavailable as err:
             return self._unavailable(err)
         self.metrics.publish_seconds.observe(time.perf_counter() - published)
@@ -353,6 +404,18 @@ class Intake:
             retry_after=self.retry_after,
             error=str(err),
         )
+
+
+def _too_large_for_bus(err: RecordTooLarge) -> Answer:
+    """413: the bus refuses this record for its size and always will, so a 503 would only
+    make Voucherify retry until it disables the webhook. A quarantine record would carry
+    the same body and be refused the same way; the log line names the event."""
+    return Answer(
+        413,
+        "record_too_large",
+        "the event store refuses a body this large; it was not stored",
+        error=str(err),
+    )
 
 
 def _request_id(request: web.Request) -> str:

@@ -6,7 +6,8 @@ from typing import Final
 
 EXIT_OK: Final = 0
 EXIT_CONFIG: Final = 2
-"""A bad setting, an unknown or broken plugin, a port already taken."""
+"""A bad setting, an unknown or broken plugin, a port already taken, an embedded bus
+(data directory) another process already consumes."""
 EXIT_UNAVAILABLE: Final = 3
 """The bus could not be reached at start."""
 EXIT_WORKER_FAILED: Final = 4

@@ -81,6 +81,27 @@ def _dumps(obj: Any, **_: Any) -> str:
         return json.dumps(obj, default=repr)
 
 
+class _LineLogger(structlog.PrintLogger):
+    """Prints each line; a line that cannot be written (a full disk or quota under the log
+    file, a closed pipe) is counted, never raised into the request or the handler that
+    logged it. The next line written says how many were lost."""
+
+    lost = 0  # per process
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except OSError:
+            _LineLogger.lost += 1
+            return
+        if _LineLogger.lost:
+            lost, _LineLogger.lost = _LineLogger.lost, 0
+            structlog.get_logger("pubrelay.logging").warning("log_lines_lost", lines=lost)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
 def configure_logging(
     level: str = "info", fmt: Literal["auto", "json", "console"] = "auto"
 ) -> None:
@@ -103,7 +124,7 @@ def configure_logging(
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_: _LineLogger(sys.stderr),
         cache_logger_on_first_use=True,
     )
     # Libraries (aiohttp, aiokafka) log through the standard library: rendered by the same

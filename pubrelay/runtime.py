@@ -21,8 +21,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from bus import create_bus
+from bus.sqlite.owner import consuming
 from bus.types import Bus
-from consumer.app import create_app, create_ops_app
+from consumer.app import create_app, create_ops_app, runner_options
 from handlers.worker.service import open_worker
 from pubrelay.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, EXIT_WORKER_FAILED
 from pubrelay.secrets import resolve_secrets
@@ -85,6 +86,10 @@ async def run(settings: Settings, *, webhook: bool, worker: bool) -> int:
     registry = new_registry()
 
     async with AsyncExitStack() as stack:
+        if worker and settings.bus.kind == "sqlite":
+            # One consuming process per embedded bus (data directory): a second one stops
+            # here with BusInUse (exit 2). Webhook-only processes may run side by side.
+            stack.enter_context(consuming(settings.sqlite_bus_path))
         try:
             bus = await stack.enter_async_context(started_bus(settings, webhook=webhook))
         except BusUnavailable as err:
@@ -120,7 +125,10 @@ async def run(settings: Settings, *, webhook: bool, worker: bool) -> int:
         else:
             app = create_ops_app(bus, registry)
         web_runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=settings.http.shutdown_timeout_s
+            app,
+            access_log=None,
+            shutdown_timeout=settings.http.shutdown_timeout_s,
+            **runner_options(settings.http),
         )
         await web_runner.setup()
         stack.push_async_callback(web_runner.cleanup)

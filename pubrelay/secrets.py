@@ -1,11 +1,19 @@
-"""The webhook secret: configured, or generated once into the data directory."""
+"""The webhook secret: configured, or generated once into the data directory.
+
+The generated file has mode 0600; an existing one open to its group or to others is used
+with a warning (``data_file_not_private``). It is written whole to a temporary file of an
+unpredictable name, created with ``O_EXCL | O_NOFOLLOW`` (a link planted in the directory
+is never followed), and then linked into place.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
 import sys
+from pathlib import Path
 
+from bus.sqlite.db import warn_if_not_private
 from pubrelay.settings import Settings
 from schemas.errors import ConfigError
 
@@ -23,6 +31,7 @@ def resolve_secrets(settings: Settings, *, generate: bool) -> list[str]:
         return configured
     path = settings.data_dir / SECRET_FILE
     if path.exists():
+        warn_if_not_private(path)
         stored = path.read_text().strip()
         if not stored:
             raise SecretMissing(
@@ -39,8 +48,7 @@ def resolve_secrets(settings: Settings, *, generate: bool) -> list[str]:
     value = secrets.token_urlsafe(32)
     # Written whole to a private temporary file, then linked into place: a crash never
     # leaves an empty secret file, and two processes starting at once cannot both win.
-    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp, fd = _private_temporary(path)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(value + "\n")
@@ -62,3 +70,15 @@ def resolve_secrets(settings: Settings, *, generate: bool) -> list[str]:
         file=sys.stderr,
     )
     return [value]
+
+
+def _private_temporary(path: Path) -> tuple[Path, int]:
+    """A new file beside ``path`` with mode 0600 and a name no one can guess in advance."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}")
+        try:
+            return tmp, os.open(tmp, flags, 0o600)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {path}")

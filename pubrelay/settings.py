@@ -8,12 +8,12 @@ file in the working directory is read too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from bus.config import BusSettings
+from bus.config import RECORD_HEADROOM_BYTES, BusSettings
 from consumer.config import HttpSettings, WebhookSettings
 from handlers.config import HandlersSettings, LedgerSettings, WorkerSettings
 from schemas.errors import ConfigError
@@ -43,6 +43,18 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     ledger: LedgerSettings = LedgerSettings()
 
+    @model_validator(mode="after")
+    def _body_fits_the_bus(self) -> Self:
+        """A body the intake accepts must fit a Kafka record, or it would be refused forever."""
+        body, record = self.http.max_body_bytes, self.bus.max_record_bytes
+        if self.bus.kind == "kafka" and body + RECORD_HEADROOM_BYTES > record:
+            raise ValueError(
+                f"PUBRELAY_HTTP__MAX_BODY_BYTES={body} plus {RECORD_HEADROOM_BYTES} bytes for "
+                f"the record's key and headers must fit PUBRELAY_BUS__MAX_RECORD_BYTES={record}: "
+                f"lower the first or raise the second to at least {body + RECORD_HEADROOM_BYTES}"
+            )
+        return self
+
     @property
     def sqlite_bus_path(self) -> Path:
         if self.bus.url.startswith("sqlite:///"):
@@ -58,7 +70,8 @@ def load_settings(**overrides: object) -> Settings:
         problems = []
         for item in err.errors():
             name = "PUBRELAY_" + "__".join(str(p).upper() for p in item["loc"])
-            problems.append(f"{name}: {item['msg']}")
+            # A check across settings (no location) names its variables in its message.
+            problems.append(f"{name}: {item['msg']}" if item["loc"] else item["msg"])
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
     except SettingsError as err:
         # Raised for values that must be JSON (lists, maps) but are not.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import msgspec
 
+from schemas.surrogates import without_lone_surrogates
+
 
 class LeanCustomer(msgspec.Struct):
     id: str | None = None
@@ -68,3 +70,22 @@ class LeanEnvelope(msgspec.Struct):
 
 
 lean_decoder = msgspec.json.Decoder(LeanEnvelope)
+
+
+def decode_lean(body: bytes | str) -> LeanEnvelope:
+    """The lean envelope of ``body``; raises :class:`msgspec.DecodeError` (or its subclass
+    :class:`msgspec.ValidationError`) like :data:`lean_decoder`.
+
+    A body refused only for a lone surrogate escape (valid JSON that msgspec rejects) is
+    decoded with U+FFFD in its place (:mod:`schemas.surrogates`), so such an event is
+    routed like any other.
+    """
+    try:
+        return lean_decoder.decode(body)
+    except msgspec.ValidationError:
+        raise
+    except msgspec.DecodeError:
+        fixed = without_lone_surrogates(body)
+        if fixed is None:
+            raise
+        return lean_decoder.decode(fixed)

@@ -18,6 +18,11 @@ class ConfigError(PubrelayError):
     """The configuration is invalid; the message names the setting."""
 
 
+class BusInUse(ConfigError):
+    """Another process already consumes this embedded bus (one per data directory); like a
+    port already taken, the process stops at start."""
+
+
 class BusError(PubrelayError):
     """The bus failed to do what was asked."""
 
@@ -26,6 +31,13 @@ class BusError(PubrelayError):
 
 class BusUnavailable(BusError):
     """The bus did not acknowledge in time, or cannot be reached; nothing was acknowledged."""
+
+
+class RecordTooLarge(BusError):
+    """The bus refuses the record for its size, and always will (Kafka's
+    ``MESSAGE_TOO_LARGE``): nothing was stored, and retrying cannot help."""
+
+    retriable = False
 
 
 class TopicMissing(BusError):

@@ -18,13 +18,14 @@ from types import MappingProxyType
 from typing import Any, Final, Generic
 
 import msgspec
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from typing_extensions import TypeVar
 
 from schemas.base import VoucherifyModel
 from schemas.campaign import Campaign
 from schemas.customer import Customer
 from schemas.publication import Publication
+from schemas.surrogates import without_lone_surrogates
 from schemas.voucher import Voucher
 
 __all__ = [
@@ -272,10 +273,32 @@ def parse_event(raw: bytes | bytearray | str) -> WebhookEnvelope[Any]:
     The type is peeked with msgspec first so the body is validated once, by
     ``model_validate_json`` on the right model. Should the peek and pydantic disagree
     (a body only one of the two parsers accepts), the type pydantic read wins.
+
+    A lone surrogate escape (``"\\ud83d"``, half an emoji in a free-text field) is valid
+    JSON that both parsers refuse: such a body is parsed again with U+FFFD in its place
+    (:mod:`schemas.surrogates`), so every string a handler sees can be encoded. Only a
+    body that failed as JSON pays for that second try.
     """
+    try:
+        return _parse(raw)
+    except ValidationError as err:
+        if not _invalid_json(err):
+            raise
+        fixed = without_lone_surrogates(raw)
+        if fixed is None:
+            raise
+        return _parse(fixed)
+
+
+def _parse(raw: bytes | bytearray | str) -> WebhookEnvelope[Any]:
     model = envelope_model_for(_peek_event_type(raw))
     envelope = model.model_validate_json(raw)
     typed = envelope_model_for(envelope.event.type)
     if typed is not model:
         envelope = typed.model_validate_json(raw)
     return envelope
+
+
+def _invalid_json(err: ValidationError) -> bool:
+    """Whether pydantic refused the JSON itself, not what it holds."""
+    return any(error["type"] == "json_invalid" for error in err.errors(include_url=False))

@@ -57,3 +57,9 @@ def consumer_group(group_prefix: str, handler: str) -> str:
 def replay_group(group_prefix: str, handler: str) -> str:
     """The consumer group that remembers which dead letters were replayed."""
     return f"{group_prefix}replay.{handler}"
+
+
+def is_kept_topic(prefix: str, topic: str) -> bool:
+    """Whether ``topic`` holds records that wait for a human (quarantine, dead letters):
+    a bus must keep them until someone acts, never expire them by age."""
+    return topic == quarantine_topic(prefix) or topic.startswith(prefix + DLQ_TOPIC_PREFIX)

@@ -4,6 +4,7 @@ pytest_plugins = [
     "tests.fixtures.app",
     "tests.fixtures.process",
     "tests.fixtures.kafka",
+    "tests.fixtures.kafka_size_limit",
     "tests.fixtures.worker",
     "tests.fixtures.redis",
     "tests.fixtures.fake_hubspot",

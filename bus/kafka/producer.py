@@ -1,12 +1,19 @@
 """The Kafka bus: publishing to any Kafka-protocol cluster through one aiokafka producer.
 
 Publishing: one producer per process, started in :meth:`KafkaBus.start`. ``publish`` is
-``send`` + wait for the acknowledgement (``acks=all`` by default), bounded by
-``publish_timeout_s``; every failure becomes :class:`~schemas.errors.BusUnavailable`, so
-the web layer answers 503 and Voucherify retries. Batches are large (``max_batch_bytes``,
-1 MiB by default) because aiokafka keeps one request in flight per broker: with its 16 KiB
-default a batch holds three or four webhook bodies and concurrent senders queue behind it
-(see ``docs/performance.md``).
+``send`` + wait for the acknowledgement (``acks=all``; anything less needs
+``allow_unsafe_acks``), bounded by ``publish_timeout_s``; every failure becomes
+:class:`~schemas.errors.BusUnavailable`, so the web layer answers 503 and Voucherify
+retries, except one that retrying cannot cure: a record too large for the producer
+(``max_record_bytes``) or for the broker (its ``message.max.bytes``, or the topic's
+``max.message.bytes``) is :class:`~schemas.errors.RecordTooLarge`. A broker refuses a whole
+batch for its size, so a record refused that way is sent once more in a batch of its own
+(same partition) before it is called too large: a small event never pays for a large
+neighbour.
+
+Batches are large (``max_batch_bytes``, 1 MiB by default) because aiokafka keeps one
+request in flight per broker: with its 16 KiB default a batch holds three or four webhook
+bodies and concurrent senders queue behind it (see ``docs/performance.md``).
 
 A timed-out publish cannot be withdrawn on Kafka: the batch holding it may still be
 delivered until it expires (``request_timeout_s``). The caller was told "not stored", so
@@ -34,7 +41,14 @@ from typing import Any, Final
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError, UnsupportedCodecError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    UnsupportedCodecError,
+)
+from aiokafka.partitioner import DefaultPartitioner
 
 from bus.config import BusSettings
 from bus.kafka._futures import retrieve
@@ -42,7 +56,7 @@ from bus.kafka.admin import KafkaTopics
 from bus.kafka.options import GroupTiming, acks, client_options
 from bus.kafka.subscription import KafkaSubscription
 from bus.types import RevokeCallback, Subscription
-from schemas.errors import BusUnavailable, ConfigError
+from schemas.errors import BusUnavailable, ConfigError, RecordTooLarge
 from schemas.record import Headers
 
 log = structlog.get_logger("pubrelay.bus.kafka")
@@ -51,6 +65,8 @@ _IDEMPOTENCE_HINT: Final = (
     "set PUBRELAY_BUS__ENABLE_IDEMPOTENCE=false for brokers without idempotent producers "
     "(for example the Tansu test broker)"
 )
+_TOO_LARGE: Final = (MessageSizeTooLargeError, RecordListTooLargeError)
+_PARTITIONER: Final = DefaultPartitioner()
 
 
 def _sender_dead(producer: Any) -> bool:
@@ -61,6 +77,11 @@ def _sender_dead(producer: Any) -> bool:
     sender = getattr(producer, "_sender", None)
     task = getattr(sender, "sender_task", None)
     return isinstance(task, asyncio.Task) and task.done()
+
+
+def _size(value: bytes, key: bytes | None, headers: Headers) -> int:
+    """A record's size without the batch framing: value, key, header names and values."""
+    return len(value) + len(key or b"") + sum(len(n) + len(v) for n, v in headers)
 
 
 class KafkaBus:
@@ -93,7 +114,8 @@ class KafkaBus:
                 compression_type=None if s.compression == "none" else s.compression,
                 linger_ms=s.linger_ms,
                 max_batch_size=s.max_batch_bytes,
-                max_request_size=max(s.max_batch_bytes, 1024 * 1024),
+                # aiokafka checks each record against it (its only use of the setting).
+                max_request_size=s.max_record_bytes,
             )
         except UnsupportedCodecError as err:
             raise ConfigError(
@@ -145,7 +167,16 @@ class KafkaBus:
             acks=self.settings.acks,
             idempotence=self.settings.enable_idempotence,
             max_batch_bytes=self.settings.max_batch_bytes,
+            max_record_bytes=self.settings.max_record_bytes,
         )
+        if self.settings.acks != "all":
+            log.warning(
+                "bus_unsafe_acks",
+                bus="kafka",
+                acks=self.settings.acks,
+                message="PUBRELAY_BUS__ALLOW_UNSAFE_ACKS is set: a 2xx no longer means the "
+                "event survives the loss of a broker",
+            )
 
     async def _stop_quietly(self, producer: Any) -> None:
         """Stop a producer, bounded: batches expire after ``request_timeout_s`` anyway."""
@@ -213,8 +244,22 @@ class KafkaBus:
             async with asyncio.timeout(timeout):
                 producer = await self._current_producer()
                 await self._topics.before_publish(topic)
-                delivery = await producer.send(topic, value, key=key, headers=list(headers))
-                await asyncio.shield(delivery)
+                try:
+                    delivery = await producer.send(topic, value, key=key, headers=list(headers))
+                except _TOO_LARGE as err:  # over our own max_record_bytes
+                    raise self._too_large(
+                        topic, _size(value, key, headers), err, "producer"
+                    ) from err
+                try:
+                    await asyncio.shield(delivery)
+                except _TOO_LARGE:
+                    delivery = await self._send_alone(producer, topic, value, key, headers)
+                    try:
+                        await asyncio.shield(delivery)
+                    except _TOO_LARGE as err:
+                        raise self._too_large(
+                            topic, _size(value, key, headers), err, "broker"
+                        ) from err
         except (TimeoutError, KafkaError, BusUnavailable) as err:
             if delivery is not None and not delivery.done():
                 delivery.add_done_callback(retrieve)
@@ -228,6 +273,39 @@ class KafkaBus:
             )
             raise BusUnavailable(f"the Kafka bus did not store the record: {reason}") from err
         self._mark_available(time.monotonic() - started)
+
+    async def _send_alone(
+        self, producer: Any, topic: str, value: bytes, key: bytes | None, headers: Headers
+    ) -> asyncio.Future[Any]:
+        """Send a record whose batch the broker refused for its size in a batch of its own,
+        to the partition its key maps to (as ``send`` would choose it)."""
+        batch = producer.create_batch()
+        batch.append(key=key, value=value, timestamp=None, headers=list(headers))
+        partitions = sorted(await producer.partitions_for(topic))
+        partition = _PARTITIONER(key, partitions, partitions)
+        delivery: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
+        return delivery
+
+    def _too_large(self, topic: str, size: int, err: KafkaError, refused_by: str) -> RecordTooLarge:
+        """The permanent refusal of a record for its size, logged once per record."""
+        limit = self.settings.max_record_bytes
+        log.warning(
+            "bus_record_too_large",
+            bus="kafka",
+            topic=topic,
+            record_bytes=size,
+            refused_by=refused_by,
+            max_record_bytes=limit,
+        )
+        where = (
+            f"PUBRELAY_BUS__MAX_RECORD_BYTES={limit}"
+            if refused_by == "producer"
+            else "the broker's message.max.bytes (or the topic's max.message.bytes)"
+        )
+        return RecordTooLarge(
+            f"the Kafka bus refuses a record of about {size} bytes for topic {topic}: "
+            f"over {where} ({type(err).__name__})"
+        )
 
     # -- availability ---------------------------------------------------------------
 

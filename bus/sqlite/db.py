@@ -7,20 +7,54 @@ mode so transactions are explicit. Each connection lives on a single thread of i
 statements on one connection never interleave. Writes go in ``BEGIN IMMEDIATE``
 transactions (:func:`transaction`): the write lock is taken up front, and any failure
 rolls the whole transaction back.
+
+The files hold customers' data: :func:`create_private_file` creates a database file with
+mode 0600 before SQLite opens it (SQLite gives its ``-wal`` and ``-shm`` files the
+database file's mode), in a directory created with mode 0700.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
+import stat
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
+import structlog
+
+log = structlog.get_logger("pubrelay.files")
+
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 (and its directory with mode 0700) unless it
+    exists; warn when an existing one is readable or writable by others than its owner."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        warn_if_not_private(path)
+    else:
+        os.close(fd)
+
+
+def warn_if_not_private(path: Path) -> None:
+    """Log a warning when the file at ``path`` is open to its group or to others."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning(
+            "data_file_not_private",
+            path=str(path),
+            mode=format(mode, "04o"),
+            wanted="0600",
+        )
 
 
 def connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:

@@ -11,7 +11,10 @@ commit was already under way when the timeout fired is awaited a little longer.
 
 Retention (``retention_s``): a record older than that is deleted once every consumer
 group that reads its topic has committed past it, so nothing unhandled is lost; records
-of topics no group reads are deleted by age, except quarantine and dead letters.
+of topics no group reads are deleted by age, except quarantine and dead letters. A pass
+starts every ``min(retention_s, 60 s)``; its deletions (:mod:`bus.sqlite.retention`) run
+in short transactions of their own between publish batches, so a publish waits for one
+small chunk at most, however long the log.
 
 Consumers (:mod:`bus.sqlite.subscription`) are woken by this process's publishes; the
 file's tables are in :mod:`bus.sqlite.schema`.
@@ -32,7 +35,8 @@ from typing import Final
 
 import structlog
 
-from bus.sqlite.db import ConnectionThread, transaction
+from bus.sqlite.db import ConnectionThread, create_private_file, transaction
+from bus.sqlite.retention import DEFAULT_CHUNK_ROWS, MAX_PASS_INTERVAL_S, RetentionPass
 from bus.sqlite.schema import SCHEMA, encode_headers
 from bus.sqlite.subscription import SqliteSubscription
 from bus.types import RevokeCallback, Subscription
@@ -41,17 +45,6 @@ from schemas.record import Headers
 
 log = structlog.get_logger("pubrelay.bus.sqlite")
 
-# Old records go only once every consumer group of their topic is past them; on a topic
-# no group reads, by age alone, except quarantine and dead letters (kept for a human).
-_RETENTION_SQL: Final = """
-DELETE FROM log WHERE ts_ms < ? AND (
-    id < (SELECT MIN(g.next_offset) FROM group_offsets g WHERE g.topic = log.topic)
-    OR (
-        NOT EXISTS (SELECT 1 FROM group_offsets g WHERE g.topic = log.topic)
-        AND topic NOT LIKE '%quarantine' AND topic NOT LIKE '%dlq.%'
-    )
-)
-"""
 _ROWS_PER_INSERT: Final = 100  # 500 parameters, well under SQLite's limit
 
 
@@ -88,10 +81,12 @@ class SqliteBus:
         retention_s: float = 7 * 24 * 3600,
         poll_interval_s: float = 0.5,
         busy_timeout_s: float = 30.0,
+        retention_chunk_rows: int = DEFAULT_CHUNK_ROWS,
     ) -> None:
         self.path = path
         self.publish_timeout_s = publish_timeout_s
         self.retention_s = retention_s
+        self.retention_chunk_rows = retention_chunk_rows
         self.poll_interval_s = poll_interval_s
         self._busy_timeout_s = busy_timeout_s
         self._db = ConnectionThread("sqlite-bus-writer")
@@ -100,14 +95,15 @@ class SqliteBus:
         self._wake = asyncio.Event()
         self._published = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
-        self._next_retention = 0.0
+        self._next_retention = 0.0  # monotonic time the next retention pass starts
+        self._retention: RetentionPass | None = None
         self._closing = False
 
     async def start(self) -> None:
         if self._writer is not None:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            create_private_file(self.path)
             await self._db.open(self.path, busy_timeout_s=self._busy_timeout_s, schema=SCHEMA)
         except (OSError, sqlite3.Error) as err:
             raise BusUnavailable(f"cannot open the embedded bus at {self.path}: {err}") from err
@@ -166,31 +162,35 @@ class SqliteBus:
 
     async def _write_loop(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, self._pending = self._pending, []
-            if not batch:
-                if self._closing:
-                    return
-                continue
-            try:
-                await self._db.run(self._write_batch, batch)
-            except Exception as err:  # any failure fails this batch, not the loop
-                log.warning("bus_write_failed", error=str(err), records=len(batch))
-                failure = BusUnavailable(f"the embedded bus could not commit: {err}")
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(failure)
-                        # Retrieved here so an abandoned future does not warn.
-                        entry.future.exception()
-            else:
-                for entry in batch:
-                    if entry.state == _CLAIMED and not entry.future.done():
-                        entry.future.set_result(None)
-                self._published.set()
-                self._published = asyncio.Event()
-            if self._closing and not self._pending:
+            if self._pending:
+                batch, self._pending = self._pending, []
+                await self._commit(batch)
+            elif self._closing:
                 return
+            elif self._retention_due():
+                await self._retention_step()  # one short transaction; publishes go first
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._until_retention_s())
+                self._wake.clear()
+
+    async def _commit(self, batch: list[_Entry]) -> None:
+        try:
+            await self._db.run(self._write_batch, batch)
+        except Exception as err:  # any failure fails this batch, not the loop
+            log.warning("bus_write_failed", error=str(err), records=len(batch))
+            failure = BusUnavailable(f"the embedded bus could not commit: {err}")
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(failure)
+                    # Retrieved here so an abandoned future does not warn.
+                    entry.future.exception()
+        else:
+            for entry in batch:
+                if entry.state == _CLAIMED and not entry.future.done():
+                    entry.future.set_result(None)
+            self._published.set()
+            self._published = asyncio.Event()
 
     def _write_batch(self, conn: sqlite3.Connection, batch: list[_Entry]) -> None:
         with transaction(conn):
@@ -207,15 +207,36 @@ class SqliteBus:
                 for e in chunk:
                     params += (e.topic, e.key, e.value, encode_headers(e.headers), e.ts_ms)
                 conn.execute(_insert_sql(len(chunk)), params)
-            self._apply_retention(conn)
 
-    def _apply_retention(self, conn: sqlite3.Connection) -> None:
-        now = time.monotonic()
-        if now < self._next_retention:
-            return
-        self._next_retention = now + min(self.retention_s, 60.0)
-        cutoff = int((time.time() - self.retention_s) * 1000)
-        conn.execute(_RETENTION_SQL, (cutoff,))
+    # -- retention ------------------------------------------------------------------
+
+    def _retention_due(self) -> bool:
+        return self._retention is not None or time.monotonic() >= self._next_retention
+
+    def _until_retention_s(self) -> float:
+        return max(0.0, self._next_retention - time.monotonic())
+
+    async def _retention_step(self) -> None:
+        if self._retention is None:
+            cutoff_ms = int((time.time() - self.retention_s) * 1000)
+            self._retention = RetentionPass(cutoff_ms, self.retention_chunk_rows)
+        current = self._retention
+        try:
+            await self._db.run(current.step)
+        except Exception as err:  # housekeeping: the next pass tries again
+            log.warning("bus_retention_failed", error=str(err), deleted=current.deleted)
+            current.topics = []
+        if current.done:
+            self._retention = None
+            self._next_retention = time.monotonic() + min(self.retention_s, MAX_PASS_INTERVAL_S)
+            if current.deleted:
+                log.info(
+                    "bus_retention_pass",
+                    deleted=current.deleted,
+                    transactions=current.steps - 1,
+                    longest_step_ms=round(current.longest_step_s * 1000, 2),
+                    duration_ms=round(current.elapsed_s * 1000, 1),
+                )
 
     async def ping(self) -> None:
         if self._writer is None or self._writer.done():

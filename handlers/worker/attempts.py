@@ -38,7 +38,7 @@ from handlers.worker.ledger import Ledger
 from handlers.worker.metrics import WorkerMetrics
 from handlers.worker.offsets import FetchedRecord
 from handlers.worker.retry import BusRetry, is_transient, pause, retry_delay
-from schemas.envelope import lean_decoder
+from schemas.envelope import decode_lean
 from schemas.errors import RetryLater, SkipEvent
 from schemas.record import HEADER_EVENT_ID, HEADER_EVENT_TYPE, header
 from schemas.timestamps import parse_timestamp, utc_now_iso
@@ -58,7 +58,7 @@ class _Unidentified(Exception):
 def _identify(message: Message) -> _Identity:
     """The event's id and type from the headers, else from the body; its creation time."""
     try:
-        lean = lean_decoder.decode(message.value)
+        lean = decode_lean(message.value)
     except msgspec.DecodeError:
         lean = None
     body = lean.event if lean is not None else None

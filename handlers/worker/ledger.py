@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import structlog
 
-from bus.sqlite.db import ConnectionThread, transaction
+from bus.sqlite.db import ConnectionThread, create_private_file, transaction
 from handlers.config import LedgerSettings
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ class SqliteLedger:
 
     async def open(self) -> None:
         if not self._writer.is_open:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            create_private_file(self.path)  # mode 0600: it names customers' events
             await self._writer.open(self.path, busy_timeout_s=self.timeout_s, schema=_SCHEMA)
             await self._reader.open(self.path, busy_timeout_s=self.timeout_s)
             await self.purge()

@@ -5,9 +5,15 @@ drifts by up to 2x over minutes), and the ratio between them is the number to co
 across runs. Sections: intake (webhook on the embedded bus vs a bare aiohttp handler),
 kafka (webhook -> Tansu broker ack vs the same bare handler), worker (events/s through a
 no-op handler on both buses, vs the bus read alone; the ledger's cost), e2e (signed POST
--> e-mail accepted by an SMTP server, beside the intake latency of the same requests).
+-> e-mail accepted by an SMTP server, beside the intake latency of the same requests),
+attack (signed deliveries at a steady rate, quietly and under attack: 4 clients posting
+~1 MiB bogus-signed bodies and 300 holding stalled bodies; see attack.py).
 Environment: BENCH_SECONDS (per load run, default 8), BENCH_CONNECTIONS (default 64),
-BENCH_WORKER_EVENTS (default 5000), BENCH_E2E_EVENTS (default 2000).
+BENCH_WORKER_EVENTS (default 5000), BENCH_E2E_EVENTS (default 2000), BENCH_ATTACK_RATE
+(legitimate deliveries per second in the attack section, default 200). Section retention
+(the write lock a retention pass of the embedded bus holds on a log of millions of
+records, before and after chunking; see retention.py): BENCH_RETENTION_ROWS (default
+2000000), BENCH_RETENTION_VALUE_BYTES (default 512).
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ from bus.sqlite import SqliteBus
 from bus.types import Bus
 from consumer.signature import sign
 from pubrelay.logging import configure_logging
+from tests.bench.attack import RunFigures
+from tests.bench.attack import run as attack_run
 from tests.bench.e2e import e2e_env, run_e2e, start_smtp
+from tests.bench.retention import bench_retention
 from tests.bench.worker import bench_worker_on
 from tests.bench.wrk import LoadResult, run_wrk
 from tests.fixtures.app import EXAMPLE
@@ -40,6 +49,7 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 WORKER_EVENTS = int(os.environ.get("BENCH_WORKER_EVENTS", "5000"))
 E2E_EVENTS = int(os.environ.get("BENCH_E2E_EVENTS", "2000"))
+ATTACK_RATE = float(os.environ.get("BENCH_ATTACK_RATE", "200"))
 SECRET = "bench-secret"
 REPO = Path(__file__).resolve().parents[2]
 PATH = "/webhooks/voucherify"
@@ -65,14 +75,16 @@ def wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30
 
 
 @contextmanager
-def server(args: list[str], port: int, env: dict[str, str], cwd: Path) -> Iterator[None]:
+def server(
+    args: list[str], port: int, env: dict[str, str], cwd: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     with (cwd / f"server-{port}.log").open("wb") as log:
         proc = subprocess.Popen(
             args, cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
         )
         try:
             wait_healthy(port, proc)
-            yield
+            yield proc
         finally:
             proc.terminate()
             try:
@@ -127,6 +139,8 @@ def bench_kafka(tmp: Path) -> None:
         env = {
             "PUBRELAY_BUS__URL": broker.url,
             "PUBRELAY_BUS__ENABLE_IDEMPOTENCE": "false",  # Tansu does not support it
+            "PUBRELAY_BUS__REPLICATION_FACTOR": "1",  # Tansu is a single broker
+            "PUBRELAY_BUS__MIN_INSYNC_REPLICAS": "1",
         }
         first = bare(tmp)
         print(first.row("bare aiohttp (read body, 204)"))
@@ -220,11 +234,58 @@ def bench_intake(tmp: Path) -> None:
     print(ratio_line("pubrelay webhook, embedded SQLite bus", sqlite, mean(first, second)))
 
 
+def bench_attack(tmp: Path) -> None:
+    rate = ATTACK_RATE
+    print(
+        f"# under attack: {rate:.0f} signed {len(sample_body())}-byte deliveries/s (open loop) "
+        f"for {SECONDS}s through `pubrelay webhook` on the embedded bus; attackers: 4 posting "
+        "~1 MiB bogus-signed bodies in a loop, 300 holding stalled 512 KiB chunked bodies"
+    )
+    body = sample_body()
+    runs = [("quiet", 0, 0), ("4 bogus senders", 4, 0), ("300 stalled", 0, 300)]
+    runs += [("4 bogus + 300 stalled", 4, 300)]
+    rows: list[RunFigures] = []
+    for name, bogus, stalled in runs:  # a new server each: RSS from its own idle
+        port = free_port()
+        env = {
+            "PUBRELAY_HTTP__PORT": str(port),
+            "PUBRELAY_WEBHOOK__SECRETS": f'["{SECRET}"]',
+            "PUBRELAY_DATA_DIR": str(tmp / f"data-{port}"),
+            "PUBRELAY_LOG__FORMAT": "json",
+        }
+        with server([pubrelay_bin(), "webhook"], port, env, tmp) as proc:
+            signature = sign(SECRET, body)
+            attack_run("warm-up", port, proc.pid, body, signature, rate=rate, seconds=1)
+            figures = attack_run(
+                name,
+                port,
+                proc.pid,
+                body,
+                signature,
+                rate=rate,
+                seconds=SECONDS,
+                bogus=bogus,
+                stalled=stalled,
+            )
+        rows.append(figures)
+        print(figures.row())
+    quiet, attacked = rows[0], rows[-1]
+    print(
+        f"{'under attack / quiet':<38} p50 {attacked.percentile(0.5) / quiet.percentile(0.5):.2f}x"
+        f"   p99 {attacked.percentile(0.99) / quiet.percentile(0.99):.2f}x"
+        f"   (aim: p99 within 2x, every delivery 202)"
+    )
+    for figures in rows[1:]:
+        print(f"{'attackers, ' + figures.name:<38} {json.dumps(figures.attackers)}")
+
+
 SECTIONS: dict[str, Callable[[Path], None]] = {
     "intake": bench_intake,
     "kafka": bench_kafka,
     "worker": bench_worker,
     "e2e": bench_e2e,
+    "attack": bench_attack,
+    "retention": bench_retention,
 }
 
 

@@ -30,6 +30,8 @@ def webhook_env(settings: BusSettings) -> dict[str, str]:
         "PUBRELAY_BUS__URL": settings.url,
         "PUBRELAY_BUS__TOPIC_PREFIX": settings.topic_prefix,
         "PUBRELAY_BUS__ENABLE_IDEMPOTENCE": "false",
+        "PUBRELAY_BUS__REPLICATION_FACTOR": "1",
+        "PUBRELAY_BUS__MIN_INSYNC_REPLICAS": "1",
         "PUBRELAY_BUS__PUBLISH_TIMEOUT_S": "2",
         "PUBRELAY_BUS__REQUEST_TIMEOUT_S": "2",
         "PUBRELAY_BUS__PARTITIONS": "3",

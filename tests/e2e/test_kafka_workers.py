@@ -81,6 +81,8 @@ def test_two_workers_split_partitions_and_the_survivor_takes_over(
                 "PUBRELAY_BUS__URL": settings.url,
                 "PUBRELAY_BUS__TOPIC_PREFIX": settings.topic_prefix,
                 "PUBRELAY_BUS__ENABLE_IDEMPOTENCE": "false",
+                "PUBRELAY_BUS__REPLICATION_FACTOR": "1",
+                "PUBRELAY_BUS__MIN_INSYNC_REPLICAS": "1",
                 "PUBRELAY_BUS__PARTITIONS": "6",
                 "PUBRELAY_HANDLERS__ENABLED": '["example"]',
                 "PUBRELAY_LEDGER__URL": f"sqlite:///{tmp_path / 'shared-ledger.sqlite3'}",

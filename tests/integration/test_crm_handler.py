@@ -150,6 +150,33 @@ async def test_two_events_for_one_address_in_a_batch_are_merged_and_the_later_wi
     assert h.metric("pubrelay_crm_contacts_total", outcome="upserted") == 3
 
 
+async def test_a_lone_surrogate_in_a_mapped_field_is_sent_as_a_replacement_character(
+    fake_hubspot: FakeHubSpot, tmp_path: Path
+) -> None:
+    event = publication(4)
+    # Half an emoji in the campaign's name: valid JSON, refused by msgspec and pydantic as is.
+    raw = event.raw.replace(b'"Spring Discounts"', b'"Spring Discounts \\ud83d"')
+    assert raw != event.raw
+    async with running_crm(fake_hubspot, tmp_path) as h:
+        odd = Event(
+            id=event.id,
+            type=event.type,
+            raw=raw,
+            headers=(),
+            key=event.key,
+            attempt=1,
+            topic=event.topic,
+            partition=0,
+            offset=4,
+        )
+        assert await outcomes(h.handler, [odd]) == [None]
+
+    stored = fake_hubspot.contacts["customer4@example.com"]
+    assert stored["voucherify_last_campaign"] == "Spring Discounts \ufffd"
+    assert stored["voucherify_last_campaign"].encode()  # no lone surrogate reached HubSpot
+    assert h.metric("pubrelay_crm_contacts_total", outcome="upserted") == 1
+
+
 async def test_hubspot_refuses_duplicate_ids_in_one_batch(fake_hubspot: FakeHubSpot) -> None:
     """The fake enforces the rule the merge above exists for."""
     item = {"id": "a@example.com", "idProperty": "email", "properties": {}}

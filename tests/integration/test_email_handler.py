@@ -201,6 +201,23 @@ async def test_the_html_part_escapes_a_customer_name_holding_markup(
     assert name in body["text/plain"]  # text is not HTML: no entities there
 
 
+async def test_a_lone_surrogate_in_the_customer_name_is_sent_as_a_replacement_character(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    # json.dumps writes the lone surrogate as the escape "\\ud83d": valid JSON, half an emoji.
+    name = "Jack \ud83d"
+    async with running_email(smtp_server.url, tmp_path) as h:
+        await h.handler.handle(as_event(envelope(3, name=name)))
+
+    [received] = smtp_server.mailbox
+    assert received.rcpt_tos == ["customer3@example.com"]
+    assert received.message["To"] == "Jack \ufffd <customer3@example.com>"
+    for text in parts(received.message).values():
+        assert "Hello Jack \ufffd," in text
+        assert "SPRING-0003" in text
+    assert h.metric("pubrelay_email_messages_total", outcome="sent") == 1
+
+
 async def test_campaign_and_channel_templates_override_the_default(
     smtp_server: SmtpServer, tmp_path: Path
 ) -> None:

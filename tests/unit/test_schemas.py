@@ -319,6 +319,23 @@ def test_parse_event_types_data_even_when_the_fast_peek_cannot_read_the_body() -
     assert isinstance(envelope.data, CustomerPublicationSucceededData)
 
 
+def test_parse_event_reads_a_lone_surrogate_in_a_free_text_field_as_a_replacement() -> None:
+    # Valid JSON (half an emoji) that msgspec and pydantic refuse as it is.
+    raw = sample_publication_body(
+        event_id="evcus_1", delivery_id="whs_1", customer_id="cust_42", email=None, code="C-1"
+    )
+    raw = raw.replace(b'"name":"Jack Webhook"', b'"name":"Jack \\ud83d Webhook \\ud83d\\ude00"')
+
+    envelope = parse_event(raw)
+
+    data = envelope.data
+    assert isinstance(data, CustomerPublicationSucceededData)
+    assert data.customer is not None
+    assert data.customer.name == "Jack \ufffd Webhook \U0001f600"  # the pair is kept
+    assert data.customer.name.encode()  # every string a handler sees can be encoded
+    assert envelope.event_id == "evcus_1"
+
+
 def test_publication_succeeded_with_several_codes_lists_them_all() -> None:
     one = _sample()["data"]
     codes = ["SPRING-2024-aaa", "SPRING-2024-bbb", "SPRING-2024-ccc"]

@@ -1,10 +1,22 @@
-"""Voucherify's published signature test vectors and the whitespace rule."""
+"""Voucherify's published signature test vectors, the whitespace rule, and the bound that
+keeps an unauthenticated request cheap."""
 
 from __future__ import annotations
 
+import json
+import random
+import re
+from typing import Final
+
 import pytest
 
-from consumer.signature import Verifier, sign, strip_json_whitespace
+from consumer.signature import (
+    MAX_NORMALISED_TOKENS,
+    Verdict,
+    Verifier,
+    sign,
+    strip_json_whitespace,
+)
 
 VECTORS = [
     (
@@ -69,3 +81,78 @@ def test_any_rotated_secret_verifies() -> None:
     assert verifier.verify(b"{}", sign("old", b"{}"))
     assert verifier.verify(b"{}", sign("new", b"{}"))
     assert not verifier.verify(b"{}", sign("other", b"{}"))
+
+
+# The rule as a regex, as it was written before the C-speed version: the oracle the
+# version in consumer/signature.py must agree with on every JSON-like input.
+_ORACLE: Final = re.compile(rb'("(?:[^"\\]|\\.)*+"?)|[ \t\n\r]+', re.DOTALL)
+
+
+def oracle_strip(body: bytes) -> bytes:
+    return _ORACLE.sub(rb"\1", body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"   ",
+        b'{"a":1}',
+        b'{ "a" : [ 1 , "x y" ] }\n',
+        b'{"a\\\\":" b "}',  # an escaped backslash ends right before the closing quote
+        b'{"a\\\\\\"b": " "}',  # escaped backslash, then an escaped quote
+        b'{"a": "unclosed string \\" with  spaces',
+        b'"\\',  # a string ending in a lone backslash
+        b'\t{"\xc3\xa9 \xe2\x82\xac": "\xf0\x9f\x98\x80 x"}\r\n',
+    ],
+)
+def test_whitespace_removal_agrees_with_the_rule_on_tricky_bodies(body: bytes) -> None:
+    assert strip_json_whitespace(body) == oracle_strip(body)
+
+
+def test_whitespace_removal_agrees_with_the_rule_on_random_bodies() -> None:
+    # JSON's lexical shape: backslashes only inside strings; the last string may be open.
+    rng = random.Random(9)
+    outside = [b"{", b"}", b"[", b"]", b",", b":", b"1", b"true", b" ", b"\n", b"\t", b"\r"]
+    inside = [b"a", b" ", b"\t", b"\\\\", b'\\"', b"\\n", b"\\u00e9", b"\xc3\xa9"]
+    for _ in range(3000):
+        tokens = rng.choices(outside, k=rng.randint(0, 12))
+        for _ in range(rng.randint(0, 4)):
+            string = b"".join(rng.choices(inside, k=rng.randint(0, 6)))
+            tokens.insert(rng.randint(0, len(tokens)), b'"' + string + b'"')
+        body = b"".join(tokens)
+        if rng.random() < 0.1:
+            body += b'"' + b"".join(rng.choices(inside, k=3))  # an unclosed string
+        assert strip_json_whitespace(body) == oracle_strip(body), body
+
+
+def pretty_body(strings: int) -> tuple[bytes, bytes]:
+    """A pretty-printed JSON object of ``strings`` short strings, and its compact form."""
+    value = {f"k{i}": f"v {i}" for i in range(strings // 2)}
+    return json.dumps(value, indent=2).encode(), json.dumps(value, separators=(",", ":")).encode()
+
+
+def test_a_pretty_body_within_the_bound_verifies_over_its_compact_form() -> None:
+    pretty, compact = pretty_body(MAX_NORMALISED_TOKENS // 2 - 2)  # two quotes per string
+    assert pretty.count(b'"') <= MAX_NORMALISED_TOKENS
+
+    assert Verifier(["k"]).check(pretty, sign("k", compact)) is Verdict.VALID
+
+
+def test_a_pretty_body_over_the_bound_is_not_normalised_and_fails() -> None:
+    pretty, compact = pretty_body(MAX_NORMALISED_TOKENS // 2 + 2)
+    verifier = Verifier(["k"])
+
+    assert verifier.check(pretty, sign("k", compact)) is Verdict.NOT_NORMALISED
+    assert not verifier.verify(pretty, sign("k", compact))
+    # Signed as received, it is valid whatever its size.
+    assert verifier.check(pretty, sign("k", pretty)) is Verdict.VALID
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"a":"x y"}', b"x" * 1024, b'"\\"' * 10_000],
+    ids=["spaces-in-strings-only", "no-whitespace", "escapes-no-whitespace"],
+)
+def test_a_body_without_whitespace_outside_strings_is_simply_invalid(body: bytes) -> None:
+    assert Verifier(["k"]).check(body, "0" * 64) is Verdict.INVALID

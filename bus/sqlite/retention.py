@@ -1,0 +1,113 @@
+"""Retention of the embedded bus: which records may go, deleted a small chunk at a time.
+
+A record older than the retention is deleted once every consumer group that reads its
+topic has committed past it, so nothing unhandled is lost; records of topics no group
+reads are deleted by age alone, except quarantine and dead letters (kept for a human).
+
+A pass walks the topics one after another. Each step is one short transaction that looks
+at no more than ``chunk_rows`` of a topic's oldest records, in offset order, and deletes
+the leading ones that may go: every statement is an index search (``log_topic_id`` or a
+primary key), never a scan of the log, so a step costs the same on a log of a thousand
+records or of millions, and the write lock is held for one step only. The writer of
+:class:`bus.sqlite.log.SqliteBus` runs the steps between its publish batches. Deleting in
+offset order stops at a topic's first record still inside the retention: a record
+written while the clock stood behind an earlier one's time waits for that one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+from bus.sqlite.db import transaction
+from schemas.topics import DLQ_TOPIC_PREFIX, QUARANTINE_TOPIC
+
+DEFAULT_CHUNK_ROWS: Final = 500
+MAX_PASS_INTERVAL_S: Final = 60.0
+
+# Distinct topics by hopping along the (topic, id) index: one search per topic.
+_TOPICS_SQL: Final = """
+WITH RECURSIVE t(topic) AS (
+    SELECT (SELECT MIN(topic) FROM log)
+    UNION ALL
+    SELECT (SELECT MIN(topic) FROM log WHERE topic > t.topic) FROM t WHERE t.topic IS NOT NULL
+)
+SELECT topic FROM t WHERE topic IS NOT NULL
+"""
+# group_offsets is small (groups x topics); its primary key starts with the group.
+_GROUPS_SQL: Final = "SELECT COUNT(*), MIN(next_offset) FROM group_offsets WHERE topic = ?"
+_OLDEST_SQL: Final = (
+    "SELECT id, ts_ms FROM log INDEXED BY log_topic_id "
+    "WHERE topic = ? AND id < ? ORDER BY id LIMIT ?"
+)
+_DELETE_SQL: Final = (
+    "DELETE FROM log INDEXED BY log_topic_id WHERE topic = ? AND id >= ? AND id <= ?"
+)
+STATEMENTS: Final = (_TOPICS_SQL, _GROUPS_SQL, _OLDEST_SQL, _DELETE_SQL)
+"""Every statement a pass runs (for checking their query plans)."""
+
+_NO_BOUND: Final = 2**63 - 1
+
+
+def kept_for_a_human(topic: str) -> bool:
+    """Quarantine and dead-letter topics are never deleted by age alone."""
+    return topic.endswith(QUARANTINE_TOPIC) or DLQ_TOPIC_PREFIX in topic
+
+
+@dataclass(slots=True)
+class RetentionPass:
+    """One walk over every topic, deleting what may go, one step per :meth:`step` call."""
+
+    cutoff_ms: int
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    topics: list[str] | None = None
+    deleted: int = 0
+    steps: int = 0
+    longest_step_s: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> bool:
+        return self.topics is not None and not self.topics
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def step(self, conn: sqlite3.Connection) -> None:
+        """The first call lists the topics (a read); each later one is one short transaction
+        on the next chunk of the current topic (on the writer's connection and thread)."""
+        started = time.monotonic()
+        if self.topics is None:
+            self.topics = [row[0] for row in conn.execute(_TOPICS_SQL)]
+        elif self.topics:
+            topic = self.topics[0]
+            with transaction(conn):
+                removed = _delete_chunk(conn, topic, self.cutoff_ms, self.chunk_rows)
+            self.deleted += removed
+            if removed < self.chunk_rows:  # cut short: nothing more may go in this topic
+                self.topics.pop(0)
+        self.steps += 1
+        self.longest_step_s = max(self.longest_step_s, time.monotonic() - started)
+
+
+def _delete_chunk(conn: sqlite3.Connection, topic: str, cutoff_ms: int, limit: int) -> int:
+    """Delete up to ``limit`` of ``topic``'s oldest records that may go; return how many."""
+    groups, lowest = conn.execute(_GROUPS_SQL, (topic,)).fetchone()
+    if groups:
+        bound = int(lowest)  # every group has committed below this offset
+    elif kept_for_a_human(topic):
+        return 0
+    else:
+        bound = _NO_BOUND
+    rows = conn.execute(_OLDEST_SQL, (topic, bound, limit)).fetchall()
+    expired = 0
+    for _, ts_ms in rows:
+        if ts_ms >= cutoff_ms:
+            break
+        expired += 1
+    if expired:
+        conn.execute(_DELETE_SQL, (topic, rows[0][0], rows[expired - 1][0]))
+    return expired

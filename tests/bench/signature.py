@@ -1,0 +1,58 @@
+"""`python -m tests.bench.signature`: what a bogus-signed 1 MiB body costs the event loop.
+
+For each hostile body (``tests/fixtures/hostile.py``) and two pretty-printed bodies at the
+bound, the median time of ``Verifier.verify`` with a wrong signature, beside the HMAC of
+the same size measured in the same run (the number to compare across runs is the ratio).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+from consumer.signature import MAX_NORMALISED_TOKENS, Verifier
+from tests.fixtures.hostile import hostile_bodies
+
+SECRET = "bench-secret"
+MIB = 1024 * 1024
+RUNS = 15
+
+
+def median_ms(work: Callable[[], object]) -> float:
+    times = []
+    for _ in range(RUNS):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def at_the_bound() -> dict[str, bytes]:
+    """1 MiB bodies with as many quotes as the bound lets through, then whitespace."""
+    strings = json.dumps([f"s{i}" for i in range(MAX_NORMALISED_TOKENS // 2)], indent=1)
+    head = strings.encode()
+    return {
+        f"{MAX_NORMALISED_TOKENS} quotes, then spaces": head + b" " * (MIB - len(head)),
+        f"{MAX_NORMALISED_TOKENS} quotes, then a a a…": head + (b"a " * MIB)[: MIB - len(head)],
+    }
+
+
+def main() -> None:
+    verifier = Verifier([SECRET])
+    bodies = {**hostile_bodies(MIB), **at_the_bound()}
+    baseline = median_ms(
+        lambda: hmac.digest(SECRET.encode(), bodies["no whitespace: xxx…"], "sha256")
+    )
+    print(f"{'body (1 MiB, bogus signature)':40} {'verify ms':>10} {'x HMAC':>8}")
+    print(f"{'HMAC-SHA256 of 1 MiB (the baseline)':40} {baseline:10.2f} {1:8.1f}")
+    for name, body in bodies.items():
+        cost = median_ms(partial(verifier.verify, body, "0" * 64))
+        print(f"{name:40} {cost:10.2f} {cost / baseline:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

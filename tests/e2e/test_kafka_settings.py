@@ -1,0 +1,43 @@
+"""Kafka settings that would break "2xx means durable" stop `pubrelay webhook` at start."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures.kafka import TansuBroker
+from tests.fixtures.process import Launcher
+
+pytestmark = pytest.mark.kafka
+
+
+def test_default_replication_on_a_single_broker_exits_2_naming_the_settings(
+    run_pubrelay: Launcher, kafka_broker: TansuBroker
+) -> None:
+    process = run_pubrelay(
+        ["webhook"],
+        env={
+            "PUBRELAY_BUS__URL": kafka_broker.url,
+            "PUBRELAY_BUS__TOPIC_PREFIX": "single-broker.",
+            "PUBRELAY_BUS__ENABLE_IDEMPOTENCE": "false",
+            "PUBRELAY_WEBHOOK__SECRETS": '["s"]',
+        },
+    )
+
+    assert process.proc.wait(30) == 2
+    output = process.output()
+    assert "PUBRELAY_BUS__REPLICATION_FACTOR=3" in output
+    assert "PUBRELAY_BUS__REPLICATION_FACTOR=1 and PUBRELAY_BUS__MIN_INSYNC_REPLICAS=1" in output
+
+
+def test_acks_1_without_the_opt_in_exits_2_before_connecting(run_pubrelay: Launcher) -> None:
+    process = run_pubrelay(
+        ["webhook"],
+        env={
+            "PUBRELAY_BUS__URL": "kafka://127.0.0.1:9",
+            "PUBRELAY_BUS__ACKS": "1",
+            "PUBRELAY_BUS__ENABLE_IDEMPOTENCE": "false",
+        },
+    )
+
+    assert process.proc.wait(30) == 2
+    assert "PUBRELAY_BUS__ALLOW_UNSAFE_ACKS=true" in process.output()

@@ -1,0 +1,126 @@
+"""Retention on the embedded bus costs one small chunk per transaction, whatever the log's size.
+
+What it deletes is pinned by the bus contract suite
+(``test_sqlite_retention_keeps_unconsumed_records_and_dead_letters``); here, how: the
+writer's own statements are traced on its connection (observation only), then each one's
+query plan is asked of SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sqlite3
+import time
+from pathlib import Path
+
+from bus.sqlite import SqliteBus
+from bus.sqlite.schema import encode_headers
+from bus.types import TopicPartition
+
+CHUNK = 200
+BACKLOG = 5 * CHUNK
+FULL_SCAN = re.compile(r"\bSCAN (TABLE )?log\b")
+
+
+def add_expired_backlog(path: Path) -> int:
+    """``BACKLOG`` records of topic ``p.events`` published a day ago; the last one's id."""
+    day_ago_ms = int((time.time() - 86_400) * 1000)
+    row = ("p.events", b"customer", b"old", encode_headers(()), day_ago_ms)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=30)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT INTO log (topic, key, value, headers, ts_ms) VALUES (?, ?, ?, ?, ?)",
+            [row] * BACKLOG,
+        )
+        (last,) = conn.execute("SELECT MAX(id) FROM log").fetchone()
+        conn.execute("COMMIT")
+    return int(last)
+
+
+def count(path: Path, topic: str) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        (n,) = conn.execute("SELECT COUNT(*) FROM log WHERE topic = ?", (topic,)).fetchone()
+    return int(n)
+
+
+def changes_per_transaction(traced: list[tuple[str, int]]) -> list[int]:
+    """Rows changed by each ``BEGIN IMMEDIATE`` ... ``COMMIT`` of the traced connection."""
+    out: list[int] = []
+    began: int | None = None
+    for sql, total_changes in traced:
+        if sql == "BEGIN IMMEDIATE":
+            began = total_changes
+        elif sql == "COMMIT" and began is not None:
+            out.append(total_changes - began)
+            began = None
+    return out
+
+
+async def test_an_expired_backlog_goes_in_small_index_driven_transactions_beside_publishes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "bus.sqlite3"
+    bus = SqliteBus(path, retention_s=1.0, retention_chunk_rows=CHUNK)  # a pass every second
+    await bus.start()
+    traced: list[tuple[str, int]] = []
+
+    def trace(conn: sqlite3.Connection) -> None:
+        conn.set_trace_callback(lambda sql: traced.append((sql, conn.total_changes)))
+
+    try:
+        await bus._db.run(trace)  # the writer's connection: every statement it runs, from now
+        reader = bus.subscribe("g", ["p.events"])
+        await reader.start()
+        await reader.commit({TopicPartition("p.events", 0): BACKLOG + 1})  # all handled
+        await reader.close()
+        assert add_expired_backlog(path) == BACKLOG  # ids 1..BACKLOG
+        await bus.publish("p.events", b"fresh")  # handled by nobody yet: kept
+
+        published = 0
+        deadline = time.monotonic() + 20
+        while count(path, "p.events") > 1 and time.monotonic() < deadline:
+            await bus.publish("p.other", b"publishes go on meanwhile", timeout_s=5)
+            published += 1
+            await asyncio.sleep(0.01)
+    finally:
+        await bus.close()
+
+    assert count(path, "p.events") == 1  # the backlog went, the unhandled record stayed
+    assert count(path, "p.other") == published
+    per_transaction = changes_per_transaction(traced)
+    assert sum(per_transaction) >= BACKLOG + published
+    assert max(per_transaction) <= CHUNK, sorted(per_transaction)[-5:]
+
+    statements = {
+        sql for sql, _ in traced if sql.lstrip().upper().startswith(("SELECT", "WITH", "DELETE"))
+    }
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        plans = {sql: conn.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall() for sql in statements}
+    assert any(sql.startswith("DELETE") for sql in plans)
+    scans = {sql: plan for sql, plan in plans.items() if any(FULL_SCAN.search(r[3]) for r in plan)}
+    assert not scans, scans
+
+
+async def test_an_expired_record_stays_until_every_group_of_its_topic_is_past_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "bus.sqlite3"
+    bus = SqliteBus(path, retention_s=0.5, retention_chunk_rows=CHUNK)  # a pass every 0.5 s
+    await bus.start()
+    try:
+        # The groups first, so no pass can see the topic unread; the records get ids 1...
+        for group, past in (("fast", BACKLOG + 1), ("slow", 301)):  # "slow" handled 300
+            reader = bus.subscribe(group, ["p.events"])
+            await reader.start()
+            await reader.commit({TopicPartition("p.events", 0): past})
+            await reader.close()
+        assert add_expired_backlog(path) == BACKLOG
+        await asyncio.sleep(1.2)  # two passes at least
+    finally:
+        await bus.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        (lowest,) = conn.execute("SELECT MIN(id) FROM log WHERE topic = 'p.events'").fetchone()
+    assert count(path, "p.events") == BACKLOG - 300
+    assert lowest == 301
