@@ -29,8 +29,9 @@ QUARANTINE_REASONS: Final = (
     "no_topic",
 )
 GUARDS: Final = (
-    # 401 without the whitespace-stripped signature check: the body held more quotes and
-    # backslashes than consumer/signature.py's MAX_NORMALISED_TOKENS.
+    # 401 without the whitespace-stripped signature check: the body was over
+    # consumer/signature.py's MAX_NORMALISED_BYTES or held more quotes and backslashes
+    # than its MAX_NORMALISED_TOKENS.
     "signature_fallback_skipped",
     # 403: X-Forwarded-For holds fewer entries than TRUSTED_PROXY_HOPS, or no address there.
     "forwarded_for",

@@ -6,20 +6,21 @@ the raw body first, then the raw text with that whitespace removed (never a
 re-serialisation, which could reorder keys or re-escape strings). Comparison is constant
 time; several secrets may be valid at once (rotation).
 
-Whoever can reach the endpoint can make us run this check, so it costs a small multiple of
-the HMAC of the raw body, whatever the body holds (at most ~6x for 1 MiB, where a regex
-took up to a second: ``docs/performance.md``):
+Whoever can reach the endpoint can make us run this check, so it costs about the HMAC of
+the raw body, whatever the body holds (where a regex took up to a second for 1 MiB:
+``docs/performance.md``):
 
 * the whitespace is removed with bytes operations that run at C speed (split at the
   quotes, delete whitespace from the pieces outside strings, join), never a Python loop
   or a regex callback per token;
 * the second check is skipped when it cannot change the answer: the body holds no
   whitespace byte, or removing it leaves the body as it was (compact Voucherify bodies);
-* it is skipped, too, for a body with more than :data:`MAX_NORMALISED_TOKENS` quotes and
-  backslashes, the one input whose cost grows with its content (one piece per string).
-  Such a body is refused unless it is signed as received: its check is
-  :attr:`Verdict.NOT_NORMALISED`, which the intake counts. A Voucherify event, a few
-  KB with about a hundred quotes per KB, stays far below.
+* it is skipped, too, for a body over :data:`MAX_NORMALISED_BYTES`, or with more than
+  :data:`MAX_NORMALISED_TOKENS` quotes and backslashes (the one input whose cost grows with
+  its content: one piece per string), so its cost has a bound of its own, independent of
+  the body's size. Such a body is refused unless it is signed as received: its check is
+  :attr:`Verdict.NOT_NORMALISED`, which the intake counts. A Voucherify event, a few KB,
+  compact, with about a hundred quotes per KB, stays far below both.
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ from collections.abc import Sequence
 from enum import Enum
 from typing import Final
 
+MAX_NORMALISED_BYTES: Final = 256 * 1024
+"""The largest body the whitespace-stripped check is tried on: a pretty-printed event of
+that size would be dozens of times Voucherify's own (compact, a few KB). A larger body
+with a bad signature costs one HMAC and a few byte scans."""
 MAX_NORMALISED_TOKENS: Final = 16_384
 """Quotes and backslashes a body may hold for the whitespace-stripped check to be tried:
-about 8,000 strings, a pretty-printed event of 100 KB or more. With it, the whole check of
-a 1 MiB body costs at most ~6 HMACs of that body (``docs/performance.md``)."""
+about 8,000 strings, a pretty-printed event of 100 KB or more. With both bounds the second
+check costs at most ~1 ms here, whatever the body (``docs/performance.md``)."""
 
 _WHITESPACE: Final = b" \t\n\r"
 _WHITESPACE_BYTES: Final = tuple(bytes([c]) for c in _WHITESPACE)
@@ -49,8 +54,9 @@ class Verdict(Enum):
     VALID = "valid"
     INVALID = "invalid"
     NOT_NORMALISED = "not_normalised"
-    """Invalid as received, and the body held too many quotes and backslashes for the
-    whitespace-stripped check to be tried (:data:`MAX_NORMALISED_TOKENS`)."""
+    """Invalid as received, and the body was too large, or held too many quotes and
+    backslashes, for the whitespace-stripped check to be tried (:data:`MAX_NORMALISED_BYTES`,
+    :data:`MAX_NORMALISED_TOKENS`)."""
 
 
 def strip_json_whitespace(body: bytes) -> bytes:
@@ -112,7 +118,7 @@ class Verifier:
             return Verdict.VALID
         if not any(space in body for space in _WHITESPACE_BYTES):
             return Verdict.INVALID  # nothing to strip
-        if _tokens(body) > MAX_NORMALISED_TOKENS:
+        if len(body) > MAX_NORMALISED_BYTES or _tokens(body) > MAX_NORMALISED_TOKENS:
             return Verdict.NOT_NORMALISED
         compact = strip_json_whitespace(body)
         if compact != body and self._matches(compact, given):

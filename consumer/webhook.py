@@ -19,11 +19,20 @@ import structlog
 from aiohttp import web
 
 from bus.types import Bus
+from consumer.answers import (
+    ACCEPTED,
+    FORBIDDEN,
+    INTERNAL_ERROR,
+    NOT_NORMALISED,
+    QUARANTINED,
+    Answer,
+    too_large_for_bus,
+)
 from consumer.body import BodyReader, BodyRefused
 from consumer.config import WebhookSettings
 from consumer.metrics import WebhookMetrics
 from consumer.routing import Quarantined, Routed, classify
-from consumer.signature import MAX_NORMALISED_TOKENS, Verdict, Verifier
+from consumer.signature import Verdict, Verifier
 from consumer.source import Source, SourceCheck
 from schemas.errors import BusError, BusUnavailable, RecordTooLarge, TopicMissing
 from schemas.record import (
@@ -43,54 +52,6 @@ from schemas.topics import quarantine_topic, topic_for
 log = structlog.get_logger("pubrelay.consumer")
 
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """How a request ends: the HTTP answer, and the outcome it is counted and logged by.
-
-    ``outcome`` is also the ``status`` of the JSON body; ``signature_present`` and
-    ``error`` are added to the log line when set. ``close`` ends the connection after the
-    answer (a body that was not read to its end).
-    """
-
-    status: int
-    outcome: str
-    message: str | None = None
-    retry_after: str | None = None
-    signature_present: bool | None = None
-    error: str | None = None
-    close: bool = False
-
-    def response(self) -> web.Response:
-        body = {"status": self.outcome}
-        if self.message is not None:
-            body["message"] = self.message
-        response = web.json_response(body, status=self.status)
-        if self.retry_after is not None:
-            response.headers["Retry-After"] = self.retry_after
-        if self.close:
-            response.force_close()
-        return response
-
-    def log_fields(self) -> dict[str, object]:
-        fields: dict[str, object] = {"outcome": self.outcome}
-        if self.signature_present is not None:
-            fields["signature_present"] = self.signature_present
-        if self.error is not None:
-            fields["error"] = self.error
-        return fields
-
-
-_FORBIDDEN: Final = Answer(403, "forbidden", "source address is not in the allowlist")
-_NOT_NORMALISED: Final = (
-    f"the signature does not match the body as received, and the body holds more than "
-    f"{MAX_NORMALISED_TOKENS} quotes and backslashes: the check without whitespace was "
-    "not tried"
-)
-_ACCEPTED: Final = Answer(202, "accepted")
-_QUARANTINED: Final = Answer(202, "quarantined", "kept on the quarantine topic")
-_INTERNAL_ERROR: Final = Answer(500, "error", "internal error; the event was not accepted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +139,7 @@ class Intake:
         self.bad_forwarded_for = Answer(
             403,
             "forbidden",
-            _FORBIDDEN.message,
+            FORBIDDEN.message,
             error=f"X-Forwarded-For holds fewer than {webhook.trusted_proxy_hops} entries "
             "(TRUSTED_PROXY_HOPS), or no address there",
         )
@@ -202,7 +163,7 @@ class Intake:
             answer = await self._answer(request, line)
         except Exception:  # a bug must still answer, count and log
             log.exception("webhook_request_failed", **line.fields())
-            answer = _INTERNAL_ERROR
+            answer = INTERNAL_ERROR
         elapsed_s = time.perf_counter() - started
         self.metrics.requests.labels(answer.outcome).inc()
         self.metrics.request_seconds.labels(answer.outcome).observe(elapsed_s)
@@ -242,7 +203,7 @@ class Intake:
         if verdict is Source.BAD_FORWARDED_FOR:
             self.metrics.refused.labels("forwarded_for").inc()
             return self.bad_forwarded_for
-        return _FORBIDDEN
+        return FORBIDDEN
 
     async def _read_body(self, request: web.Request) -> bytes | Answer:
         """The raw body; 413 over the limit (before reading when the length is declared),
@@ -282,7 +243,7 @@ class Intake:
             "unauthorized",
             "missing or invalid x-voucherify-signature",
             signature_present=signature is not None,
-            error=_NOT_NORMALISED if verdict is Verdict.NOT_NORMALISED else None,
+            error=NOT_NORMALISED if verdict is Verdict.NOT_NORMALISED else None,
         )
 
     def _build_record(self, request: web.Request, body: bytes) -> Record:
@@ -359,18 +320,18 @@ class Intake:
             try:
                 await self._send(record, body)
             except RecordTooLarge as again:
-                return _too_large_for_bus(again)
+                return too_large_for_bus(again)
             except BusError as again:
                 return self._unavailable(again)
         except RecordTooLarge as err:
-            return _too_large_for_bus(err)
+            return too_large_for_bus(err)
         except BusUnavailable as err:
             return self._unavailable(err)
         self.metrics.publish_seconds.observe(time.perf_counter() - published)
         if record.quarantined is not None:
             self.metrics.quarantined.labels(record.quarantined.reason).inc()
-            return _QUARANTINED
-        return _ACCEPTED
+            return QUARANTINED
+        return ACCEPTED
 
     def _no_topic_record(
         self, routed: Routed, err: TopicMissing, request: web.Request, received_at: bytes
@@ -404,18 +365,6 @@ class Intake:
             retry_after=self.retry_after,
             error=str(err),
         )
-
-
-def _too_large_for_bus(err: RecordTooLarge) -> Answer:
-    """413: the bus refuses this record for its size and always will, so a 503 would only
-    make Voucherify retry until it disables the webhook. A quarantine record would carry
-    the same body and be refused the same way; the log line names the event."""
-    return Answer(
-        413,
-        "record_too_large",
-        "the event store refuses a body this large; it was not stored",
-        error=str(err),
-    )
 
 
 def _request_id(request: web.Request) -> str:

@@ -11,6 +11,7 @@ from typing import Final
 import pytest
 
 from consumer.signature import (
+    MAX_NORMALISED_BYTES,
     MAX_NORMALISED_TOKENS,
     Verdict,
     Verifier,
@@ -156,3 +157,14 @@ def test_a_pretty_body_over_the_bound_is_not_normalised_and_fails() -> None:
 )
 def test_a_body_without_whitespace_outside_strings_is_simply_invalid(body: bytes) -> None:
     assert Verifier(["k"]).check(body, "0" * 64) is Verdict.INVALID
+
+
+def test_a_body_over_the_size_bound_is_not_normalised_however_few_its_quotes() -> None:
+    verifier = Verifier(["k"])
+    within = b'{"a":' + b" " * (MAX_NORMALISED_BYTES - 8) + b"1}"
+    over = b'{"a":' + b" " * MAX_NORMALISED_BYTES + b"1}"
+    assert len(within) <= MAX_NORMALISED_BYTES < len(over)
+
+    assert verifier.check(within, sign("k", b'{"a":1}')) is Verdict.VALID
+    assert verifier.check(over, sign("k", b'{"a":1}')) is Verdict.NOT_NORMALISED
+    assert verifier.check(over, sign("k", over)) is Verdict.VALID
