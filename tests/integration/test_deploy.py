@@ -337,7 +337,14 @@ def test_the_image_runs_pubrelay_serve_as_a_non_root_user() -> None:
     text = "\n".join(lines)
     froms = [line for line in lines if line.startswith("FROM ")]
     assert all(line.startswith("FROM python:3.11-slim") for line in froms)
-    assert "pip install ." in text
+    # The project, and its dependencies exactly as uv.lock pins them (hashes checked), with
+    # the uv version the Makefile uses.
+    assert "pip install --no-deps ." in text
+    assert "COPY pyproject.toml uv.lock" in text
+    assert "pip install --require-hashes -r requirements.txt" in text
+    uv_version = re.search(r"^UV_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert uv_version is not None
+    assert f"uv=={uv_version.group(1)}" in text
     assert "PUBRELAY_HTTP__HOST=0.0.0.0" in text
     user = next(line for line in reversed(lines) if line.startswith("USER "))
     assert user.split()[1].split(":")[0] not in {"0", "root"}
