@@ -67,7 +67,12 @@ class WorkerSettings(BaseModel):
         default=32, gt=0, description="events of different customers handled at once, per handler"
     )
     max_buffered: int = Field(
-        default=1000, gt=0, description="fetched but unfinished events per handler (back-pressure)"
+        default=1000,
+        gt=0,
+        description=(
+            "records per handler fetched and not yet committed (waiting, or finished behind an "
+            "unfinished one); fetching pauses at the bound (back-pressure)"
+        ),
     )
     fetch_max_records: int = Field(default=500, gt=0, description="records per fetch, at most")
     fetch_timeout_s: float = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 
@@ -14,17 +15,24 @@ class RateLimiter:
     window (shared by every app of the portal), sparing 429s; the ``email`` handler paces
     messages with ``RateLimiter(1, 1 / per_s)``, starts at least ``1 / per_s`` apart,
     because relays punish bursts with 4xx.
+
+    A pause asked for by a server lasts at most ``max_pause_s`` (``inf``, ``nan`` or a
+    year from a hostile header never stops the handler for longer).
     """
 
-    def __init__(self, max_requests: int, window_s: float) -> None:
+    def __init__(self, max_requests: int, window_s: float, *, max_pause_s: float = 300.0) -> None:
         self.max_requests = max_requests
         self.window_s = window_s
+        self.max_pause_s = max_pause_s
         self._starts: deque[float] = deque()
         self._paused_until = 0.0
         self._lock = asyncio.Lock()
 
     def pause(self, delay_s: float) -> None:
-        """No request starts for ``delay_s`` (HubSpot said so)."""
+        """No request starts for ``delay_s`` (HubSpot said so), at most ``max_pause_s``."""
+        if math.isnan(delay_s) or delay_s <= 0:
+            return
+        delay_s = min(delay_s, self.max_pause_s)
         self._paused_until = max(self._paused_until, time.monotonic() + delay_s)
 
     async def acquire(self) -> None:

@@ -56,6 +56,13 @@ class WorkerMetrics:
             ["handler"],
             registry=registry,
         )
+        self.oldest_uncommitted = Gauge(
+            "pubrelay_handler_oldest_uncommitted_age_seconds",
+            "Seconds since the oldest record not yet committable was fetched (0: none); "
+            "grows while an event is stuck in a retry; refreshed with the lag",
+            ["handler"],
+            registry=registry,
+        )
         self.bus_errors = Counter(
             "pubrelay_handler_bus_errors_total",
             "Broker or ledger failures the worker backed off from, by operation",
@@ -74,3 +81,4 @@ class WorkerMetrics:
             self.event_age.labels(name)
             self.in_flight.labels(name)
             self.lag.labels(name)
+            self.oldest_uncommitted.labels(name)

@@ -6,6 +6,10 @@ commit never passes an event still in a handler, waiting for a retry, or waiting
 dead letter to be stored. What was not committed is delivered again after a crash; the
 ledger turns those re-deliveries into ``duplicate``.
 
+The records a partition holds (fetched, not yet behind its commit position, finished
+or not) count toward the runner's back-pressure bound, and the fetch time of
+the first of them is the age of the oldest uncommitted record (a stuck event shows there).
+
 A partition being revoked (a Kafka rebalance) is flagged here too: lanes skip its records
 not yet started, and its ``revoked`` event ends any wait on it at once.
 """
@@ -13,6 +17,7 @@ not yet started, and its ``revoked`` event ends any wait on it at once.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,6 +31,8 @@ class Partition:
 
     tp: TopicPartition
     offsets: deque[int] = field(default_factory=deque)
+    # ``time.monotonic()`` at fetch, one per entry of ``offsets``.
+    fetched_at: deque[float] = field(default_factory=deque)
     finished: set[int] = field(default_factory=set)
     last: int = -1
     committed: int | None = None
@@ -37,12 +44,23 @@ class Partition:
 
     def add(self, offset: int) -> None:
         self.offsets.append(offset)
+        self.fetched_at.append(time.monotonic())
         self.last = max(self.last, offset)
 
     def finish(self, offset: int) -> None:
         self.finished.add(offset)
         while self.offsets and self.offsets[0] in self.finished:
             self.finished.discard(self.offsets.popleft())
+            self.fetched_at.popleft()
+
+    @property
+    def held_finished(self) -> int:
+        """Of those, the ones already finished (no longer in a lane, still not committable)."""
+        return len(self.finished)
+
+    def oldest_age_s(self, now: float) -> float:
+        """Seconds since the first record not yet committable was fetched; 0 when none."""
+        return now - self.fetched_at[0] if self.fetched_at else 0.0
 
     def position(self) -> int | None:
         """The next offset to commit: the first unfinished one, else after the last fetched."""

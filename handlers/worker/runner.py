@@ -11,8 +11,13 @@ what happens to one record is :mod:`handlers.worker.attempts`.
   customer id): a lane handles its records strictly one after another; different lanes
   run concurrently, at most ``concurrency`` handler calls at once. A record without a key
   has a lane of its own. A lane that waits for a retry back-off holds no slot, so other
-  customers go on; only the same customer's later events wait. At most ``max_buffered``
-  records wait in lanes: fetching pauses until there is room.
+  customers go on; only the same customer's later events wait.
+* **Back-pressure.** At most ``max_buffered`` records are held: fetched and not yet
+  committable (waiting in a lane, or finished behind an unfinished record of their
+  partition). At the bound fetching pauses until the oldest ones can be committed, so an
+  event stuck in a long retry holds back at most that many records (memory, and what a
+  restart replays); ``pubrelay_handler_oldest_uncommitted_age_seconds`` shows the wait.
+  One bound for both, as they are the same records; the handler's other partitions wait too.
 * **Offsets** (:mod:`handlers.worker.offsets`) are committed periodically
   (``commit_interval_s``), when partitions are revoked, and on shutdown.
 * **Broker errors** while fetching, committing or reading the lag are backed off and the
@@ -116,6 +121,7 @@ class HandlerRunner:
         self._draining = False
         self._sub: Subscription | None = None
         self._m_lag = metrics.lag.labels(self.name)
+        self._m_oldest = metrics.oldest_uncommitted.labels(self.name)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -157,7 +163,7 @@ class HandlerRunner:
         next_commit = time.monotonic() + settings.commit_interval_s
         next_lag = time.monotonic()
         while not self.stop.is_set():
-            room = settings.max_buffered - self._buffered
+            room = settings.max_buffered - self._held()
             if room <= 0:
                 await self._wait_for_room()
             else:
@@ -176,8 +182,12 @@ class HandlerRunner:
                 await self._update_lag(sub)
                 next_lag = now + settings.lag_interval_s
 
+    def _held(self) -> int:
+        """Records fetched and not yet committable: in lanes, or finished behind a gap."""
+        return self._buffered + sum(p.held_finished for p in self._parts.values())
+
     async def _wait_for_room(self) -> None:
-        """Back-pressure: wait (at most a commit interval) for a lane to take a record."""
+        """Back-pressure: wait (at most a commit interval) for a lane to finish a record."""
         self._room.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._room.wait(), self.settings.commit_interval_s)
@@ -200,6 +210,8 @@ class HandlerRunner:
         return messages
 
     async def _update_lag(self, sub: Subscription) -> None:
+        now = time.monotonic()
+        self._m_oldest.set(max((p.oldest_age_s(now) for p in self._parts.values()), default=0))
         try:
             lag = await sub.lag()
         except asyncio.CancelledError:

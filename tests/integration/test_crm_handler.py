@@ -217,11 +217,53 @@ async def test_the_daily_limit_without_retry_after_waits_an_hour(
         "errorType": "RATE_LIMIT",
         "policyName": "DAILY",
     }
-    fake_hubspot.fail_next(1, 429, body=daily)
+    fake_hubspot.fail_next(2, 429, body=daily)
     async with running_crm(fake_hubspot, tmp_path) as h:
         (result,) = await outcomes(h.handler, [publication(1)])
     assert isinstance(result, RetryLater)
     assert result.delay_s == 3600.0
+    async with running_crm(fake_hubspot, tmp_path, max_pause_s="300") as h:  # a lower cap
+        (result,) = await outcomes(h.handler, [publication(2)])
+    assert isinstance(result, RetryLater)
+    assert result.delay_s == 300.0
+
+
+HOSTILE_429S = {  # Retry-After, X-HubSpot-RateLimit-Interval-Milliseconds
+    "retry-after-inf": ("inf", None),
+    "retry-after-1e308": ("1e308", None),
+    "retry-after-year-9999": ("Fri, 31 Dec 9999 23:59:59 GMT", None),
+    "huge-interval": (None, "9" * 5000),
+    "interval-of-a-century": (None, "3155760000000"),
+}
+
+
+@pytest.mark.parametrize(("retry_after", "interval_ms"), HOSTILE_429S.values(), ids=HOSTILE_429S)
+async def test_a_hostile_429_pauses_the_handler_no_longer_than_the_cap(
+    fake_hubspot: FakeHubSpot, tmp_path: Path, retry_after: str | None, interval_ms: str | None
+) -> None:
+    fake_hubspot.fail_next(1, 429, retry_after=retry_after, interval_ms=interval_ms)
+    async with running_crm(fake_hubspot, tmp_path, batch_size="1", max_pause_s="0.5") as h:
+        (limited,) = await outcomes(h.handler, [publication(1)])
+        # The limiter paused for the capped delay, not forever: the next event goes
+        # through (outcomes() gives up after 15 s).
+        (after,) = await outcomes(h.handler, [publication(2)])
+    assert isinstance(limited, RetryLater)
+    assert limited.delay_s == 0.5
+    assert after is None
+    assert [r.status for r in fake_hubspot.requests] == [429, 200]
+    assert list(fake_hubspot.contacts) == ["customer2@example.com"]
+    assert h.metric("pubrelay_crm_requests_total", result="rate_limited") == 1
+    assert "crm_batch_failed" not in h.log_text()  # read without an exception
+
+
+async def test_a_hostile_429_is_capped_at_an_hour_by_default(
+    fake_hubspot: FakeHubSpot, tmp_path: Path
+) -> None:
+    fake_hubspot.fail_next(1, 429, retry_after="inf")
+    async with running_crm(fake_hubspot, tmp_path) as h:
+        (limited,) = await outcomes(h.handler, [publication(1)])
+    assert isinstance(limited, RetryLater)
+    assert limited.delay_s == 3600.0
 
 
 async def test_the_client_side_limit_keeps_requests_under_hubspots_limit(

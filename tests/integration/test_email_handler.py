@@ -188,6 +188,21 @@ async def test_a_publication_arrives_once_with_its_headers_and_the_code_in_both_
     assert "c***@example.com" in h.log_text()
 
 
+async def test_a_customer_id_holding_separators_gives_one_encoded_list_unsubscribe_uri(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    body = envelope(8)
+    body["data"]["customer"]["id"] = "a>b, <https://evil.example/x>"
+    template = "https://shop.example/unsub?c={{ customer.id }}"
+    async with running_email(smtp_server.url, tmp_path, list_unsubscribe=template) as h:
+        await h.handler.handle(as_event(body))
+
+    header = smtp_server.mailbox[0].message["List-Unsubscribe"]
+    assert (
+        header == "<https://shop.example/unsub?c=a%3Eb%2C%20%3Chttps%3A%2F%2Fevil.example%2Fx%3E>"
+    )
+
+
 async def test_the_html_part_escapes_a_customer_name_holding_markup(
     smtp_server: SmtpServer, tmp_path: Path
 ) -> None:

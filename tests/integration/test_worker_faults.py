@@ -312,3 +312,52 @@ async def test_a_revoke_waits_for_a_running_handler_call_no_longer_than_revoke_t
         release.set()
         assert 0.25 < took < 1.5, f"the revoke took {took:.2f}s"
         await eventually(lambda: handler.effects == ["ev1"], timeout_s=5, what="the effect")
+
+
+# -- one event stuck in a long retry must not let the worker run ahead without bound ------
+
+
+@pytest.fixture
+async def one_partition_bus(tmp_path: Path) -> AsyncIterator[SqliteBus]:
+    """The embedded bus: one partition per topic, so every record queues behind the first."""
+    bus = SqliteBus(tmp_path / "bus.sqlite3", poll_interval_s=0.05)
+    await bus.start()
+    yield bus
+    await bus.close()
+
+
+async def test_an_event_stuck_in_a_long_retry_holds_back_at_most_max_buffered_records(
+    one_partition_bus: SqliteBus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    """Records finished behind the stuck one cannot be committed: they count as buffered."""
+    bus = one_partition_bus
+
+    async def stuck_first(event: Event) -> None:
+        if event.id == "stuck":
+            raise RetryLater("CRM rate limit", delay_s=60)
+
+    others = 1000
+    await publish_event(bus, topic_prefix, event_id="stuck", customer_id="cust_stuck")
+    for n in range(others):
+        await publish_event(bus, topic_prefix, event_id=f"ev{n}", customer_id=f"c{n}")
+    handler = ScriptedHandler(script=stuck_first)
+    worker = make_worker(
+        handler, bus, ledger, registry, topic_prefix, max_buffered=100, retry_max_delay_s=60
+    )
+
+    def gauge(name: str) -> float:
+        return registry.get_sample_value(name, {"handler": "recorder"}) or 0.0
+
+    age = "pubrelay_handler_oldest_uncommitted_age_seconds"
+    assert registry.get_sample_value(age, {"handler": "recorder"}) == 0  # pre-created
+    async with running(worker):
+        await eventually(
+            lambda: outcome(registry, "recorder", "handled") >= 99 and gauge(age) > 0,
+            timeout_s=10,
+            what="the buffer full behind the stuck event",
+        )
+        await asyncio.sleep(0.5)  # ten fetch timeouts: time enough to run far ahead
+        assert outcome(registry, "recorder", "handled") == 99  # 100 held, the stuck one first
+        assert handler.calls["stuck"] == 1
+        assert gauge("pubrelay_consumer_lag") == others + 1  # nothing committable yet
+        assert gauge(age) > 0

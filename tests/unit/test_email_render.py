@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
@@ -146,6 +147,66 @@ def test_list_unsubscribe_is_rendered_per_customer_and_wrapped() -> None:
     )
     assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert "https://shop.example/u/cust_5" in parts(message)["text/html"]
+
+
+HOSTILE_ID = 'a>b, <https://evil.example/x>\r\nBcc: "x" é'
+HOSTILE_ENCODED = "a%3Eb%2C%20%3Chttps%3A%2F%2Fevil.example%2Fx%3E%0D%0ABcc%3A%20%22x%22%20%C3%A9"
+
+
+def readme_list_unsubscribe() -> str:
+    """The ``PUBRELAY_EMAIL__LIST_UNSUBSCRIBE`` example of the README's ``email`` section."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    found = re.search(r"^PUBRELAY_EMAIL__LIST_UNSUBSCRIBE='([^']+)'$", readme, re.MULTILINE)
+    assert found, "the README's email example sets PUBRELAY_EMAIL__LIST_UNSUBSCRIBE"
+    return found.group(1)
+
+
+def with_customer_id(customer_id: str) -> dict[str, Any]:
+    event = body(5)
+    event["data"]["customer"]["id"] = customer_id
+    return event
+
+
+def test_the_readme_list_unsubscribe_example_renders_the_customers_url() -> None:
+    message = preview(body(5), list_unsubscribe=readme_list_unsubscribe())
+    assert message["List-Unsubscribe"] == "<https://shop.example/unsub?c=cust_5>"
+
+
+def test_a_customer_id_holding_separators_stays_inside_one_percent_encoded_uri() -> None:
+    message = preview(with_customer_id(HOSTILE_ID), list_unsubscribe=readme_list_unsubscribe())
+
+    header = message["List-Unsubscribe"]
+    assert header == f"<https://shop.example/unsub?c={HOSTILE_ENCODED}>"
+    assert header.count("<") == header.count(">") == 1
+    for separator in (",", " ", "\r", "\n", '"'):
+        assert separator not in header
+    assert f'href="https://shop.example/unsub?c={HOSTILE_ENCODED}"' in parts(message)["text/html"]
+
+
+def test_mailto_and_https_uris_each_encode_the_value_once_with_or_without_urlencode() -> None:
+    bare = (
+        "mailto:unsub@shop.example?subject=unsubscribe%20{{ customer.id }}, "
+        "https://shop.example/u/{{ customer.id }}"
+    )
+    filtered = bare.replace("customer.id }}", "customer.id|urlencode }}")
+    for template in (bare, filtered, f"<{bare.replace(', ', '>, <')}>"):
+        message = preview(
+            with_customer_id(HOSTILE_ID), list_unsubscribe=template, list_unsubscribe_one_click=True
+        )
+        assert message["List-Unsubscribe"] == (
+            f"<mailto:unsub@shop.example?subject=unsubscribe%20{HOSTILE_ENCODED}>, "
+            f"<https://shop.example/u/{HOSTILE_ENCODED}>"
+        ), template
+        assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+def test_urlencode_of_a_mapping_in_list_unsubscribe_builds_the_query_once() -> None:
+    message = preview(
+        with_customer_id("a&b=c"),
+        list_unsubscribe="https://shop.example/u?{{ {'c': customer.id, 'n': customer.name}"
+        "|urlencode }}",
+    )
+    assert message["List-Unsubscribe"] == "<https://shop.example/u?c=a%26b%3Dc&n=Jack+Webhook>"
 
 
 def test_without_list_unsubscribe_there_is_no_such_header() -> None:

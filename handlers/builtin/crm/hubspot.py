@@ -18,7 +18,9 @@ which HubSpot's errors cite.
   larger batch every contact gets :class:`RetryLater` and is sent alone on its next
   attempt, so one bad contact never dead-letters its batch mates.
 * 429: :class:`RetryLater` with ``Retry-After`` (else HubSpot's rate-limit interval, or an
-  hour for the ``DAILY`` policy) and the client-side limiter pauses for that long.
+  hour for the ``DAILY`` policy) and the client-side limiter pauses for that long, both at
+  most ``MAX_PAUSE_S`` (a header saying ``inf``, ``1e308``, year 9999 or a huge interval
+  never stops the handler for longer, nor raises).
 * 5xx, 408, timeouts, connection errors: :class:`RetryLater` (transient).
 * 401/403 (revoked token, missing scope): :class:`RetryLater` with ``AUTH_RETRY_DELAY_S``,
   not a dead letter. A bad token is a fault of the whole handler, not of the event: it is
@@ -62,6 +64,7 @@ __all__ = ["UPSERT_PATH", "HubSpotClient"]
 
 UPSERT_PATH: Final = "/crm/v3/objects/contacts/batch/upsert"
 _DAILY_LIMIT_DELAY_S: Final = 3600.0
+_INTERVAL_MAX_DIGITS: Final = 12  # milliseconds: over 30 years; longer is not a number we read
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +95,11 @@ class HubSpotClient:
         self._token = token
         self._log = logger
         self._m = metrics
-        self._limiter = RateLimiter(settings.max_requests_per_10s, settings.rate_window_s)
+        self._limiter = RateLimiter(
+            settings.max_requests_per_10s,
+            settings.rate_window_s,
+            max_pause_s=settings.max_pause_s,
+        )
         self._session: aiohttp.ClientSession | None = None
         self._auth_blocked_until = 0.0
         self._auth_failed = False
@@ -235,14 +242,18 @@ class HubSpotClient:
         return every(contacts, Failure("retry", message, delay))
 
     def _rate_limit_delay(self, policy: str, headers: Mapping[str, str]) -> float:
-        """``Retry-After``, else an hour for the daily limit, else the limit's interval."""
-        delay = retry_after_s(headers.get("Retry-After"))
+        """``Retry-After``, else an hour for the daily limit, else the limit's interval; at
+        most ``max_pause_s``."""
+        cap = self.settings.max_pause_s
+        delay = retry_after_s(headers.get("Retry-After"), max_s=cap)
         if delay is not None:
             return delay
         if policy.upper() == "DAILY":
-            return _DAILY_LIMIT_DELAY_S
-        interval = headers.get("X-HubSpot-RateLimit-Interval-Milliseconds", "")
-        return int(interval) / 1000 if interval.isdigit() else self.settings.rate_window_s
+            return min(_DAILY_LIMIT_DELAY_S, cap)
+        interval = headers.get("X-HubSpot-RateLimit-Interval-Milliseconds", "").strip()
+        if interval.isascii() and interval.isdigit() and len(interval) <= _INTERVAL_MAX_DIGITS:
+            return min(int(interval) / 1000, cap)
+        return min(self.settings.rate_window_s, cap)
 
     def _auth_rejected(self, contacts: Contacts, answer: _Answer) -> Outcomes:
         self._m.requests.labels("auth_failed").inc()

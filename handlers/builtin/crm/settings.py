@@ -15,6 +15,9 @@ variable                    default                       meaning
                                                           leave room for other apps of the portal
 ``RATE_WINDOW_S``           ``10``                        the limit's window (HubSpot's is 10 s)
 ``AUTH_RETRY_DELAY_S``      ``300``                       pause after HubSpot rejected the token
+``MAX_PAUSE_S``             ``3600``                      longest rate-limit pause, whatever
+                                                          HubSpot's 429 asks (``Retry-After``,
+                                                          the interval header, the daily limit)
 ``EVENT_TYPES``             ``customer.publication...``   event types to act on
 ==========================  ============================  =========================================
 
@@ -54,6 +57,12 @@ class CrmSettings(BaseModel):
     max_requests_per_10s: int = Field(default=100, ge=1)
     rate_window_s: float = Field(default=10.0, gt=0, description="HubSpot's window is 10 s")
     auth_retry_delay_s: float = Field(default=300.0, ge=0)
+    max_pause_s: float = Field(
+        default=3600.0,
+        gt=0,
+        le=86_400,
+        description="longest pause after a 429, in seconds, whatever HubSpot's headers ask",
+    )
     event_types: list[str] = Field(default_factory=lambda: [CUSTOMER_PUBLICATION_SUCCEEDED])
 
     @field_validator("base_url")

@@ -19,12 +19,14 @@ is :mod:`handlers.builtin.email.rendering`):
 * ``vouchers`` and ``codes``: every code of the publication (one for
   ``customer.publication.succeeded``).
 * ``channel``, ``event`` (``event.id``, ``event.created_at``...), ``event_id``,
-  ``event_type``, ``sender``, ``list_unsubscribe_url`` (rendered, or none) and, in the
-  bodies, ``subject``.
+  ``event_type``, ``sender``, ``list_unsubscribe_urls`` (the URIs of the
+  ``List-Unsubscribe`` header, possibly none), ``list_unsubscribe_url`` (the first https
+  one of them, else the first, or none: a link for the bodies) and, in the bodies,
+  ``subject``.
 
 The message is ``multipart/alternative`` (text, then HTML) with ``From``, ``To``
 (customer name and address), ``Reply-To``, ``Subject``, ``Date``, ``Auto-Submitted``,
-``List-Unsubscribe`` when configured, and ``Message-ID:
+``List-Unsubscribe`` when configured (:func:`unsubscribe_uris`), and ``Message-ID:
 <pubrelay.<publication id>@<sender domain>>``, the same for every resend of a
 publication.
 """
@@ -39,6 +41,7 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
 from typing import Any, Final, Literal, TypeVar
+from urllib.parse import quote
 
 from handlers.builtin.email.rendering import TemplateRenderer, render_template, template_bases
 from handlers.builtin.email.settings import EmailSettings, SenderAddress, parse_sender
@@ -61,6 +64,7 @@ __all__ = [
     "SkipReason",
     "VoucherView",
     "publication_key",
+    "unsubscribe_uris",
 ]
 
 SkipReason = Literal["unsupported_event", "no_address", "opted_out", "no_code", "already_sent"]
@@ -75,6 +79,9 @@ _TRUTHY: Final = frozenset({"true", "yes", "1"})
 _MSGID_RE: Final = re.compile(r"[^A-Za-z0-9._-]+")
 _SPACE_RE: Final = re.compile(r"\s+")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]+")
+_URI_ITEM_RE: Final = re.compile(r"<([^<>]*)>|([^,<>]+)")
+# RFC 3986's characters of a URI but the comma, which separates the URIs of the header.
+_URI_SAFE: Final = ":/?#[]@!$&'()*+;=%"
 
 PublicationData = CustomerPublicationSucceededData | PublicationSucceededData
 
@@ -145,7 +152,7 @@ class MessageComposer:
         self.renderer = renderer
         self._clock = clock or (lambda: datetime.now(UTC))
         self._unsubscribe = (
-            renderer.compile_string(settings.list_unsubscribe, "PUBRELAY_EMAIL__LIST_UNSUBSCRIBE")
+            renderer.compile_url(settings.list_unsubscribe, "PUBRELAY_EMAIL__LIST_UNSUBSCRIBE")
             if settings.list_unsubscribe
             else None
         )
@@ -226,10 +233,10 @@ class MessageComposer:
         message["Message-ID"] = self.message_id(envelope, data)
         message["Auto-Submitted"] = "auto-generated"
         message["X-Pubrelay-Event-Id"] = _MSGID_RE.sub("-", envelope.event_id)
-        unsubscribe = context["list_unsubscribe_url"]
-        if unsubscribe:
-            message["List-Unsubscribe"] = _list_unsubscribe_header(unsubscribe)
-            if self.settings.list_unsubscribe_one_click and "https://" in unsubscribe:
+        uris: list[str] = context["list_unsubscribe_urls"]
+        if uris:
+            message["List-Unsubscribe"] = ", ".join(f"<{uri}>" for uri in uris)
+            if self.settings.list_unsubscribe_one_click and any(map(_is_https, uris)):
                 message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         message.set_content(text.text)
         message.add_alternative(html.text, subtype="html")
@@ -265,11 +272,16 @@ class MessageComposer:
             "event_id": envelope.event_id,
             "event_type": envelope.event_type,
             "sender": self.sender.address,
+            "list_unsubscribe_urls": [],
             "list_unsubscribe_url": None,
         }
         if self._unsubscribe is not None:
             url = render_template(self._unsubscribe, "PUBRELAY_EMAIL__LIST_UNSUBSCRIBE", context)
-            context["list_unsubscribe_url"] = _one_line(url) or None
+            uris = unsubscribe_uris(url)
+            context["list_unsubscribe_urls"] = uris
+            context["list_unsubscribe_url"] = next(
+                filter(_is_https, uris), uris[0] if uris else None
+            )
         return context
 
     def _view(self, voucher: Voucher, campaign: Campaign) -> VoucherView:
@@ -358,8 +370,18 @@ def _one_line(text: str) -> str:
     return _SPACE_RE.sub(" ", text).strip()
 
 
-def _list_unsubscribe_header(value: str) -> str:
-    """RFC 2369 wants ``<uri>``s: wrap each comma-separated URI unless already wrapped."""
-    if "<" in value:
-        return value
-    return ", ".join(f"<{part.strip()}>" for part in value.split(",") if part.strip())
+def unsubscribe_uris(rendered: str) -> list[str]:
+    """The URIs of a rendered ``LIST_UNSUBSCRIBE``: ``a, b``, ``<a>, <b>`` or both mixed.
+
+    The template percent-encoded every value it interpolated, so the separators come from
+    the operator's text only. As a second guard each URI is made one header-safe token: a
+    character outside RFC 3986 (a space, ``<``, ``>``, ``"``, a control) or a comma left in
+    it is percent-encoded, so the header ``<a>, <b>`` (RFC 2369) lists exactly these URIs.
+    """
+    text = _one_line(rendered)
+    items = (wrapped or bare for wrapped, bare in _URI_ITEM_RE.findall(text))
+    return [quote(item.strip(), safe=_URI_SAFE) for item in items if item.strip()]
+
+
+def _is_https(uri: str) -> bool:
+    return uri[:8].lower() == "https://"

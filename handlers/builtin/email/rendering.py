@@ -18,15 +18,25 @@ and ``.html`` when the two parts should tell the same story.
 HTML templates (``.html``) are autoescaped, text templates are not. An undefined name is
 an error (``StrictUndefined``), never silently empty; ``None`` values render as empty
 text. A template that fails is a permanent fault: :class:`HandlerError` naming it.
+
+A template that builds a URL (``PUBRELAY_EMAIL__LIST_UNSUBSCRIBE``, compiled with
+:meth:`TemplateRenderer.compile_url`) percent-encodes every ``{{ … }}``: the value becomes
+one URI component (``quote(str(value), safe="")``: ``a>b, c`` -> ``a%3Eb%2C%20c``), so
+customer data can add no ``<``, ``>``, ``,``, space, quote or line break. ``|urlencode``
+is not needed there and does not encode twice: it encodes the same way and marks its
+result as :class:`UrlPart`, which is left as it is. Any other expression is text and is
+encoded, even ``|safe`` or a filter applied after ``|urlencode``; write the URL's own
+``/``, ``?``, ``&`` and ``=`` outside the braces.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import quote
 
 import jinja2
 from jinja2 import (
@@ -37,6 +47,7 @@ from jinja2 import (
     StrictUndefined,
     select_autoescape,
 )
+from jinja2.filters import do_urlencode
 
 from schemas.errors import ConfigError, HandlerError
 
@@ -46,6 +57,7 @@ __all__ = [
     "Part",
     "Rendered",
     "TemplateRenderer",
+    "UrlPart",
     "slug",
     "template_bases",
 ]
@@ -90,6 +102,32 @@ def _none_as_empty(value: Any) -> Any:
     return "" if value is None else value
 
 
+class UrlPart(str):
+    """Text already percent-encoded for a URL (what ``|urlencode`` gives in a URL template):
+    a URL template writes it as it is instead of encoding it again."""
+
+    __slots__ = ()
+
+
+def _url_component(value: Any) -> str:
+    """What ``{{ value }}`` writes in a URL template: one percent-encoded URI component."""
+    if value is None:
+        return ""
+    if isinstance(value, UrlPart):
+        return value
+    return quote(str(value), safe="")
+
+
+def _urlencode(value: Any) -> UrlPart:
+    """``|urlencode`` of a URL template: the same encoding as a bare ``{{ value }}`` for a
+    string or number, Jinja2's ``k=v&k=v`` for a mapping or a list of pairs; never twice."""
+    if isinstance(value, UrlPart):
+        return value
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        return UrlPart(_url_component(value))
+    return UrlPart(do_urlencode(value))
+
+
 @dataclass(frozen=True, slots=True)
 class Rendered:
     """One rendered part and the template it came from (for logs and the preview)."""
@@ -128,6 +166,13 @@ class TemplateRenderer:
             keep_trailing_newline=True,
             auto_reload=True,
         )
+        self.url_env = Environment(
+            autoescape=False,  # noqa: S701 - a URL, not HTML: finalize percent-encodes instead
+            undefined=StrictUndefined,
+            finalize=_url_component,
+            keep_trailing_newline=False,
+        )
+        self.url_env.filters["urlencode"] = _urlencode
 
     def check(self) -> list[str]:
         """Compile every template now, so a syntax error stops start-up (ConfigError).
@@ -145,10 +190,11 @@ class TemplateRenderer:
                 ) from None
         return names
 
-    def compile_string(self, source: str, label: str) -> jinja2.Template:
-        """A template from a setting's value (``List-Unsubscribe``); ConfigError if broken."""
+    def compile_url(self, source: str, label: str) -> jinja2.Template:
+        """A URL template from a setting's value (``List-Unsubscribe``), every ``{{ … }}``
+        percent-encoded (see the module's docs); ConfigError naming ``label`` if broken."""
         try:
-            return self.env.from_string(source)
+            return self.url_env.from_string(source)
         except jinja2.TemplateSyntaxError as err:
             raise ConfigError(f"{label}: template error line {err.lineno}: {err.message}") from None
 

@@ -22,9 +22,11 @@ variable                         default                  meaning
 ``CURRENCY_SYMBOL``              (none)                   ``$`` renders 1000 cents ``$10.00``
 ``DATE_FORMAT``                  ``%Y-%m-%d``             strftime format of expiry dates
 ``LIST_UNSUBSCRIBE``             (none)                   template of the ``List-Unsubscribe``
-                                                          URI(s), e.g.
+                                                          URI(s), comma-separated, e.g.
                                                           ``https://shop.io/unsub?c={{
-                                                          customer.id|urlencode }}``
+                                                          customer.id }}``; every ``{{ }}``
+                                                          is percent-encoded (``|urlencode``
+                                                          not needed, never twice)
 ``LIST_UNSUBSCRIBE_ONE_CLICK``   ``false``                add ``List-Unsubscribe-Post``
                                                           (RFC 8058) for an https URI
 ``OPT_OUT_METADATA_KEY``         ``email_opt_out``        customer metadata key; ``true``,
@@ -89,7 +91,9 @@ class EmailSettings(BaseModel):
     currency_symbol: str = Field(default="", description="prefix of amounts: '$' -> $10.00")
     date_format: str = Field(default="%Y-%m-%d", description="strftime format of dates")
     list_unsubscribe: str | None = Field(
-        default=None, description="List-Unsubscribe template (mailto: or https URL)"
+        default=None,
+        description="List-Unsubscribe template (mailto: or https URIs, comma-separated); "
+        "each {{ }} is percent-encoded",
     )
     list_unsubscribe_one_click: bool = Field(
         default=False, description="add List-Unsubscribe-Post (RFC 8058) for https URLs"
