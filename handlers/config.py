@@ -37,6 +37,7 @@ M = TypeVar("M", bound=BaseModel)
 ENV_PREFIX = "PUBRELAY_"
 
 DEFAULT_LEDGER_RETENTION_S = 30 * 24 * 3600.0
+DEFAULT_CLAIM_TTL_S = 15.0
 
 
 class HandlersSettings(BaseModel):
@@ -123,6 +124,14 @@ class LedgerSettings(BaseModel):
         default="pubrelay:ledger:", description="Redis ledger keys: prefix + handler:event id"
     )
     timeout_s: float = Field(default=5.0, gt=0, description="bound for one ledger operation")
+    claim_ttl_s: float = Field(
+        default=DEFAULT_CLAIM_TTL_S,
+        ge=1,
+        description=(
+            "life of a worker's claim on an event, renewed every third of it while the "
+            "handler call runs: a worker that died blocks its events this long at most"
+        ),
+    )
 
     @field_validator("url")
     @classmethod

@@ -17,9 +17,10 @@ What ``handle`` may raise, and what the worker then does:
   :attr:`Event.envelope`, a bug): the event goes to the dead-letter topic
   ``<prefix>dlq.<handler>`` at once. Retries exhausted end there too.
 
-Effects should be idempotent where the target allows it (natural keys such as the event
-id): the ledger is written after the effect, so a crash between the two repeats that one
-effect once.
+Each attempt runs under the worker's claim on ``(handler, event id)`` in the shared
+ledger, so no two workers run one event's effect at the same time. Effects should still be
+idempotent where the target allows it (natural keys such as the event id): the ledger is
+written after the effect, so a crash between the two repeats that one effect once.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class Event:
     typed model, parsed on first access (a handler that needs only ids or the raw bytes
     does not pay for the parse). A body the model rejects raises pydantic's
     ``ValidationError`` from ``envelope``; the worker dead-letters it without retrying.
-    ``attempt`` starts at 1 and grows with each retry of this delivery.
+    ``attempt`` starts at 1 and grows with each attempt, counted in the ledger across
+    deliveries (a restart or a rebalance goes on counting).
     """
 
     __slots__ = (
@@ -173,12 +175,41 @@ class Handler(Protocol):
 M = TypeVar("M", bound=BaseModel)
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The ledger's answer to :meth:`KeyLedger.claim`.
+
+    ``claimed``: the caller holds the key until ``mark_done``, ``release`` or the claim's
+    expiry, and ``attempts`` counts this claim with every earlier one (durable across
+    processes and restarts). ``held``: another holder's claim expires in ``wait_s`` seconds
+    unless that holder finishes first. ``done``: the effect was completed.
+    """
+
+    state: Literal["claimed", "held", "done"]
+    attempts: int = 0
+    wait_s: float = 0.0
+
+
 class KeyLedger(Protocol):
-    """What a handler may use of the ledger: remember keys whose effect is complete."""
+    """What a handler may use of the ledger: claim a key before an effect, mark it done after.
+
+    A claim is atomic in the shared store: of several processes claiming one key, one
+    gets ``claimed`` and the others ``held`` (or ``done`` once the holder marked it). The
+    claim expires after ``ttl_s`` (default: the worker's handler timeout plus a margin),
+    so a holder that died does not block the key for longer.
+    """
 
     async def is_done(self, handler: str, event_id: str) -> bool: ...
 
     async def mark_done(self, handler: str, event_id: str) -> None: ...
+
+    async def claim(
+        self, handler: str, key: str, token: str, *, ttl_s: float | None = None
+    ) -> Claim: ...
+
+    async def release(
+        self, handler: str, key: str, token: str, *, forget_attempts: bool = False
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,12 +5,19 @@ record the completion or publish the dead letter.
   headers, else from the body's ``event``; a record with neither cannot be routed or
   deduplicated and is dead-lettered at once (0 attempts). Records of event types the
   handler does not read are ``ignored`` without calling it.
-* **Ledger.** An event the handler already completed is a ``duplicate``; a completed one
-  is recorded after the effect (even while shutting down, bounded by the drain).
-* **Attempts.** See :mod:`handlers.types` for what ``handle`` may raise and
-  :mod:`handlers.worker.retry` for which failures are retried and when. A handler call is
-  bounded by ``handler_timeout_s`` (a timeout is a transient failure) and runs within one
-  of ``concurrency`` slots; a retry back-off holds no slot.
+* **Claims.** Every attempt starts with an atomic claim on ``(handler, event id)`` in
+  the ledger (:mod:`handlers.worker.ledger`): an event the handler already completed is a
+  ``duplicate``; an event another worker holds (its call still running after a rebalance,
+  or a worker that died mid-call until its claim expires) waits, polling, and is counted
+  in ``pubrelay_handler_claim_waits_total``. The completion is recorded after the effect
+  (even while shutting down, bounded by the drain); a failed attempt releases the claim.
+* **Attempts.** The ledger counts them durably: a redelivery (restart, rebalance, a crash
+  mid-call) goes on counting, so an event that keeps killing or losing its worker is
+  dead-lettered after ``max_attempts`` like one that keeps failing. See
+  :mod:`handlers.types` for what ``handle`` may raise and :mod:`handlers.worker.retry`
+  for which failures are retried and when. A handler call is bounded by
+  ``handler_timeout_s`` (a timeout is a transient failure) and runs within one of
+  ``concurrency`` slots; a retry back-off holds no slot.
 * **Dead letters.** The original record plus ``dlq-*`` headers
   (:mod:`handlers.worker.dead_letters`), published to ``<prefix>dlq.<handler>``; while
   that publish fails the event stays unfinished, so the commit never passes it.
@@ -22,6 +29,10 @@ record the completion or publish the dead letter.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,9 +42,10 @@ from structlog.typing import FilteringBoundLogger
 
 from bus.types import Bus, Message
 from handlers.config import WorkerSettings
-from handlers.types import Event, Handler
+from handlers.types import Claim, Event, Handler
 from handlers.worker.dead_letters import dead_letter_headers, error_text, error_type_name
 from handlers.worker.error_text import error_message, short_error
+from handlers.worker.lease import Lease
 from handlers.worker.ledger import Ledger
 from handlers.worker.metrics import WorkerMetrics
 from handlers.worker.offsets import FetchedRecord
@@ -42,6 +54,16 @@ from schemas.envelope import decode_lean
 from schemas.errors import RetryLater, SkipEvent
 from schemas.record import HEADER_EVENT_ID, HEADER_EVENT_TYPE, header
 from schemas.timestamps import parse_timestamp, utc_now_iso
+
+_HELD_POLL_S = 0.5
+"""How often a delivery whose event another worker holds asks the ledger again."""
+
+_PROCESS_TOKEN = f"{socket.gethostname()}:{os.getpid()}"
+"""Names this process in the claims it takes (each processor adds a random part)."""
+
+
+class AttemptsExhausted(Exception):
+    """Earlier deliveries of the event used up its attempts (see :mod:`handlers.worker.ledger`)."""
 
 
 @dataclass(slots=True)
@@ -142,6 +164,9 @@ class EventProcessor:
         self._event_types = handler.event_types
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._active_ids: dict[str, asyncio.Event] = {}
+        self._tokens = itertools.count(1)
+        self._token_prefix = f"{_PROCESS_TOKEN}:{secrets.token_hex(3)}"  # this processor's
+        self._lease = Lease(ledger, self.name, ttl_s=ledger.claim_ttl_s, log=log)
         outcome = metrics.events
         self._m_handled = outcome.labels(self.name, "handled")
         self._m_retried = outcome.labels(self.name, "retried")
@@ -152,6 +177,7 @@ class EventProcessor:
         self._m_duration = metrics.duration.labels(self.name)
         self._m_age = metrics.event_age.labels(self.name)
         self._m_in_flight = metrics.in_flight.labels(self.name)
+        self._m_claim_waits = metrics.claim_waits.labels(self.name)
 
     async def process(self, item: FetchedRecord) -> bool:
         """Handle one record to a final outcome; False when abandoned (shutdown, revoke)."""
@@ -173,41 +199,96 @@ class EventProcessor:
             mine.set()
 
     async def _unless_done(self, item: FetchedRecord, ident: _Identity) -> bool:
-        """The attempts, unless the ledger says the handler already completed this event."""
-        ok, done = await self._retry.keep_trying(
-            "ledger",
-            lambda: self.ledger.is_done(self.name, ident.event_id),
-            give_up_on_stop=True,
-            revoked=item.part.revoked,
-        )
-        if not ok:
-            return False
-        if done:
-            self._m_duplicate.inc()
-            self.log.info("event_duplicate", event_id=ident.event_id, event_type=ident.event_type)
-            return True
-        return await self._attempts(item, ident)
+        """The attempts, each under a claim, unless the handler already completed this event."""
+        token = f"{self._token_prefix}:{next(self._tokens)}"
+        try:
+            return await self._attempts(item, ident, token)
+        except BaseException:  # cancelled (shutdown bound): let the next owner start at once
+            await self._release(ident, token)
+            raise
 
-    async def _attempts(self, item: FetchedRecord, ident: _Identity) -> bool:
+    async def _attempts(self, item: FetchedRecord, ident: _Identity, token: str) -> bool:
+        loop = asyncio.get_running_loop()
         event = _event(item.message, ident)
         first_failed_at: str | None = None
-        max_attempts = self.settings.max_attempts
         while True:
             if item.part.revoking:
                 return False  # no longer ours: the new owner handles it (uncommitted)
-            event.attempt += 1
-            error = await self._call(event)
+            claim = await self._claim(item, ident, token)
+            if claim is None:
+                return False  # stopping or revoked while the ledger was away or held it
+            if claim.state == "done":
+                self._m_duplicate.inc()
+                self.log.info(
+                    "event_duplicate", event_id=ident.event_id, event_type=ident.event_type
+                )
+                return True
+            event.attempt = claim.attempts
+            if event.attempt > self.settings.max_attempts:
+                spent = AttemptsExhausted(
+                    f"{event.attempt - 1} attempts were made in earlier deliveries (the worker "
+                    "stopped, crashed or lost the partition during them)"
+                )
+                return await self._dead_letter(
+                    item, ident, spent, attempts=event.attempt - 1, token=token
+                )
+            error = await self._call(event, token, claimed_at=loop.time())
             if error is None or isinstance(error, SkipEvent):
                 return await self._completed(event, ident, error)
             first_failed_at = first_failed_at or utc_now_iso()
-            if not is_transient(error) or event.attempt >= max_attempts:
+            if not is_transient(error) or event.attempt >= self.settings.max_attempts:
                 return await self._dead_letter(
-                    item, ident, error, attempts=event.attempt, first_failed_at=first_failed_at
+                    item,
+                    ident,
+                    error,
+                    attempts=event.attempt,
+                    first_failed_at=first_failed_at,
+                    token=token,
                 )
+            await self._release(ident, token)
             if item.part.revoking:
                 return False
             if not await self._wait_to_retry(item, ident, event.attempt, error):
                 return False  # stopping or revoked: the event stays uncommitted, comes back
+
+    async def _claim(self, item: FetchedRecord, ident: _Identity, token: str) -> Claim | None:
+        """The ledger's claim for one attempt, waiting while another worker holds the event;
+        None when stop or revoke ended the wait."""
+        waited = False
+        while True:
+            ok, claim = await self._retry.keep_trying(
+                "ledger",
+                lambda: self.ledger.claim(self.name, ident.event_id, token),
+                give_up_on_stop=True,
+                revoked=item.part.revoked,
+            )
+            if not ok or claim is None:
+                return None
+            if claim.state != "held":
+                return claim
+            if not waited:
+                waited = True
+                self._m_claim_waits.inc()
+                self.log.info(
+                    "event_claimed_elsewhere",
+                    event_id=ident.event_id,
+                    event_type=ident.event_type,
+                    claim_expires_in_s=round(claim.wait_s, 3),
+                )
+            if not await pause(min(claim.wait_s, _HELD_POLL_S), self.stop, item.part.revoked):
+                return None
+
+    async def _release(self, ident: _Identity, token: str, *, forget: bool = False) -> None:
+        """End this delivery's claim; when the ledger fails, the claim's expiry does it."""
+        try:
+            await self.ledger.release(self.name, ident.event_id, token, forget_attempts=forget)
+        except Exception as err:  # the store's own errors: the claim expires by itself
+            self.log.warning(
+                "ledger_release_failed",
+                event_id=ident.event_id,
+                error_type=type(err).__name__,
+                error=short_error(err),
+            )
 
     async def _wait_to_retry(
         self, item: FetchedRecord, ident: _Identity, attempt: int, error: Exception
@@ -226,7 +307,7 @@ class EventProcessor:
         )
         return await pause(delay, self.stop, item.part.revoked)
 
-    async def _call(self, event: Event) -> Exception | None:
+    async def _call(self, event: Event, token: str, *, claimed_at: float) -> Exception | None:
         """One handler call within a concurrency slot; the exception it raised, if any.
 
         A call over ``handler_timeout_s`` is cancelled and counts as a transient failure, and
@@ -240,7 +321,9 @@ class EventProcessor:
             bound = asyncio.timeout(timeout_s)
             try:
                 async with bound:
-                    await self.handler.handle(event)
+                    await self._lease.run(
+                        event.id, token, claimed_at, lambda: self.handler.handle(event)
+                    )
             except asyncio.CancelledError as err:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():
@@ -294,7 +377,8 @@ class EventProcessor:
         error: Exception,
         *,
         attempts: int,
-        first_failed_at: str | None,
+        first_failed_at: str | None = None,
+        token: str | None = None,
     ) -> bool:
         message = item.message
         now = utc_now_iso()
@@ -314,6 +398,8 @@ class EventProcessor:
 
         # Not committed past this event until the dead letter is stored (bounded by the drain).
         await self._retry.keep_trying("publish_dlq", publish, give_up_on_stop=False)
+        if ident is not None and token is not None:
+            await self._release(ident, token, forget=True)  # a replay starts counting afresh
         self._m_dead.inc()
         self.log.error(
             "event_dead_lettered",

@@ -1,18 +1,32 @@
-"""The idempotency ledger: which ``(handler, event id)`` pairs already had their effect.
+"""The idempotency ledger: which ``(handler, key)`` pairs had their effect, and who is
+running one now.
 
-The worker asks the ledger before calling a handler and writes to it after the handler's
-effect completed. The write is not atomic with the effect: a crash between the two
-repeats that one effect once after the restart (at-least-once). Handlers that can should
-also pass a natural idempotency key (the event id) to the systems they write to.
+For every attempt the worker first **claims** ``(handler, event id)``: one atomic step in
+the shared store that answers ``done`` (the effect was completed: a duplicate),
+``held`` (another process holds an unexpired claim: wait) or ``claimed`` (ours, with the
+durable count of attempts so far). After the effect it marks the pair done; after a
+failed attempt it releases the claim (the attempt stays counted). A claim lives
+``claim_ttl_s`` (default 15 s) and the worker renews it while the call runs
+(:mod:`handlers.worker.lease`): a holder that died blocks the event that long at most,
+and a holder still running past a rebalance keeps the new owner waiting instead of
+running the effect a second time. Handlers claim keys of their own the same way (the
+e-mail handler claims ``publication:<id>``).
+
+One window remains: a process that dies after the effect and before its "done" is
+durable leaves a claim that expires, and the effect runs once more. The window is the
+time from the effect's end to the ledger's commit (one group commit: milliseconds);
+see docs/reliability.md.
 
 Two implementations:
 
 * :class:`SqliteLedger` (default): one file in the data directory, opened like the
   embedded bus's (:mod:`bus.sqlite.db`: WAL journal, ``synchronous=FULL``); concurrent
-  completions share one commit (group commit).
-* :class:`RedisLedger` (``PUBRELAY_LEDGER__URL=redis://host:port/db``): one key per pair
-  with a TTL of the retention, for several worker processes sharing one ledger. Its
-  durability is Redis's (enable ``appendonly`` in production).
+  claims, releases and completions share one transaction (group commit), and SQLite's
+  write lock makes each claim atomic across the processes sharing the file.
+* :class:`RedisLedger` (``PUBRELAY_LEDGER__URL=redis://host:port/db``): a key per
+  completed pair (TTL = retention) and a hash per claim, changed by Lua scripts (atomic;
+  expiry on the Redis server's clock), for workers on several hosts. Its durability is
+  Redis's (enable ``appendonly`` in production).
 
 Entries older than the retention (default 30 days) are forgotten: an event re-delivered
 after that is handled again. Errors of the backing store propagate unchanged; the worker
@@ -26,13 +40,15 @@ import contextlib
 import math
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 
 from bus.sqlite.db import ConnectionThread, create_private_file, transaction
-from handlers.config import LedgerSettings
+from handlers.config import DEFAULT_CLAIM_TTL_S, LedgerSettings
+from handlers.types import Claim
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -47,13 +63,28 @@ CREATE TABLE IF NOT EXISTS ledger (
     PRIMARY KEY (handler, event_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ledger_completed_at ON ledger (completed_at);
+CREATE TABLE IF NOT EXISTS claims (
+    handler TEXT NOT NULL,
+    key TEXT NOT NULL,
+    token TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (handler, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS claims_updated_at ON claims (updated_at);
 """
 
 _PURGE_EVERY_S: Final = 3600.0
 
+DONE: Final = Claim("done")
+
 
 class Ledger(Protocol):
-    """Remembers completed effects per handler."""
+    """Claims and completed effects per handler and key (see the module docstring)."""
+
+    claim_ttl_s: float
+    """How long a claim lasts unless renewed (seconds)."""
 
     async def open(self) -> None: ...
 
@@ -64,7 +95,26 @@ class Ledger(Protocol):
         ...
 
     async def mark_done(self, handler: str, event_id: str) -> None:
-        """Record the effect as completed; returns once the record is durable."""
+        """Record the effect as completed and drop its claim; returns once durable."""
+        ...
+
+    async def claim(
+        self, handler: str, key: str, token: str, *, ttl_s: float | None = None
+    ) -> Claim:
+        """Take ``key`` for ``token`` (again, when ``token`` already holds it), atomically."""
+        ...
+
+    async def renew(
+        self, handler: str, key: str, token: str, *, ttl_s: float | None = None
+    ) -> bool:
+        """Extend ``token``'s claim; False when ``token`` no longer holds it."""
+        ...
+
+    async def release(
+        self, handler: str, key: str, token: str, *, forget_attempts: bool = False
+    ) -> None:
+        """End ``token``'s claim (no-op when another holds it); the attempts stay counted
+        unless ``forget_attempts`` (after a dead letter: a replay starts afresh)."""
         ...
 
 
@@ -77,28 +127,44 @@ def create_ledger(settings: LedgerSettings, data_dir: Path) -> Ledger:
             retention_s=settings.retention_s,
             key_prefix=settings.redis_key_prefix,
             timeout_s=settings.timeout_s,
+            claim_ttl_s=settings.claim_ttl_s,
         )
     path = Path(url.removeprefix("sqlite:///")) if url else data_dir / "ledger.sqlite3"
-    return SqliteLedger(path, retention_s=settings.retention_s, timeout_s=settings.timeout_s)
+    return SqliteLedger(
+        path,
+        retention_s=settings.retention_s,
+        timeout_s=settings.timeout_s,
+        claim_ttl_s=settings.claim_ttl_s,
+    )
+
+
+_Write = Callable[[sqlite3.Connection, float], Any]
+"""One write of a group commit: ``fn(connection, now)``, its result handed to its caller."""
 
 
 class _Pending:
-    __slots__ = ("completed_at", "event_id", "future", "handler")
+    __slots__ = ("future", "write")
 
-    def __init__(self, handler: str, event_id: str, future: asyncio.Future[None]) -> None:
-        self.handler = handler
-        self.event_id = event_id
-        self.completed_at = time.time()
+    def __init__(self, write: _Write, future: asyncio.Future[Any]) -> None:
+        self.write = write
         self.future = future
 
 
 class SqliteLedger:
-    """A :class:`Ledger` in one SQLite file (one row per handler and event id)."""
+    """A :class:`Ledger` in one SQLite file: a row per completed pair, a row per claim."""
 
-    def __init__(self, path: Path, *, retention_s: float, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        retention_s: float,
+        timeout_s: float = 5.0,
+        claim_ttl_s: float = DEFAULT_CLAIM_TTL_S,
+    ) -> None:
         self.path = path
         self.retention_s = retention_s
         self.timeout_s = timeout_s
+        self.claim_ttl_s = claim_ttl_s
         self._reader = ConnectionThread("ledger-read")
         self._writer = ConnectionThread("ledger-write")
         self._pending: list[_Pending] = []
@@ -113,7 +179,7 @@ class SqliteLedger:
             await self.purge()
 
     async def close(self) -> None:
-        # Completions still pending are written before the connections close.
+        # Writes still pending are made before the connections close.
         while self._pending or (self._flusher is not None and not self._flusher.done()):
             if self._flusher is None or self._flusher.done():
                 self._flusher = asyncio.create_task(self._flush(), name="ledger-flush")
@@ -127,30 +193,59 @@ class SqliteLedger:
         return await self._reader.run(_is_done, handler, event_id, cutoff)
 
     async def mark_done(self, handler: str, event_id: str) -> None:
-        entry = _Pending(handler, event_id, asyncio.get_running_loop().create_future())
+        await self._write(lambda conn, now: _mark_done(conn, now, handler, event_id))
+
+    async def claim(
+        self, handler: str, key: str, token: str, *, ttl_s: float | None = None
+    ) -> Claim:
+        ttl = self.claim_ttl_s if ttl_s is None else ttl_s
+        cutoff = time.time() - self.retention_s
+        claim: Claim = await self._write(
+            lambda conn, now: _claim(
+                conn, now, handler=handler, key=key, token=token, ttl_s=ttl, cutoff=cutoff
+            )
+        )
+        return claim
+
+    async def renew(
+        self, handler: str, key: str, token: str, *, ttl_s: float | None = None
+    ) -> bool:
+        ttl = self.claim_ttl_s if ttl_s is None else ttl_s
+        kept: bool = await self._write(
+            lambda conn, now: _renew(conn, now, handler=handler, key=key, token=token, ttl_s=ttl)
+        )
+        return kept
+
+    async def release(
+        self, handler: str, key: str, token: str, *, forget_attempts: bool = False
+    ) -> None:
+        await self._write(lambda conn, now: _release(conn, handler, key, token, forget_attempts))
+
+    async def _write(self, write: _Write) -> Any:
+        entry = _Pending(write, asyncio.get_running_loop().create_future())
         self._pending.append(entry)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="ledger-flush")
-        await asyncio.shield(entry.future)
+        return await asyncio.shield(entry.future)
 
     async def _flush(self) -> None:
-        # Every completion that arrives while a commit (or the purge) runs joins the next
+        # Every write that arrives while a commit (or the purge) runs joins the next
         # commit. The flusher only ends with nothing pending and no await between that check
-        # and its end: ``mark_done`` starts a new flusher only once this one is done.
+        # and its end: ``_write`` starts a new flusher only once this one is done.
         while True:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    await self._writer.run(_write_batch, batch)
+                    results = await self._writer.run(_write_batch, batch)
                 except Exception as err:  # the store's own errors, handed to each caller
                     for entry in batch:
                         if not entry.future.done():
                             entry.future.set_exception(err)
                             entry.future.exception()  # retrieved: a cancelled caller won't warn
                 else:
-                    for entry in batch:
+                    for entry, result in zip(batch, results, strict=True):
                         if not entry.future.done():
-                            entry.future.set_result(None)
+                            entry.future.set_result(result)
             if time.monotonic() < self._next_purge:
                 return
             try:
@@ -175,22 +270,132 @@ def _is_done(conn: sqlite3.Connection, handler: str, event_id: str, cutoff: floa
     return row is not None
 
 
-def _write_batch(conn: sqlite3.Connection, batch: list[_Pending]) -> None:
+def _write_batch(conn: sqlite3.Connection, batch: list[_Pending]) -> list[Any]:
     with transaction(conn):
-        conn.executemany(
-            "INSERT INTO ledger (handler, event_id, completed_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (handler, event_id) "
-            "DO UPDATE SET completed_at = excluded.completed_at",
-            [(e.handler, e.event_id, e.completed_at) for e in batch],
+        now = time.time()
+        return [entry.write(conn, now) for entry in batch]
+
+
+def _mark_done(conn: sqlite3.Connection, now: float, handler: str, key: str) -> None:
+    conn.execute(
+        "INSERT INTO ledger (handler, event_id, completed_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (handler, event_id) DO UPDATE SET completed_at = excluded.completed_at",
+        (handler, key, now),
+    )
+    conn.execute("DELETE FROM claims WHERE handler = ? AND key = ?", (handler, key))
+
+
+def _claim(
+    conn: sqlite3.Connection,
+    now: float,
+    *,
+    handler: str,
+    key: str,
+    token: str,
+    ttl_s: float,
+    cutoff: float,
+) -> Claim:
+    if _is_done(conn, handler, key, cutoff):
+        return DONE
+    row = conn.execute(
+        "SELECT token, expires_at, attempts FROM claims WHERE handler = ? AND key = ?",
+        (handler, key),
+    ).fetchone()
+    attempts = 0
+    if row is not None:
+        holder, expires_at, attempts = row
+        if holder != token and expires_at > now:
+            return Claim("held", attempts=attempts, wait_s=expires_at - now)
+    conn.execute(
+        "INSERT INTO claims (handler, key, token, expires_at, attempts, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (handler, key) DO UPDATE SET "
+        "token = excluded.token, expires_at = excluded.expires_at, "
+        "attempts = excluded.attempts, updated_at = excluded.updated_at",
+        (handler, key, token, now + ttl_s, attempts + 1, now),
+    )
+    return Claim("claimed", attempts=attempts + 1)
+
+
+def _renew(
+    conn: sqlite3.Connection, now: float, *, handler: str, key: str, token: str, ttl_s: float
+) -> bool:
+    cursor = conn.execute(
+        "UPDATE claims SET expires_at = ?, updated_at = ? "
+        "WHERE handler = ? AND key = ? AND token = ?",
+        (now + ttl_s, now, handler, key, token),
+    )
+    return cursor.rowcount == 1
+
+
+def _release(
+    conn: sqlite3.Connection, handler: str, key: str, token: str, forget_attempts: bool
+) -> None:
+    if forget_attempts:
+        conn.execute(
+            "DELETE FROM claims WHERE handler = ? AND key = ? AND token = ?", (handler, key, token)
+        )
+    else:
+        conn.execute(
+            "UPDATE claims SET expires_at = 0 WHERE handler = ? AND key = ? AND token = ?",
+            (handler, key, token),
         )
 
 
 def _purge(conn: sqlite3.Connection, cutoff: float) -> int:
-    return conn.execute("DELETE FROM ledger WHERE completed_at < ?", (cutoff,)).rowcount
+    with transaction(conn):
+        done = conn.execute("DELETE FROM ledger WHERE completed_at < ?", (cutoff,)).rowcount
+        claims = conn.execute("DELETE FROM claims WHERE updated_at < ?", (cutoff,)).rowcount
+    return done + claims
+
+
+# KEYS: the done key, the claim key. ARGV: token, claim ttl ms, retention ms.
+# Returns {state, attempts, wait ms}: state 0 done, 1 held, 2 claimed.
+_CLAIM_LUA: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0, 0} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local c = redis.call('HMGET', KEYS[2], 'token', 'expires_ms', 'attempts')
+local attempts = tonumber(c[3]) or 0
+if c[1] and c[1] ~= ARGV[1] and tonumber(c[2]) > now then
+  return {1, attempts, tonumber(c[2]) - now}
+end
+attempts = attempts + 1
+redis.call('HSET', KEYS[2], 'token', ARGV[1], 'expires_ms', now + tonumber(ARGV[2]),
+           'attempts', attempts)
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return {2, attempts, 0}
+"""
+
+# KEYS: the done key, the claim key. ARGV: retention ms, now (seconds, as text).
+_DONE_LUA: Final = """
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+# KEYS: the claim key. ARGV: token, claim ttl ms. Returns 1 when the token holds the claim.
+_RENEW_LUA: Final = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'expires_ms', now + tonumber(ARGV[2]))
+return 1
+"""
+
+# KEYS: the claim key. ARGV: token, "1" to forget the attempts.
+_RELEASE_LUA: Final = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+if ARGV[2] == '1' then redis.call('DEL', KEYS[1])
+else redis.call('HSET', KEYS[1], 'expires_ms', 0) end
+return 1
+"""
+
+_STATES: Final = ("done", "held", "claimed")
 
 
 class RedisLedger:
-    """A :class:`Ledger` in Redis: key ``<prefix><handler>:<event id>``, TTL = retention."""
+    """A :class:`Ledger` in Redis: ``<prefix><handler>:<key>`` (done, TTL = retention) and
+    ``<prefix><handler>:<key>:claim`` (a hash: holder token, expiry, attempts)."""
 
     def __init__(
         self,
@@ -200,13 +405,17 @@ class RedisLedger:
         key_prefix: str = "pubrelay:ledger:",
         timeout_s: float = 5.0,
         max_connections: int = 16,
+        claim_ttl_s: float = DEFAULT_CLAIM_TTL_S,
     ) -> None:
         self.url = url
         self.max_connections = max_connections
         self.retention_s = retention_s
         self.key_prefix = key_prefix
         self.timeout_s = timeout_s
+        self.claim_ttl_s = claim_ttl_s
+        self._retention_ms = max(1, math.ceil(retention_s * 1000))
         self._client: redis.asyncio.Redis | None = None
+        self._scripts: dict[str, Any] = {}
 
     def _key(self, handler: str, event_id: str) -> str:
         return f"{self.key_prefix}{handler}:{event_id}"
@@ -226,6 +435,12 @@ class RedisLedger:
                 health_check_interval=30,
             )
             self._client = aioredis.Redis(connection_pool=pool)
+            self._scripts = {
+                "claim": self._client.register_script(_CLAIM_LUA),
+                "done": self._client.register_script(_DONE_LUA),
+                "release": self._client.register_script(_RELEASE_LUA),
+                "renew": self._client.register_script(_RENEW_LUA),
+            }
 
     async def close(self) -> None:
         if self._client is not None:
@@ -240,8 +455,40 @@ class RedisLedger:
         return bool(await self._require().exists(self._key(handler, event_id)))
 
     async def mark_done(self, handler: str, event_id: str) -> None:
-        ttl_ms = max(1, math.ceil(self.retention_s * 1000))
-        await self._require().set(self._key(handler, event_id), str(time.time()), px=ttl_ms)
+        self._require()
+        key = self._key(handler, event_id)
+        await self._scripts["done"](
+            keys=[key, key + ":claim"], args=[self._retention_ms, str(time.time())]
+        )
+
+    async def claim(
+        self, handler: str, key: str, token: str, *, ttl_s: float | None = None
+    ) -> Claim:
+        self._require()
+        ttl_ms = max(1, math.ceil((self.claim_ttl_s if ttl_s is None else ttl_s) * 1000))
+        done_key = self._key(handler, key)
+        state, attempts, wait_ms = await self._scripts["claim"](
+            keys=[done_key, done_key + ":claim"], args=[token, ttl_ms, self._retention_ms]
+        )
+        return Claim(_STATES[int(state)], attempts=int(attempts), wait_s=int(wait_ms) / 1000)
+
+    async def renew(
+        self, handler: str, key: str, token: str, *, ttl_s: float | None = None
+    ) -> bool:
+        self._require()
+        ttl_ms = max(1, math.ceil((self.claim_ttl_s if ttl_s is None else ttl_s) * 1000))
+        kept = await self._scripts["renew"](
+            keys=[self._key(handler, key) + ":claim"], args=[token, ttl_ms]
+        )
+        return bool(kept)
+
+    async def release(
+        self, handler: str, key: str, token: str, *, forget_attempts: bool = False
+    ) -> None:
+        self._require()
+        await self._scripts["release"](
+            keys=[self._key(handler, key) + ":claim"], args=[token, "1" if forget_attempts else "0"]
+        )
 
     async def ping(self) -> None:
         """Raise the client's error when Redis cannot be reached."""

@@ -63,6 +63,13 @@ class WorkerMetrics:
             ["handler"],
             registry=registry,
         )
+        self.claim_waits = Counter(
+            "pubrelay_handler_claim_waits_total",
+            "Deliveries that found their event claimed by another worker (a call still "
+            "running past a rebalance, or a worker that died mid-call) and waited",
+            ["handler"],
+            registry=registry,
+        )
         self.bus_errors = Counter(
             "pubrelay_handler_bus_errors_total",
             "Broker or ledger failures the worker backed off from, by operation",
@@ -82,3 +89,4 @@ class WorkerMetrics:
             self.in_flight.labels(name)
             self.lag.labels(name)
             self.oldest_uncommitted.labels(name)
+            self.claim_waits.labels(name)

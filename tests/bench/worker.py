@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from bus.types import Bus
 from handlers.builtin.noop import NoopHandler
 from handlers.config import LedgerSettings, WorkerSettings
+from handlers.types import Claim
 from handlers.worker.ledger import Ledger, create_ledger
 from schemas.record import HEADER_DELIVERY_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE
 from tests.fixtures.samples import sample_publication_body
@@ -29,8 +30,11 @@ TIME_LIMIT_S = 120.0
 class MemoryLedger:
     """Remembers in a set: the worker without the ledger's I/O, to price the ledger."""
 
+    claim_ttl_s = 15.0
+
     def __init__(self) -> None:
         self.done: set[tuple[str, str]] = set()
+        self.attempts: dict[tuple[str, str], int] = {}
 
     async def open(self) -> None:
         return None
@@ -43,6 +47,26 @@ class MemoryLedger:
 
     async def mark_done(self, handler: str, event_id: str) -> None:
         self.done.add((handler, event_id))
+        self.attempts.pop((handler, event_id), None)
+
+    async def claim(
+        self, handler: str, key: str, token: str, *, ttl_s: float | None = None
+    ) -> Claim:
+        if (handler, key) in self.done:
+            return Claim("done")
+        attempts = self.attempts[handler, key] = self.attempts.get((handler, key), 0) + 1
+        return Claim("claimed", attempts=attempts)
+
+    async def renew(
+        self, handler: str, key: str, token: str, *, ttl_s: float | None = None
+    ) -> bool:
+        return True
+
+    async def release(
+        self, handler: str, key: str, token: str, *, forget_attempts: bool = False
+    ) -> None:
+        if forget_attempts:
+            self.attempts.pop((handler, key), None)
 
 
 async def fill(bus: Bus, prefix: str, count: int) -> None:

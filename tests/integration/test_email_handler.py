@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import time
@@ -302,6 +303,51 @@ async def test_both_publication_events_of_one_publication_send_one_email(
 
     assert len(smtp_server.mailbox) == 1
     assert smtp_server.mailbox[0].message["Message-ID"] == "<pubrelay.pub_shared@shop.example>"
+
+
+async def test_two_workers_sending_the_two_events_of_one_publication_at_once_send_one_email(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    """Two worker processes (two handlers, two ledger clients on one file, no shared lock)
+    get the publication's two events at the same moment; the relay is slow."""
+    smtp_server.data_delay_s = 1.0
+    project_level = multi_code(9, ["SPRING-0009"], publication_id="pub_raced")
+    customer_level = envelope(9, publication_id="pub_raced")
+    async with (
+        sqlite_ledger(tmp_path) as ledger_a,
+        sqlite_ledger(tmp_path) as ledger_b,
+        running_email(smtp_server.url, tmp_path / "a", ledger=ledger_a) as a,
+        running_email(smtp_server.url, tmp_path / "b", ledger=ledger_b) as b,
+    ):
+        outcomes = await asyncio.gather(
+            a.handler.handle(as_event(project_level)),
+            b.handler.handle(as_event(customer_level)),
+            return_exceptions=True,
+        )
+        await asyncio.sleep(1.5)  # a second DATA, had one started, would have landed
+        assert len(smtp_server.mailbox) == 1
+        sent_by_a = outcomes[0] is None
+        loser = b if sent_by_a else a
+        assert isinstance(outcomes[1 if sent_by_a else 0], SkipEvent)
+        assert loser.metric("pubrelay_email_skipped_total", reason="already_sent") == 1
+
+    assert smtp_server.mailbox[0].message["Message-ID"] == "<pubrelay.pub_raced@shop.example>"
+
+
+async def test_a_publication_claimed_by_a_worker_that_died_is_mailed_once_its_claim_expires(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    async with sqlite_ledger(tmp_path) as ledger:
+        # The dead worker's claim: never released, it expires in 1.5 s.
+        claim = await ledger.claim("email", "publication:pub_orphan", "dead-worker", ttl_s=1.5)
+        assert claim.state == "claimed"
+        async with running_email(smtp_server.url, tmp_path, ledger=ledger) as h:
+            await h.handler.handle(as_event(envelope(10, publication_id="pub_orphan")))
+            assert len(smtp_server.mailbox) == 1
+            with pytest.raises(SkipEvent, match="already sent"):
+                await h.handler.handle(as_event(multi_code(10, ["X"], publication_id="pub_orphan")))
+        assert await ledger.is_done("email", "publication:pub_orphan")
+    assert len(smtp_server.mailbox) == 1
 
 
 async def test_without_a_ledger_duplicates_are_caught_in_memory_with_a_warning(

@@ -23,7 +23,8 @@ from structlog.typing import EventDict, WrappedLogger
 from bus.sqlite import SqliteBus
 from bus.types import Bus, RevokeCallback, Subscription, TopicPartition
 from handlers.types import Event
-from handlers.worker.ledger import Ledger
+from handlers.worker.dead_letters import DeadLetter
+from handlers.worker.ledger import Ledger, SqliteLedger
 from handlers.worker.service import Worker
 from schemas.errors import HandlerError, RetryLater
 from schemas.record import header
@@ -33,6 +34,7 @@ from tests.fixtures.worker import (
     ScriptedHandler,
     eventually,
     fast_worker_settings,
+    metric,
     outcome,
     publish_event,
     read_all,
@@ -312,6 +314,105 @@ async def test_a_revoke_waits_for_a_running_handler_call_no_longer_than_revoke_t
         release.set()
         assert 0.25 < took < 1.5, f"the revoke took {took:.2f}s"
         await eventually(lambda: handler.effects == ["ev1"], timeout_s=5, what="the effect")
+
+
+async def test_a_call_running_past_the_revoke_deadline_is_not_run_again_by_the_new_owner(
+    revoking_bus: RevokingBus, tmp_path: Path, topic_prefix: str
+) -> None:
+    """The old member lets the partition go after ``revoke_timeout_s`` while its call still
+    runs; the new member gets the uncommitted record. The shared ledger's claim (kept alive
+    by the old member's renewals past its 3 s life) makes the new member wait, not repeat."""
+    release = asyncio.Event()
+
+    async def slow(event: Event) -> None:
+        await release.wait()
+
+    bus = revoking_bus
+    path = tmp_path / "shared-ledger.sqlite3"
+    ledger_a = SqliteLedger(path, retention_s=3600, claim_ttl_s=3.0)
+    ledger_b = SqliteLedger(path, retention_s=3600, claim_ttl_s=3.0)
+    await ledger_a.open()
+    await ledger_b.open()
+    old_owner, new_owner = ScriptedHandler(script=slow), ScriptedHandler()
+    registry_b = CollectorRegistry()
+    old = make_worker(
+        old_owner, bus, ledger_a, CollectorRegistry(), topic_prefix, revoke_timeout_s=0.3
+    )
+    try:
+        async with running(old):
+            await publish_event(bus, topic_prefix, event_id="ev1", customer_id="cust_A")
+            await eventually(lambda: old_owner.calls["ev1"] == 1, timeout_s=5, what="the call")
+            await bus.revoke([TopicPartition(topic_for(topic_prefix, EVENT_TYPE), 0)])
+            # The embedded bus serves one member per group: the new owner reads the same
+            # uncommitted record through a group of its own.
+            new = Worker(
+                [new_owner],
+                bus=bus,
+                ledger=ledger_b,
+                settings=fast_worker_settings(group_prefix=f"{topic_prefix}new."),
+                topic_prefix=topic_prefix,
+                metrics_registry=registry_b,
+            )
+            async with running(new):
+                await eventually(
+                    lambda: (
+                        metric(registry_b, "pubrelay_handler_claim_waits_total", handler="recorder")
+                        == 1
+                    ),
+                    timeout_s=5,
+                    what="the new owner to find the event claimed",
+                )
+                await asyncio.sleep(4.0)  # past the claim's 3 s life: renewals keep it
+                assert dict(new_owner.calls) == {}
+                release.set()
+                await eventually(
+                    lambda: outcome(registry_b, "recorder", "duplicate") == 1,
+                    timeout_s=5,
+                    what="the new owner to see the effect done",
+                )
+    finally:
+        await ledger_a.close()
+        await ledger_b.close()
+    assert old_owner.effects == ["ev1"]
+    assert dict(new_owner.calls) == {}
+
+
+async def test_attempts_count_across_deliveries_so_an_event_that_kills_its_worker_ends_in_the_dlq(
+    one_partition_bus: SqliteBus, ledger: Ledger, topic_prefix: str
+) -> None:
+    """Each delivery's call hangs until the worker is stopped (as a crash or an OOM would end
+    it); the attempt still counts, so the fourth delivery dead-letters the event unheard."""
+    never = asyncio.Event()
+
+    async def hangs(event: Event) -> None:
+        await never.wait()
+
+    bus = one_partition_bus
+    handler = ScriptedHandler(script=hangs)
+    await publish_event(bus, topic_prefix, event_id="ev_poison", customer_id="cust_A")
+    for delivery in range(1, 4):
+        worker = make_worker(
+            handler, bus, ledger, CollectorRegistry(), topic_prefix, shutdown_timeout_s=0.2
+        )
+        async with running(worker):
+            await eventually(
+                lambda n=delivery: handler.calls["ev_poison"] == n,  # type: ignore[misc]
+                timeout_s=5,
+                what=f"delivery {delivery}'s call",
+            )
+    registry = CollectorRegistry()
+    async with running(make_worker(handler, bus, ledger, registry, topic_prefix)):
+        await eventually(
+            lambda: outcome(registry, "recorder", "dead_lettered") == 1,
+            timeout_s=5,
+            what="the dead letter",
+        )
+    assert dict(handler.calls) == {"ev_poison": 3}  # max_attempts = 3 in all, not per delivery
+    [record] = await read_all(bus, dlq_topic(topic_prefix, "recorder"), expect=1)
+    dead = DeadLetter.from_message(record)
+    assert dead.attempts == 3
+    assert dead.error is not None
+    assert "3 attempts were made in earlier deliveries" in dead.error
 
 
 # -- one event stuck in a long retry must not let the worker run ahead without bound ------

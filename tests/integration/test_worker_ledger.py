@@ -212,3 +212,56 @@ async def test_while_the_ledger_is_down_no_handler_runs_and_the_worker_waits_for
         await ledger.close()
         if server is not None:
             stop_redis(server)
+
+
+# -- claims: atomic across clients, expiring, counting attempts ------------------------------
+
+
+async def test_of_many_clients_claiming_one_event_at_once_exactly_one_gets_it(
+    ledger_factory: LedgerFactory,
+) -> None:
+    clients = [await ledger_factory() for _ in range(4)]
+    claims = await asyncio.gather(
+        *(
+            client.claim("email", f"ev_{n}", f"worker-{w}", ttl_s=30)
+            for n in range(50)
+            for w, client in enumerate(clients)
+        )
+    )
+    for n in range(50):
+        states = sorted(claim.state for claim in claims[n * 4 : n * 4 + 4])
+        assert states == ["claimed", "held", "held", "held"], f"ev_{n}: {states}"
+    assert all(0 < c.wait_s <= 30 for c in claims if c.state == "held")
+
+
+async def test_a_claim_expires_counts_attempts_and_ends_in_done(
+    ledger_factory: LedgerFactory,
+) -> None:
+    first, second = await ledger_factory(), await ledger_factory()
+    assert (await first.claim("crm", "ev_1", "a", ttl_s=0.3)).attempts == 1
+    assert (await first.claim("crm", "ev_1", "a", ttl_s=0.3)).attempts == 2  # its own again
+    held = await second.claim("crm", "ev_1", "b", ttl_s=0.3)
+    assert (held.state, held.attempts) == ("held", 2)
+    assert not await second.renew("crm", "ev_1", "b", ttl_s=0.3)
+    assert await first.renew("crm", "ev_1", "a", ttl_s=0.3)
+    await asyncio.sleep(0.4)  # the holder died: no renewal, no release
+    taken = await second.claim("crm", "ev_1", "b", ttl_s=30)
+    assert (taken.state, taken.attempts) == ("claimed", 3)
+    assert not await first.renew("crm", "ev_1", "a")  # a late renewal learns it lost the claim
+    await second.release("crm", "ev_1", "b")  # a failed attempt: free at once, still counted
+    assert (await first.claim("crm", "ev_1", "a", ttl_s=30)).attempts == 4
+    await first.mark_done("crm", "ev_1")
+    assert (await second.claim("crm", "ev_1", "b")).state == "done"
+    assert await second.is_done("crm", "ev_1")
+
+
+async def test_a_release_after_a_dead_letter_forgets_the_attempts(
+    ledger_factory: LedgerFactory,
+) -> None:
+    ledger = await ledger_factory()
+    for _ in range(3):
+        await ledger.claim("http", "ev_9", "a", ttl_s=30)
+    await ledger.release("http", "ev_9", "someone-else", forget_attempts=True)  # not theirs
+    assert (await ledger.claim("http", "ev_9", "a", ttl_s=30)).attempts == 4
+    await ledger.release("http", "ev_9", "a", forget_attempts=True)
+    assert (await ledger.claim("http", "ev_9", "b", ttl_s=30)).attempts == 1

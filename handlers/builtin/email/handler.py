@@ -4,9 +4,14 @@ Entry point ``email = "handlers.builtin.email:create"`` in group ``pubrelay.hand
 acts on ``customer.publication.succeeded`` (one code for one customer) and the project-level
 ``publication.succeeded`` (one publication, possibly several codes: one e-mail lists them
 all). A customer gets one e-mail per publication even when both events arrive for it:
-the handler records ``publication:<id>`` in the worker's ledger (``context.ledger``) after
-sending and checks it before sending. Without a ledger (unit contexts) it remembers the
-publications of this process only, and says so at start.
+the handler claims ``publication:<id>`` in the worker's ledger (``context.ledger``) before
+sending, atomically across every worker process sharing the ledger, and marks it done
+after: the sibling event finds it done (skipped, ``already_sent``) or, while the other
+worker is still sending, held (retried a little later). The claim lasts three SMTP
+timeouts and the send is cut at 80% of that, so two sends can never overlap; a worker
+that dies mid-send delays the publication's e-mail by the claim's life at most. Without
+a ledger (unit contexts) it remembers the publications of this process only, and says
+so at start.
 
 The parts, one module each: :mod:`~handlers.builtin.email.settings` (``PUBRELAY_EMAIL__*``),
 :mod:`~handlers.builtin.email.message` (whether an event gets an e-mail, and the message:
@@ -28,6 +33,7 @@ Logs never carry a full address (``j***@example.com``) nor the password.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -56,6 +62,14 @@ from schemas.masking import mask_address
 __all__ = ["EmailHandler", "create"]
 
 _MEMORY_KEYS_MAX: Final = 100_000
+_CLAIM_TIMEOUTS: Final = 3
+"""A publication's claim lasts this many SMTP timeouts (``PUBRELAY_EMAIL__TIMEOUT_S``)."""
+_SEND_SHARE_OF_CLAIM: Final = 0.8
+"""The send is cut at this share of the claim's life: it can never outlive the claim."""
+_HELD_WAIT_S: Final = 10.0
+"""How long a send waits for another worker mailing the same publication (polling), before
+it is retried once that worker's claim would have expired."""
+_HELD_POLL_S: Final = 0.5
 _OUTCOMES: Final = ("sent", "deferred", "rejected", "template_error")
 
 
@@ -148,6 +162,7 @@ class EmailHandler:
         self._m = metrics
         self._sent: OrderedDict[str, None] = OrderedDict()
         self._locks = _KeyLocks()
+        self._claim_ttl_s = settings.timeout_s * _CLAIM_TIMEOUTS
 
     def __repr__(self) -> str:  # keeps settings (the password) out of any repr
         return f"EmailHandler(name={self.name!r}, relay={self._transport.where!r})"
@@ -173,24 +188,54 @@ class EmailHandler:
             await self._compose_and_send(envelope)
             return
         async with self._locks.hold(key):
-            if await self._already_sent(key):
+            if key in self._sent:
                 self._skip(Skip("already_sent", f"an e-mail for {key} was already sent"))
-            await self._compose_and_send(envelope)
+            token = secrets.token_hex(12)
+            await self._claim(key, token)
+            try:
+                async with asyncio.timeout(self._claim_ttl_s * _SEND_SHARE_OF_CLAIM):
+                    await self._compose_and_send(envelope)
+            except BaseException:
+                await self._release(key, token)
+                raise
             await self._remember(key)
 
     def _skip(self, skip: Skip) -> NoReturn:
         self._m.skipped.labels(skip.reason).inc()
         raise SkipEvent(skip.message)
 
-    async def _already_sent(self, key: str) -> bool:
-        if key in self._sent:
-            return True
+    async def _claim(self, key: str, token: str) -> None:
+        """Take the publication for this send, or raise: skipped when it was mailed, retried
+        when another worker is mailing it now."""
         if self._ledger is None:
-            return False
+            return
+        deadline = time.monotonic() + _HELD_WAIT_S
+        while True:
+            try:
+                claim = await self._ledger.claim(self.name, key, token, ttl_s=self._claim_ttl_s)
+            except Exception as err:  # the store's own error types; the worker would dead-letter
+                raise RetryLater(
+                    f"the ledger cannot tell whether {key} was mailed: {err!r}"
+                ) from err
+            if claim.state != "held" or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(min(claim.wait_s, _HELD_POLL_S))  # the sibling is being sent
+        if claim.state == "done":
+            self._sent[key] = None
+            self._skip(Skip("already_sent", f"an e-mail for {key} was already sent"))
+        if claim.state == "held":
+            raise RetryLater(
+                f"another worker is sending the e-mail for {key}",
+                delay_s=max(claim.wait_s, 1.0),
+            )
+
+    async def _release(self, key: str, token: str) -> None:
+        if self._ledger is None:
+            return
         try:
-            return await self._ledger.is_done(self.name, key)
-        except Exception as err:  # the store's own error types; the worker would dead-letter
-            raise RetryLater(f"the ledger cannot tell whether {key} was mailed: {err!r}") from err
+            await self._ledger.release(self.name, key, token)
+        except Exception as err:  # the claim expires by itself
+            self._log.warning("email_release_failed", key=key, error=repr(err))
 
     async def _remember(self, key: str) -> None:
         self._sent[key] = None
