@@ -178,6 +178,16 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     return _run_async(_with_bus(settings, work))
 
 
+def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    # The reconciler (and its API client) load only for this command.
+    from pubrelay.reconcile_command import reconcile  # noqa: PLC0415
+
+    since = datetime.fromisoformat(args.since) if args.since else None
+    return _run_async(
+        _with_bus(settings, lambda bus: reconcile(settings, bus, since=since, dry_run=args.dry_run))
+    )
+
+
 def cmd_preview_email(_: Settings, args: argparse.Namespace) -> int:
     from handlers.builtin.email.preview import format_preview, load_settings, render_preview  # noqa: PLC0415
 
@@ -231,6 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cmd.add_argument("--since", help="only letters that failed at or after (ISO 8601)")
     replay_cmd.add_argument("--dry-run", action="store_true", help="show, change nothing")
     replay_cmd.set_defaults(func=cmd_replay)
+
+    reconcile_cmd = commands.add_parser(
+        "reconcile",
+        help="find publications Voucherify lists but whose webhook never arrived, and deliver them",
+    )
+    reconcile_cmd.add_argument(
+        "--since", help="look back to this time (ISO 8601) instead of the last run's watermark"
+    )
+    reconcile_cmd.add_argument(
+        "--dry-run", action="store_true", help="list the missing publications, inject nothing"
+    )
+    reconcile_cmd.set_defaults(func=cmd_reconcile)
 
     preview = commands.add_parser(
         "preview-email", help="print the e-mail the email handler would send for an event"

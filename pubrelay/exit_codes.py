@@ -12,3 +12,7 @@ EXIT_UNAVAILABLE: Final = 3
 """The bus could not be reached at start."""
 EXIT_WORKER_FAILED: Final = 4
 """The worker stopped on an error."""
+EXIT_RECONCILE_FAILED: Final = 5
+"""``pubrelay reconcile`` could not finish: the Voucherify API refused the key pair or the
+quota, could not be reached, another run holds the lease, or the window is deeper than
+the API lists (its last page, or the request budget)."""

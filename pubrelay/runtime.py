@@ -108,6 +108,8 @@ async def run(settings: Settings, *, webhook: bool, worker: bool) -> int:
                     data_dir=settings.data_dir,
                     topic_prefix=settings.bus.topic_prefix,
                     metrics_registry=registry,
+                    voucherify=settings.voucherify,
+                    reconcile=settings.reconcile,
                 )
             )
             worker_task = asyncio.create_task(runner.run_until_stopped(stop), name="worker")

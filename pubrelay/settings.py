@@ -15,7 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from bus.config import RECORD_HEADROOM_BYTES, BusSettings
 from consumer.config import HttpSettings, WebhookSettings
+from handlers.builtin.voucherify_api import VoucherifySettings
 from handlers.config import HandlersSettings, LedgerSettings, WorkerSettings
+from handlers.reconcile.config import ReconcileSettings
 from schemas.errors import ConfigError
 
 
@@ -42,6 +44,8 @@ class Settings(BaseSettings):
     handlers: HandlersSettings = HandlersSettings()
     worker: WorkerSettings = WorkerSettings()
     ledger: LedgerSettings = LedgerSettings()
+    voucherify: VoucherifySettings = VoucherifySettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
 
     @model_validator(mode="after")
     def _body_fits_the_bus(self) -> Self:

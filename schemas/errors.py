@@ -69,3 +69,32 @@ class SkipEvent(PubrelayError):
 
 class PluginError(PubrelayError):
     """A handler plugin is unknown or cannot be loaded; start-up stops."""
+
+
+class ApiError(PubrelayError):
+    """Voucherify's API refused a request, or answered what its contract does not allow."""
+
+
+class ApiAuthError(ApiError):
+    """The API refused the credentials (401, 403): a setting to fix, not to retry."""
+
+
+class ApiQuotaError(ApiError):
+    """The API's quota is spent, or pubrelay's share of it (429 after the retries, or
+    ``X-Rate-Limit-Remaining`` below the reserve): stop and try again later."""
+
+    retriable = True
+
+
+class ApiUnavailable(ApiError):
+    """The API could not be reached or kept failing (network errors, timeouts, 5xx)."""
+
+    retriable = True
+
+
+class PageLimitReached(ApiError):
+    """The listing would need a page beyond the API's last (1000): the window is too deep."""
+
+
+class ReconcileBusy(PubrelayError):
+    """Another runner holds the reconciliation lease (or took it over): this run stops."""

@@ -17,6 +17,10 @@ HEADER_SIGNATURE: Final = "x-voucherify-signature"
 HEADER_QUARANTINE_REASON: Final = "quarantine-reason"
 HEADER_QUARANTINE_DETAIL: Final = "quarantine-detail"
 HEADER_CONTENT_TYPE: Final = "content-type"
+HEADER_ORIGIN: Final = "origin"
+"""Set on records pubrelay made itself: ``reconciliation`` for a publication found through
+Voucherify's API whose webhook never arrived (``handlers/reconcile/``)."""
+ORIGIN_RECONCILIATION: Final = "reconciliation"
 
 Headers = tuple[tuple[str, bytes], ...]
 

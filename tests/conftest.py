@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.fixtures.worker",
     "tests.fixtures.redis",
     "tests.fixtures.fake_hubspot",
+    "tests.fixtures.fake_voucherify",
     "tests.fixtures.fake_receiver",
     "tests.fixtures.smtp",
 ]

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bus.types import Bus
+from handlers.builtin.voucherify_api import VoucherifySettings
 from handlers.config import HandlersSettings, LedgerSettings, WorkerSettings
+from handlers.reconcile.config import ReconcileSettings
+from handlers.reconcile.metrics import ReconcileMetrics
+from handlers.reconcile.reconciler import Reconciler, run_periodically
+from handlers.reconcile.recorder import ReceivedRecorder
+from handlers.reconcile.store import create_store
 from handlers.registry import build_handlers
 from handlers.types import Handler
 from handlers.worker.error_text import short_error
@@ -46,6 +52,8 @@ class Worker:
         settings: WorkerSettings,
         topic_prefix: str,
         metrics_registry: CollectorRegistry,
+        reconciler: Reconciler | None = None,
+        reconcile_interval_s: float = 0.0,
     ) -> None:
         names = [h.name for h in handlers]
         if len(set(names)) != len(names):
@@ -57,6 +65,8 @@ class Worker:
         self.topic_prefix = topic_prefix
         self.metrics = WorkerMetrics(metrics_registry)
         self.metrics.declare(names)
+        self.reconciler = reconciler
+        self.reconcile_interval_s = reconcile_interval_s
 
     async def run_until_stopped(self, stop: asyncio.Event) -> None:
         """Start the handlers, consume until ``stop`` is set, drain, commit, stop them."""
@@ -71,6 +81,11 @@ class Worker:
             async with asyncio.TaskGroup() as group:
                 for runner in runners:
                     group.create_task(runner.run(), name=f"runner-{runner.name}")
+                if self.reconciler is not None and self.reconcile_interval_s > 0:
+                    group.create_task(
+                        run_periodically(self.reconciler, self.reconcile_interval_s, stop),
+                        name="reconcile",
+                    )
         finally:
             await self._stop_handlers(started)
             log.info("worker_finished")
@@ -123,8 +138,14 @@ async def open_worker(
     topic_prefix: str,
     metrics_registry: CollectorRegistry,
     env: Mapping[str, str] | None = None,
+    voucherify: VoucherifySettings | None = None,
+    reconcile: ReconcileSettings | None = None,
 ) -> AsyncIterator[Worker]:
     """The worker of the enabled handlers, with its ledger open until the block ends.
+
+    With a Voucherify key pair (``voucherify.configured``) the worker also runs the
+    reconciliation recorder (:mod:`handlers.reconcile.recorder`, its own consumer group)
+    with its store, and, when ``reconcile.interval_s`` > 0, a reconciliation every so often.
 
     Raises :class:`schemas.errors.PluginError` / ``ConfigError`` before opening anything
     when a plugin is unknown, broken or misconfigured.
@@ -138,8 +159,30 @@ async def open_worker(
         env=env,
         ledger=store,
     )
+    reconcile = reconcile or ReconcileSettings()
+    received = None
+    if reconcile.interval_s > 0 and (voucherify is None or not voucherify.configured):
+        log.warning(
+            "reconcile_not_configured",
+            message="PUBRELAY_RECONCILE__INTERVAL_S is set but PUBRELAY_VOUCHERIFY__APP_ID / "
+            "APP_TOKEN are not: no reconciliation runs",
+        )
+    if voucherify is not None and voucherify.configured:
+        received = create_store(ledger, reconcile, data_dir)
+        built.append(ReceivedRecorder(received))
     await store.open()
     try:
+        reconciler = None
+        if received is not None and voucherify is not None:
+            await received.open()
+            reconciler = Reconciler(
+                api=voucherify,
+                settings=reconcile,
+                store=received,
+                bus=bus,
+                topic_prefix=topic_prefix,
+                metrics=ReconcileMetrics(metrics_registry),
+            )
         yield Worker(
             built,
             bus=bus,
@@ -147,8 +190,12 @@ async def open_worker(
             settings=worker,
             topic_prefix=topic_prefix,
             metrics_registry=metrics_registry,
+            reconciler=reconciler,
+            reconcile_interval_s=reconcile.interval_s,
         )
     finally:
+        if received is not None:
+            await received.close()
         await store.close()
 
 

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from consumer.metrics import WebhookMetrics
 from handlers.builtin.crm.metrics import crm_metrics
 from handlers.builtin.metrics import PublicationMetrics, PublicationMetricsSettings
+from handlers.reconcile.metrics import ReconcileMetrics
 from handlers.types import HandlerContext
 from handlers.worker.metrics import WorkerMetrics
 from pubrelay.cli import build_parser
@@ -70,6 +71,7 @@ def exported_metric_names() -> set[str]:
     WebhookMetrics(registry)
     WorkerMetrics(registry)
     PublicationMetrics(registry)
+    ReconcileMetrics(registry)
     crm_metrics(
         HandlerContext(
             name="crm",
