@@ -8,6 +8,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 UV_VERSION := 0.13.8
 UV_DIR := .tools/uv-$(UV_VERSION)
 UV := $(UV_DIR)/bin/uv
@@ -18,7 +19,7 @@ export PIP_ROOT_USER_ACTION := ignore
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test lint format bench clean lock system-deps bench-deps
+.PHONY: run test lint format bench chaos docs clean lock system-deps bench-deps
 
 $(UV):
 	$(PYTHON) -m pip install --quiet --target $(UV_DIR) uv==$(UV_VERSION)
@@ -26,19 +27,29 @@ $(UV):
 $(BIN)/python: | $(UV)
 	$(UV) venv --quiet --python $(PYTHON) $(VENV)
 
-# Exactly what uv.lock says: the project and the example plugin (editable), the test
-# tools (extra `test`), nothing else. --locked stops when uv.lock is out of date with
-# pyproject.toml (run `make lock`). Re-run when either changes.
+# Two installations into the one .venv, each with its own stamp so neither undoes the other.
+# Development (lint, test, bench, chaos; STAMP): exactly what uv.lock says, the project, the
+# example plugin the tests load (group `dev`, editable) and the test tools (extra `test`),
+# nothing else. Running (`make run`; RUN_STAMP): the project and its run-time dependencies
+# only, no test tools, no example plugin (--no-dev), and --inexact so that it leaves an
+# existing development installation alone instead of uninstalling it (which the next
+# `make test` would then install again). --locked stops when uv.lock is out of date with
+# pyproject.toml (run `make lock`). Each re-runs when either file changes.
 $(STAMP): pyproject.toml uv.lock tests/plugins/example_plugin/pyproject.toml | $(BIN)/python
 	$(UV) sync --locked --extra test
 	touch $(STAMP)
+
+$(RUN_STAMP): pyproject.toml uv.lock | $(BIN)/python
+	$(UV) sync --locked --no-dev --inexact
+	touch $(RUN_STAMP)
 
 # Resolve the newest versions pyproject.toml allows and write them to uv.lock.
 lock: | $(UV)
 	$(UV) lock --upgrade
 
 # Debian packages (installed only when missing; needs root or sudo):
-# tests need promtool (package prometheus) and redis-server, the benchmark needs wrk.
+# tests need promtool (package prometheus), redis-server and chromium (the console's
+# browser test), the benchmark needs wrk.
 define apt_install_missing
 	@missing=""; \
 	for pair in $(1); do \
@@ -54,13 +65,13 @@ define apt_install_missing
 endef
 
 system-deps:
-	$(call apt_install_missing,promtool:prometheus redis-server:redis-server)
+	$(call apt_install_missing,promtool:prometheus redis-server:redis-server chromium:chromium)
 
 bench-deps:
 	$(call apt_install_missing,wrk:wrk)
 
-run: $(STAMP)
-	$(BIN)/pubrelay serve
+run: $(RUN_STAMP)
+	$(BIN)/pubrelay serve --console --outbox
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
@@ -76,6 +87,16 @@ test: $(STAMP) system-deps lint
 
 bench: $(STAMP) bench-deps
 	$(BIN)/python -m tests.bench
+
+# The fault scenarios at full size (about 15 minutes on 2 cores; docs/reliability.md).
+# One scenario: .venv/bin/python -m tests.chaos --only rebalance; small sizes: --short.
+chaos: $(STAMP) system-deps
+	$(BIN)/python -m tests.chaos
+
+# The README's configuration table, from the settings classes (tests/unit/test_docs.py
+# fails when they drift).
+docs: $(STAMP)
+	$(BIN)/python -m pubrelay.settings_table
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

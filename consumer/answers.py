@@ -19,7 +19,8 @@ from schemas.errors import RecordTooLarge
 class Answer:
     """How a request ends: the HTTP answer, and the outcome it is counted and logged by.
 
-    ``outcome`` is also the ``status`` of the JSON body; ``signature_present`` and
+    ``outcome`` is also the ``status`` of the JSON body, ``reason`` its ``reason`` (why
+    an event was quarantined, so ``pubrelay send`` can say it); ``signature_present`` and
     ``error`` are added to the log line when set. ``close`` ends the connection after the
     answer (a body that was not read to its end).
     """
@@ -31,9 +32,12 @@ class Answer:
     signature_present: bool | None = None
     error: str | None = None
     close: bool = False
+    reason: str | None = None
 
     def response(self) -> web.Response:
         body = {"status": self.outcome}
+        if self.reason is not None:
+            body["reason"] = self.reason
         if self.message is not None:
             body["message"] = self.message
         response = web.json_response(body, status=self.status)
@@ -60,6 +64,13 @@ NOT_NORMALISED: Final = (
 )
 ACCEPTED: Final = Answer(202, "accepted")
 QUARANTINED: Final = Answer(202, "quarantined", "kept on the quarantine topic")
+
+
+def quarantined(reason: str) -> Answer:
+    """202 ``quarantined``, with the reason in the body (a fixed set: consumer/metrics.py)."""
+    return Answer(202, "quarantined", QUARANTINED.message, reason=reason)
+
+
 INTERNAL_ERROR: Final = Answer(500, "error", "internal error; the event was not accepted")
 
 

@@ -18,8 +18,12 @@ from bus.types import Bus
 from consumer.config import HttpSettings, WebhookSettings
 from consumer.health import healthz, readyz
 from consumer.metrics import WebhookMetrics
+from consumer.observer import IntakeObserver
 from consumer.signature import Verifier
 from consumer.webhook import Intake
+
+CONSOLE_PREFIX: Final = "/console/"
+"""Where the operator console is mounted (``pubrelay/console/app.py``)."""
 
 
 def create_app(
@@ -31,11 +35,14 @@ def create_app(
     topic_prefix: str,
     publish_timeout_s: float,
     registry: CollectorRegistry,
+    observer: IntakeObserver | None = None,
+    console: web.Application | None = None,
 ) -> web.Application:
     """Build the webhook application on a started bus.
 
     The caller owns the bus's lifecycle: one bus per process, shared with the worker in
-    ``pubrelay serve`` (see ``pubrelay/runtime.py``).
+    ``pubrelay serve`` (see ``pubrelay/runtime.py``). ``observer`` hears every verified
+    request (the console's event index); ``console`` is mounted at ``/console/``.
     """
     metrics = WebhookMetrics(registry)
     intake = Intake(
@@ -49,10 +56,13 @@ def create_app(
         body_read_timeout_s=http.body_read_timeout_s,
         max_concurrent_bodies=http.max_concurrent_bodies,
         max_concurrent_large_bodies=http.max_concurrent_large_bodies,
+        observer=observer,
     )
     app = web.Application(client_max_size=http.max_body_bytes)
     app.router.add_post(webhook.path, intake.receive)
     _add_ops_routes(app, bus, registry, metrics.bus_errors.labels("ping"))
+    if console is not None:
+        app.add_subapp(CONSOLE_PREFIX, console)
     return app
 
 
@@ -83,10 +93,15 @@ def runner_options(http: HttpSettings, *, lingering_s: float = LINGERING_S) -> d
     }
 
 
-def create_ops_app(bus: Bus, registry: CollectorRegistry) -> web.Application:
-    """``/healthz``, ``/readyz`` and ``/metrics`` for a worker-only process."""
+def create_ops_app(
+    bus: Bus, registry: CollectorRegistry, console: web.Application | None = None
+) -> web.Application:
+    """``/healthz``, ``/readyz`` and ``/metrics`` for a worker-only process, and the
+    console at ``/console/`` when given."""
     app = web.Application()
     _add_ops_routes(app, bus, registry)
+    if console is not None:
+        app.add_subapp(CONSOLE_PREFIX, console)
     return app
 
 

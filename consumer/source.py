@@ -86,3 +86,12 @@ def parse_address(entry: str) -> Address | None:
     if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def client_fields(peer: str | None, forwarded: Sequence[str]) -> dict[str, object]:
+    """A refused request's log fields: ``client`` (the peer's address) and, when sent,
+    ``forwarded_for`` (every ``X-Forwarded-For`` line joined, cut to 200 characters)."""
+    fields: dict[str, object] = {"client": peer}
+    if joined := ", ".join(forwarded):
+        fields["forwarded_for"] = joined[:200]
+    return fields

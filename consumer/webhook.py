@@ -24,16 +24,17 @@ from consumer.answers import (
     FORBIDDEN,
     INTERNAL_ERROR,
     NOT_NORMALISED,
-    QUARANTINED,
     Answer,
+    quarantined,
     too_large_for_bus,
 )
 from consumer.body import BodyReader, BodyRefused
 from consumer.config import WebhookSettings
 from consumer.metrics import WebhookMetrics
+from consumer.observer import IntakeObserver
 from consumer.routing import Quarantined, Routed, classify
 from consumer.signature import Verdict, Verifier
-from consumer.source import Source, SourceCheck
+from consumer.source import Source, SourceCheck, client_fields
 from schemas.errors import BusError, BusUnavailable, RecordTooLarge, TopicMissing
 from schemas.record import (
     HEADER_CONTENT_TYPE,
@@ -96,6 +97,7 @@ class RequestLine:
 
     request_id: str
     record: Record | None = None
+    body: bytes = b""
 
     def fields(self, answer: Answer | None = None) -> dict[str, object]:
         fields: dict[str, object] = {"request_id": self.request_id}
@@ -122,8 +124,10 @@ class Intake:
         body_read_timeout_s: float,
         max_concurrent_bodies: int,
         max_concurrent_large_bodies: int,
+        observer: IntakeObserver | None = None,
     ) -> None:
         self.bus = bus
+        self.observer = observer
         self.settings = webhook
         self.verifier = verifier
         self.topic_prefix = topic_prefix
@@ -168,12 +172,24 @@ class Intake:
         self.metrics.requests.labels(answer.outcome).inc()
         self.metrics.request_seconds.labels(answer.outcome).observe(elapsed_s)
         emit = log.info if answer.status < 500 else log.warning
+        fields = line.fields(answer)
+        if answer.status in (401, 403):  # the runbook reads who was refused from here
+            forwarded = request.headers.getall("X-Forwarded-For", ())
+            fields.update(client_fields(request.remote, forwarded))
         emit(
             "webhook_request",
             status=answer.status,
             latency_ms=round(elapsed_s * 1000, 2),
-            **line.fields(answer),
+            **fields,
         )
+        if self.observer is not None and (record := line.record) is not None:
+            self.observer.received(
+                topic=record.topic,
+                headers=record.headers,
+                body=line.body,
+                status=answer.status,
+                outcome=answer.outcome,
+            )
         return answer.response()
 
     async def _answer(self, request: web.Request, line: RequestLine) -> Answer:
@@ -188,7 +204,7 @@ class Intake:
         # classify() drops the decoded envelope before it returns: what stays alive across
         # the publish await is the record, bytes and a few short strings (docs/performance.md).
         record = self._build_record(request, body)
-        line.record = record
+        line.record, line.body = record, body
         return await self._publish(record, body, request, line)
 
     def _check_source(self, request: web.Request) -> Answer | None:
@@ -330,7 +346,7 @@ class Intake:
         self.metrics.publish_seconds.observe(time.perf_counter() - published)
         if record.quarantined is not None:
             self.metrics.quarantined.labels(record.quarantined.reason).inc()
-            return QUARANTINED
+            return quarantined(record.quarantined.reason)
         return ACCEPTED
 
     def _no_topic_record(

@@ -10,9 +10,13 @@ the rest: environment and ``.env``, nested fields with ``__``, lists and maps as
 
 from __future__ import annotations
 
+import os
+import typing
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
+from dotenv import dotenv_values
 from pydantic import (
     BaseModel,
     Field,
@@ -29,40 +33,57 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from handlers.config_errors import (
+    describe_json_error,
+    describe_validation_error,
+    is_known,
+    model_variables,
+    suggestions,
+    unknown_lines,
+)
 from schemas.errors import ConfigError
 from schemas.topics import DEFAULT_GROUP_PREFIX
 
 M = TypeVar("M", bound=BaseModel)
 
 ENV_PREFIX = "PUBRELAY_"
+ENV_FILE = ".env"
+
+Origin = Literal["environment", ".env"]
 
 DEFAULT_LEDGER_RETENTION_S = 30 * 24 * 3600.0
 DEFAULT_CLAIM_TTL_S = 15.0
 
 
 class HandlersSettings(BaseModel):
-    enabled: list[str] = Field(default_factory=list, description="handler names to run")
+    enabled: list[str] = Field(
+        default_factory=list,
+        examples=[["email", "crm"]],
+        description='JSON list of handler names to run, e.g. `["email", "crm", "metrics"]`',
+    )
 
 
 class WorkerSettings(BaseModel):
     """How the worker consumes, retries and shuts down (per handler)."""
 
     shutdown_timeout_s: float = Field(
-        default=20.0, ge=0, description="bound for finishing in-flight events on stop"
+        default=20.0, ge=0, description="bound for finishing in-flight events on SIGTERM"
     )
     revoke_timeout_s: float = Field(
         default=8.0,
         ge=0,
         description=(
-            "bound for finishing in-flight handler calls when partitions are revoked "
-            "(also capped by shutdown_timeout_s); keep it below the consumer group's "
-            "rebalance timeout (10 s by default)"
+            "bound for finishing in-flight handler calls when Kafka revokes "
+            "partitions (also capped by `SHUTDOWN_TIMEOUT_S`); keep it below the "
+            "consumer group's rebalance timeout (10 s by default)"
         ),
     )
     handler_timeout_s: float = Field(
         default=60.0,
         ge=0,
-        description="bound for one handler call, 0 = none; a timeout is retried (transient)",
+        description=(
+            "bound for one handler call (0 = none); a timeout is retried like a transient failure"
+        ),
     )
     concurrency: int = Field(
         default=32, gt=0, description="events of different customers handled at once, per handler"
@@ -88,18 +109,22 @@ class WorkerSettings(BaseModel):
         description="consumer group of a handler = prefix + handler name",
     )
 
-    max_attempts: int = Field(default=5, ge=1, description="handler attempts before dead-letter")
+    max_attempts: int = Field(
+        default=5, ge=1, description="handler attempts before the dead-letter topic"
+    )
     retry_base_delay_s: float = Field(
         default=1.0, ge=0, description="first retry back-off; doubles per attempt"
     )
     retry_max_delay_s: float = Field(
-        default=300.0, ge=0, description="cap of a retry back-off (also of RetryLater delay_s)"
+        default=300.0, ge=0, description="cap of a back-off (also of a handler's own `Retry-After`)"
     )
     retry_jitter: float = Field(
         default=0.2, ge=0, le=1, description="fraction of a back-off randomly taken off"
     )
 
-    bus_backoff_initial_s: float = Field(default=0.5, gt=0, description="after a broker error")
+    bus_backoff_initial_s: float = Field(
+        default=0.5, gt=0, description="back-off after a broker error"
+    )
     bus_backoff_max_s: float = Field(default=30.0, gt=0, description="cap of that back-off")
 
     @model_validator(mode="after")
@@ -114,14 +139,20 @@ class WorkerSettings(BaseModel):
 class LedgerSettings(BaseModel):
     """Where handlers record completed effects: SQLite in the data dir by default, or Redis."""
 
-    url: str = Field(default="", description="sqlite:///path or redis://host:port/db")
+    url: str = Field(
+        default="",
+        examples=["redis://127.0.0.1:6379/0"],
+        description=(
+            "`sqlite:///path` or `redis://host:port/db`; empty: `<data dir>/ledger.sqlite3`"
+        ),
+    )
     retention_s: float = Field(
         default=DEFAULT_LEDGER_RETENTION_S,
         gt=0,
         description="how long a completed (handler, event id) is remembered",
     )
     redis_key_prefix: str = Field(
-        default="pubrelay:ledger:", description="Redis ledger keys: prefix + handler:event id"
+        default="pubrelay:ledger:", description="Redis keys: prefix + handler:event id"
     )
     timeout_s: float = Field(default=5.0, gt=0, description="bound for one ledger operation")
     claim_ttl_s: float = Field(
@@ -139,6 +170,29 @@ class LedgerSettings(BaseModel):
         if value and not value.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
             raise ValueError("must start with sqlite:///, redis://, rediss:// or unix://")
         return value
+
+
+def read_variables(
+    env: Mapping[str, str] | None = None, env_file: str | Path = ENV_FILE
+) -> dict[str, tuple[str, Origin]]:
+    """The ``PUBRELAY_*`` variables as set, by upper-case name, and where each came from.
+
+    ``env`` alone when given (tests, embedding); otherwise the environment over the ``.env``
+    file, as pydantic-settings reads them (names are not case-sensitive).
+    """
+    if env is not None:
+        return {k.upper(): (v, "environment") for k, v in env.items() if _ours(k)}
+    found: dict[str, tuple[str, Origin]] = {}
+    if Path(env_file).is_file():
+        for key, value in dotenv_values(env_file).items():
+            if value is not None and _ours(key):
+                found[key.upper()] = (value, ".env")
+    found |= {k.upper(): (v, "environment") for k, v in os.environ.items() if _ours(k)}
+    return found
+
+
+def _ours(name: str) -> bool:
+    return name.upper().startswith(ENV_PREFIX)
 
 
 def section_env_prefix(handler: str) -> str:
@@ -207,21 +261,23 @@ def load_section(
         "HandlerSettings", __base__=_section_base(env), **fields
     )
     prefix = section_env_prefix(handler)
+    values = {k: v for k, (v, _) in read_variables(env).items() if k.startswith(prefix)}
+    known = model_variables(model, prefix)
+    unknown = [k for k in values if not is_known(k, known)]
+    if unknown:
+        _refuse(handler, unknown_lines(unknown, suggestions(known, ENV_PREFIX), ENV_PREFIX))
     try:
         loaded = root(**{name: dict(overrides or {})})
     except ValidationError as err:
-        problems = [
-            prefix + "__".join(str(p).upper() for p in item["loc"][1:]) + ": " + item["msg"]
-            for item in err.errors()
-        ]
-        raise ConfigError(
-            f"invalid settings for handler {handler!r}: " + "; ".join(problems)
-        ) from None
-    except SettingsError as err:
-        cause = f": {err.__cause__}" if err.__cause__ else ""
-        raise ConfigError(
-            f"invalid settings for handler {handler!r}: a {prefix}* value is not valid JSON "
-            f'(lists are written like \'["a", "b"]\', maps like \'{{"k": "v"}}\'){cause}'
-        ) from None
+        _refuse(handler, describe_validation_error(err, model, prefix, values, skip=1))
+    except SettingsError:
+        # Raised for values that must be JSON (lists, maps) but are not.
+        lines = describe_json_error(model, prefix, values)
+        _refuse(handler, lines or [f"{prefix}*: a value that must be JSON is not valid JSON"])
     section: M = getattr(loaded, name)
     return section
+
+
+def _refuse(handler: str, lines: list[str]) -> typing.NoReturn:
+    """Stop with one line per problem, each naming its variable (handler ``handler``)."""
+    raise ConfigError("\n".join(f"{line} (handler {handler!r})" for line in lines))

@@ -7,6 +7,7 @@ listing what is installed.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -44,8 +45,11 @@ def load_factory(name: str, found: Mapping[str, EntryPoint] | None = None) -> Ha
     found = available() if found is None else found
     ep = found.get(name)
     if ep is None:
+        close = difflib.get_close_matches(name, list(found), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise PluginError(
-            f"unknown handler plugin {name!r}; available: {_listing(found)} "
+            f"PUBRELAY_HANDLERS__ENABLED: unknown handler plugin {name!r}; {hint}"
+            f"available: {_listing(found)} "
             f"(a plugin registers an entry point in group {ENTRY_POINT_GROUP!r})"
         )
     try:
@@ -93,6 +97,7 @@ def build_handlers(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ledger: KeyLedger | None = None,
+    max_attempts: int | None = None,
 ) -> list[Handler]:
     """Load and build the enabled handlers, in the configured order.
 
@@ -119,6 +124,7 @@ def build_handlers(
             env=env,
             overrides=(overrides or {}).get(name, {}),
             ledger=ledger,
+            max_attempts=max_attempts,
         )
         handlers.append(create_handler(name, context, factory))
         log.info("handler_loaded", handler=name, plugin=found[name].value)

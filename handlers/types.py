@@ -13,6 +13,8 @@ What ``handle`` may raise, and what the worker then does:
 * :class:`schemas.errors.RetryLater` (optionally with ``delay_s``), any exception whose
   class has ``retriable = True``, ``OSError`` or ``TimeoutError``: retried with exponential
   back-off; later events of the same customer wait (order), other customers do not.
+  ``RetryLater(keep_order=False)`` lets the customer's later events run meanwhile (for a
+  handler waiting for one of them); the event is still retried and counts its attempts.
 * anything else (:class:`schemas.errors.HandlerError`, a pydantic ``ValidationError`` from
   :attr:`Event.envelope`, a bug): the event goes to the dead-letter topic
   ``<prefix>dlq.<handler>`` at once. Retries exhausted end there too.
@@ -231,6 +233,10 @@ class HandlerContext:
     ledger: KeyLedger | None = None
     """The worker's idempotency ledger, for handlers that de-duplicate on a key of their own
     (the e-mail handler on the publication id) beside the worker's (handler, event id)."""
+    max_attempts: int | None = None
+    """The worker's ``PUBRELAY_WORKER__MAX_ATTEMPTS`` (``None``: not run by a worker): a
+    handler that raises ``RetryLater`` on purpose (the e-mail handler's hold) checks that an
+    attempt is left after it."""
 
     @property
     def env_prefix(self) -> str:
@@ -242,6 +248,11 @@ class HandlerContext:
         Raises :class:`ConfigError` naming the environment variables at fault.
         """
         return load_section(model, self.name, env=self.env, overrides=self.overrides)
+
+    def shared_settings(self, model: type[M], section: str) -> M:
+        """A section several parts of pubrelay read, such as ``voucherify`` (the API key
+        pair, ``PUBRELAY_VOUCHERIFY__*``), read like :meth:`settings` without overrides."""
+        return load_section(model, section, env=self.env)
 
 
 HandlerFactory = Callable[[HandlerContext], Handler]

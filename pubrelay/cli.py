@@ -9,27 +9,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import email.policy
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from datetime import UTC, datetime
+from collections.abc import Coroutine, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aiohttp import ClientError, ClientSession, ClientTimeout
-from pydantic import ValidationError
-
-from bus import create_bus
-from bus.types import Bus
 from consumer.signature import sign
-from handlers.worker.dead_letters import DeadLetter
-from handlers.worker.replay import list_dead_letters, replay
-from pubrelay.exit_codes import EXIT_CONFIG, EXIT_UNAVAILABLE
+from pubrelay import bus_access, dead_letter_commands, quarantine_command, send_command
+from pubrelay.exit_codes import EXIT_CONFIG
 from pubrelay.logging import configure_logging
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings, load_settings
-from schemas.errors import BusUnavailable, HandlerError, PubrelayError, SkipEvent
-from schemas.record import HEADER_SIGNATURE
+from schemas.errors import PubrelayError
 
 T = TypeVar("T")
 
@@ -47,24 +39,38 @@ def _run_async(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
-def _serve(settings: Settings, *, webhook: bool, worker: bool) -> int:
+def _serve(
+    settings: Settings, *, webhook: bool, worker: bool, console: bool = False, outbox: bool = False
+) -> int:
     # The long-running processes load the web app and the consume loop; the other
     # commands (dlq list, replay, send, ...) never import them.
     from pubrelay.runtime import run  # noqa: PLC0415
 
-    return _run_async(run(settings, webhook=webhook, worker=worker))
+    env = None
+    if outbox:
+        from pubrelay.outbox_run import with_outbox_defaults  # noqa: PLC0415
+
+        settings, env = with_outbox_defaults(settings)
+    return _run_async(run(settings, webhook=webhook, worker=worker, console=console, env=env))
 
 
-def cmd_serve(settings: Settings, _: argparse.Namespace) -> int:
-    return _serve(settings, webhook=True, worker=True)
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    return _serve(settings, webhook=True, worker=True, console=args.console, outbox=args.outbox)
 
 
-def cmd_webhook(settings: Settings, _: argparse.Namespace) -> int:
-    return _serve(settings, webhook=True, worker=False)
+def cmd_webhook(settings: Settings, args: argparse.Namespace) -> int:
+    return _serve(settings, webhook=True, worker=False, console=args.console)
 
 
-def cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
-    return _serve(settings, webhook=False, worker=True)
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    return _serve(settings, webhook=False, worker=True, console=args.console, outbox=args.outbox)
+
+
+def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
+    # The event index loads only for this command.
+    from pubrelay.events_command import events  # noqa: PLC0415
+
+    return _run_async(events(settings, args))
 
 
 def cmd_sign(settings: Settings, args: argparse.Namespace) -> int:
@@ -73,109 +79,24 @@ def cmd_sign(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _send(url: str, body: bytes, signature: str, timeout_s: float) -> int:
-    async with ClientSession(timeout=ClientTimeout(total=timeout_s)) as session:
-        try:
-            async with session.post(
-                url,
-                data=body,
-                headers={"Content-Type": "application/json", HEADER_SIGNATURE: signature},
-            ) as response:
-                text = await response.text()
-        except (ClientError, TimeoutError) as err:
-            print(f"pubrelay send: {url}: {err or type(err).__name__}", file=sys.stderr)
-            return 1
-    print(f"{response.status} {response.reason}")
-    if text:
-        print(text)
-    return 0 if 200 <= response.status < 300 else 1
-
-
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
-    body = Path(args.file).read_bytes()
-    signature = sign(resolve_secrets(settings, generate=False)[0], body)
-    return asyncio.run(_send(args.url, body, signature, args.timeout))
-
-
-async def _with_bus(settings: Settings, work: Callable[[Bus], Awaitable[int]]) -> int:
-    bus = create_bus(settings.bus, settings.sqlite_bus_path)
-    try:
-        await bus.start()
-    except BusUnavailable as err:
-        print(f"pubrelay: {err}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    try:
-        return await work(bus)
-    finally:
-        await bus.close()
-
-
-def _short(text: str | None, width: int) -> str:
-    text = (text or "").replace("\n", " ")
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _when(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+    return asyncio.run(send_command.send(settings, args))
 
 
 def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
-    async def work(bus: Bus) -> int:
-        letters = await list_dead_letters(
-            bus,
-            args.handler,
-            topic_prefix=settings.bus.topic_prefix,
-            group_prefix=settings.worker.group_prefix,
-            event_id=args.event_id,
-            limit=args.limit,
-        )
-        print(f"{'EVENT ID':<32} {'TYPE':<32} {'TRIES':>5} {'LAST FAILED (UTC)':<19}  ERROR")
-        for letter in letters:
-            print(
-                f"{_short(letter.event_id, 32):<32} {_short(letter.event_type, 32):<32} "
-                f"{letter.attempts or 0:>5} {_when(letter.last_failed_at):<19}  "
-                f"{_short(letter.error, 80)}"
-            )
-        print(f"{len(letters)} dead letter(s) waiting for handler {args.handler!r}")
-        return 0
-
-    return _run_async(_with_bus(settings, work))
+    return _run_async(dead_letter_commands.dlq_list(settings, args))
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    since = datetime.fromisoformat(args.since) if args.since else None
-    interactive = sys.stderr.isatty()
-    done = 0
+    return _run_async(dead_letter_commands.replay_command(settings, args))
 
-    def progress(letter: DeadLetter) -> None:
-        nonlocal done
-        done += 1
-        if interactive:
-            bar = "#" * min(done, 30)
-            print(f"\r[{bar:<30}] {done} {_short(letter.event_id, 40)}", end="", file=sys.stderr)
 
-    async def work(bus: Bus) -> int:
-        summary = await replay(
-            bus,
-            args.handler,
-            topic_prefix=settings.bus.topic_prefix,
-            group_prefix=settings.worker.group_prefix,
-            event_id=args.event_id,
-            since=since,
-            dry_run=args.dry_run,
-            progress=progress,
-        )
-        if interactive and done:
-            print(file=sys.stderr)
-        verb = "would replay" if summary.dry_run else "replayed"
-        print(
-            f"{verb} {summary.replayed if not summary.dry_run else summary.matched} of "
-            f"{summary.read} dead letter(s) for handler {args.handler!r} "
-            f"({summary.matched} matched the filters)"
-        )
-        return 0
+def cmd_quarantine_list(settings: Settings, args: argparse.Namespace) -> int:
+    return _run_async(quarantine_command.quarantine_list(settings, args))
 
-    return _run_async(_with_bus(settings, work))
+
+def cmd_quarantine_release(settings: Settings, args: argparse.Namespace) -> int:
+    return _run_async(quarantine_command.quarantine_release(settings, args))
 
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
@@ -184,27 +105,78 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
     since = datetime.fromisoformat(args.since) if args.since else None
     return _run_async(
-        _with_bus(settings, lambda bus: reconcile(settings, bus, since=since, dry_run=args.dry_run))
+        bus_access.with_bus(
+            settings, lambda bus: reconcile(settings, bus, since=since, dry_run=args.dry_run)
+        )
     )
 
 
 def cmd_preview_email(_: Settings, args: argparse.Namespace) -> int:
-    from handlers.builtin.email.preview import format_preview, load_settings, render_preview  # noqa: PLC0415
+    # The e-mail composer (templates, Jinja) loads only for this command.
+    from pubrelay.preview_command import preview_email  # noqa: PLC0415
 
-    raw = Path(args.file).read_bytes()
-    try:
-        message = render_preview(raw, load_settings())
-    except SkipEvent as err:
-        print(f"no e-mail would be sent: {err}")
-        return 0
-    except (HandlerError, ValidationError) as err:
-        print(f"pubrelay preview-email: {err}", file=sys.stderr)
-        return EXIT_CONFIG
-    if args.raw:
-        sys.stdout.buffer.write(message.as_bytes(policy=email.policy.SMTP))
-    else:
-        print(format_preview(message), end="")
-    return 0
+    return preview_email(args)
+
+
+def _add_quarantine_parser(commands: Any) -> None:
+    quarantine = commands.add_parser("quarantine", help="inspect and release quarantined events")
+    q_commands = quarantine.add_subparsers(dest="q_command", required=True, metavar="COMMAND")
+    q_list = q_commands.add_parser("list", help="quarantined records waiting (not released)")
+    q_release = q_commands.add_parser(
+        "release", help="route chosen quarantined records again and send on those that pass"
+    )
+    for sub in (q_list, q_release):
+        sub.add_argument("--event-id", action="append", help="only this event (repeatable)")
+        sub.add_argument(
+            "--reason", action="append", help="only this reason, e.g. stale (repeatable)"
+        )
+    q_list.add_argument(
+        "--limit", type=int, default=1000, help="show at most this many (default 1000)"
+    )
+    q_list.add_argument("--full", action="store_true", help="the whole detail text")
+    q_list.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    q_list.set_defaults(func=cmd_quarantine_list)
+    q_release.add_argument("--all", action="store_true", help="every record waiting")
+    q_release.add_argument(
+        "--dry-run", action="store_true", help="list what it would release, change nothing"
+    )
+    q_release.set_defaults(func=cmd_quarantine_release)
+
+
+def _add_process_parsers(commands: Any) -> None:
+    """``serve``, ``webhook``, ``worker`` (with ``--console``), and ``events``."""
+    serve = commands.add_parser("serve", help="webhook consumer and worker in one process")
+    serve.set_defaults(func=cmd_serve)
+    webhook = commands.add_parser("webhook", help="webhook consumer only")
+    webhook.set_defaults(func=cmd_webhook)
+    worker = commands.add_parser(
+        "worker", help="handlers only (serves /healthz, /readyz, /metrics)"
+    )
+    worker.set_defaults(func=cmd_worker)
+    for process in (serve, webhook, worker):
+        process.add_argument(
+            "--console",
+            action="store_true",
+            help="serve the console at /console/; without PUBRELAY_CONSOLE__TOKEN, with a "
+            "token generated into <data dir>/console-token (make run)",
+        )
+    for process in (serve, worker):
+        process.add_argument(
+            "--outbox",
+            action="store_true",
+            help="where not configured: run the email handler, write its e-mails to "
+            "<data dir>/outbox/ instead of sending them, placeholder sender (make run)",
+        )
+
+    events_cmd = commands.add_parser(
+        "events",
+        help="search the console's event index: event, delivery or publication id, "
+        "customer id or e-mail, voucher code",
+    )
+    events_cmd.add_argument("query", help="the whole value searched for (case-insensitive)")
+    events_cmd.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    events_cmd.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    events_cmd.set_defaults(func=cmd_events)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,33 +185,60 @@ def build_parser() -> argparse.ArgumentParser:
         description="Verified, durable intake of Voucherify webhooks. "
         "Configuration comes from PUBRELAY_* environment variables (see README).",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    commands.add_parser("serve", help="webhook consumer and worker in one process").set_defaults(
-        func=cmd_serve
+    parser.add_argument(
+        "--version", action="version", version=f"pubrelay {_version()}", help="print the version"
     )
-    commands.add_parser("webhook", help="webhook consumer only").set_defaults(func=cmd_webhook)
-    commands.add_parser(
-        "worker", help="handlers only (serves /healthz, /readyz, /metrics)"
-    ).set_defaults(func=cmd_worker)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config = commands.add_parser(
+        "config",
+        help="print the effective configuration: each value (secrets masked), where it came "
+        "from, the enabled handlers' settings",
+    )
+    config.add_argument(
+        "--check",
+        action="store_true",
+        help="print only the problems; exit 2 if there is any (for CI and deploy scripts)",
+    )
+
+    _add_process_parsers(commands)
 
     sign_cmd = commands.add_parser("sign", help="print the signature of a body file")
     sign_cmd.add_argument("file", help="the JSON body, signed byte for byte")
     sign_cmd.set_defaults(func=cmd_sign)
 
-    send = commands.add_parser("send", help="sign a body file and POST it")
-    send.add_argument("file", help="the JSON body to send")
+    send = commands.add_parser(
+        "send", help="sign a body file (or a fresh built-in example) and POST it"
+    )
+    send.add_argument("file", nargs="?", help="the JSON body to send")
     send.add_argument(
-        "--url", default="http://127.0.0.1:8080/webhooks/voucherify", help="webhook URL"
+        "--example",
+        nargs="?",
+        const=send_command.DEFAULT_EXAMPLE,
+        metavar="NAME",
+        help="send a fresh copy of a built-in sample, with new ids "
+        f"(one of: {', '.join(send_command.example_names())}; "
+        f"default {send_command.DEFAULT_EXAMPLE})",
+    )
+    send.add_argument(
+        "--url",
+        help="webhook URL (default: this configuration's http://HOST:PORT/PATH "
+        "from PUBRELAY_HTTP__HOST, PUBRELAY_HTTP__PORT, PUBRELAY_WEBHOOK__PATH)",
     )
     send.add_argument("--timeout", type=float, default=15.0, help="seconds (default 15)")
+    send.add_argument(
+        "--allow-quarantined",
+        action="store_true",
+        help="exit 0 for any 2xx answer (default: only for 'accepted')",
+    )
     send.set_defaults(func=cmd_send)
 
     replay_cmd = commands.add_parser("replay", help="send dead letters back to their handler")
     replay_cmd.add_argument("--handler", required=True, help="the handler whose DLQ to replay")
     replay_cmd.add_argument("--event-id", help="only this event")
     replay_cmd.add_argument("--since", help="only letters that failed at or after (ISO 8601)")
-    replay_cmd.add_argument("--dry-run", action="store_true", help="show, change nothing")
+    replay_cmd.add_argument(
+        "--dry-run", action="store_true", help="list the event ids it would send, change nothing"
+    )
     replay_cmd.set_defaults(func=cmd_replay)
 
     reconcile_cmd = commands.add_parser(
@@ -264,21 +263,42 @@ def build_parser() -> argparse.ArgumentParser:
     dlq = commands.add_parser("dlq", help="inspect dead-letter topics")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")
     dlq_list = dlq_commands.add_parser("list", help="dead letters waiting for replay")
-    dlq_list.add_argument("--handler", required=True)
-    dlq_list.add_argument("--event-id")
-    dlq_list.add_argument("--limit", type=int, default=1000)
+    dlq_list.add_argument("--handler", required=True, help="the handler whose dead letters")
+    dlq_list.add_argument("--event-id", help="only this event")
+    dlq_list.add_argument(
+        "--limit", type=int, default=1000, help="show at most this many (default 1000)"
+    )
+    dlq_list.add_argument("--full", action="store_true", help="the whole error text")
+    dlq_list.add_argument("--json", action="store_true", help="one JSON document on stdout")
     dlq_list.set_defaults(func=cmd_dlq_list)
+
+    _add_quarantine_parser(commands)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("pubrelay")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "config":
+        # It loads the settings itself, to report every problem rather than the first.
+        from pubrelay.config_command import run_config  # noqa: PLC0415
+
+        return run_config(check=args.check)
     try:
         settings = load_settings()
         configure_logging(settings.log.level, settings.log.format)
         code: int = args.func(settings, args)
     except PubrelayError as err:
-        print(f"pubrelay: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # a configuration error: one line per variable
+            print(f"pubrelay: {line}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as err:  # a missing file, an unwritable data directory...
         where = f": {err.filename}" if err.filename else ""

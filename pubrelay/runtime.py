@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.metadata
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -25,6 +26,8 @@ from bus.sqlite.owner import consuming
 from bus.types import Bus
 from consumer.app import create_app, create_ops_app, runner_options
 from handlers.worker.service import open_worker
+from pubrelay.console_runtime import open_console
+from pubrelay.console_token import console_url
 from pubrelay.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, EXIT_WORKER_FAILED
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings
@@ -36,12 +39,32 @@ log = structlog.get_logger("pubrelay")
 
 
 def new_registry() -> CollectorRegistry:
-    """A registry with the process, platform and GC collectors; injected everywhere."""
+    """A registry with the process, platform and GC collectors and
+    ``pubrelay_build_info{version}``; injected everywhere.
+
+    Without the ``*_created`` series: a timestamp per counter and histogram series
+    (hundreds of them) that no dashboard or alert here reads (README "Observability").
+    """
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client lacks the annotation
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
+    build_info = Gauge(
+        "pubrelay_build_info",
+        "The running pubrelay's version, as a label; the value is always 1.",
+        ["version"],
+        registry=registry,
+    )
+    build_info.labels(_version()).set(1)
     return registry
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pubrelay")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
+        return "unknown"
 
 
 def tune_gc() -> None:
@@ -67,8 +90,17 @@ async def started_bus(settings: Settings, *, webhook: bool) -> AsyncIterator[Bus
         await bus.close()
 
 
-async def run(settings: Settings, *, webhook: bool, worker: bool) -> int:
-    """Run until SIGTERM/SIGINT; return the process exit code."""
+async def run(
+    settings: Settings,
+    *,
+    webhook: bool,
+    worker: bool,
+    console: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT; return the process exit code. ``console``: serve the
+    console with a generated token when none is configured (``make run``); ``env``: the
+    handlers' variables instead of the environment's (``pubrelay/outbox_run.py``)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -96,6 +128,9 @@ async def run(settings: Settings, *, webhook: bool, worker: bool) -> int:
             log.error("bus_unavailable_at_start", error=str(err))
             return EXIT_UNAVAILABLE
 
+        parts = await stack.enter_async_context(
+            open_console(settings, bus, registry, generate_token=console)
+        )
         worker_task: asyncio.Task[None] | None = None
         if worker:
             # Plugins are loaded before anything listens: a bad one stops start-up.
@@ -110,6 +145,8 @@ async def run(settings: Settings, *, webhook: bool, worker: bool) -> int:
                     metrics_registry=registry,
                     voucherify=settings.voucherify,
                     reconcile=settings.reconcile,
+                    observer=parts.recorder if parts else None,
+                    env=env,
                 )
             )
             worker_task = asyncio.create_task(runner.run_until_stopped(stop), name="worker")
@@ -123,9 +160,11 @@ async def run(settings: Settings, *, webhook: bool, worker: bool) -> int:
                 topic_prefix=settings.bus.topic_prefix,
                 publish_timeout_s=settings.bus.publish_timeout_s,
                 registry=registry,
+                observer=parts.recorder if parts else None,
+                console=parts.app if parts else None,
             )
         else:
-            app = create_ops_app(bus, registry)
+            app = create_ops_app(bus, registry, console=parts.app if parts else None)
         web_runner = web.AppRunner(
             app,
             access_log=None,
@@ -156,6 +195,8 @@ async def run(settings: Settings, *, webhook: bool, worker: bool) -> int:
             worker=worker,
             handlers=settings.handlers.enabled if worker else [],
         )
+        if parts is not None:
+            log.info("console", url=console_url(settings.http.host, settings.http.port))
         tune_gc()
         code = await _wait(stop, worker_task)
         log.info("stopping")

@@ -44,10 +44,30 @@ def resolve_secrets(settings: Settings, *, generate: bool) -> list[str]:
             f"no webhook secret: set PUBRELAY_WEBHOOK__SECRETS or create {path} "
             "(`pubrelay serve` generates one on first start)"
         )
+    value = write_new_private_token(path)
+    if value is None:  # another process created it first: use theirs
+        return resolve_secrets(settings, generate=False)
+    print(
+        f"pubrelay: generated a webhook secret in {path.resolve()} (mode 0600).\n"
+        "  Voucherify signs every webhook with your project's webhook secret "
+        "(Project Settings > Webhooks).\n"
+        "  Put that secret in PUBRELAY_WEBHOOK__SECRETS='[\"<secret>\"]' (several during "
+        "rotation), or, to try pubrelay locally,\n"
+        "  sign test requests with the generated one: pubrelay send --example (or FILE)",
+        file=sys.stderr,
+    )
+    return [value]
+
+
+def write_new_private_token(path: Path) -> str | None:
+    """A new random token written to ``path`` (mode 0600); None when ``path`` appeared
+    meanwhile (another process won: read theirs).
+
+    Written whole to a private temporary file, then linked into place: a crash never
+    leaves an empty file, and two processes starting at once cannot both win.
+    """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     value = secrets.token_urlsafe(32)
-    # Written whole to a private temporary file, then linked into place: a crash never
-    # leaves an empty secret file, and two processes starting at once cannot both win.
     tmp, fd = _private_temporary(path)
     try:
         with os.fdopen(fd, "w") as handle:
@@ -57,19 +77,10 @@ def resolve_secrets(settings: Settings, *, generate: bool) -> list[str]:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            return resolve_secrets(settings, generate=False)
+            return None
     finally:
         tmp.unlink(missing_ok=True)
-    print(
-        f"pubrelay: generated a webhook secret in {path.resolve()} (mode 0600).\n"
-        "  Voucherify signs every webhook with your project's webhook secret "
-        "(Project Settings > Webhooks).\n"
-        "  Put that secret in PUBRELAY_WEBHOOK__SECRETS='[\"<secret>\"]' (several during "
-        "rotation), or, to try pubrelay locally,\n"
-        "  sign test requests with the generated one: pubrelay send FILE --url URL",
-        file=sys.stderr,
-    )
-    return [value]
+    return value
 
 
 def _private_temporary(path: Path) -> tuple[Path, int]:

@@ -16,15 +16,26 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from bus.config import RECORD_HEADROOM_BYTES, BusSettings
 from consumer.config import HttpSettings, WebhookSettings
 from handlers.builtin.voucherify_api import VoucherifySettings
-from handlers.config import HandlersSettings, LedgerSettings, WorkerSettings
+from handlers.config import (
+    ENV_PREFIX,
+    HandlersSettings,
+    LedgerSettings,
+    WorkerSettings,
+    read_variables,
+)
+from handlers.config_errors import describe_json_error, describe_validation_error
 from handlers.reconcile.config import ReconcileSettings
+from pubrelay.console.config import ConsoleSettings
+from pubrelay.settings_catalog import unknown_names
 from schemas.errors import ConfigError
 
 
 class LogSettings(BaseModel):
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="`debug`, `info`, `warning`, `error`"
+    )
     format: Literal["auto", "json", "console"] = Field(
-        default="auto", description="auto: console on a terminal, JSON otherwise"
+        default="auto", description="`json`, `console`, or `auto` (console on a terminal)"
     )
 
 
@@ -36,7 +47,13 @@ class Settings(BaseSettings):
         extra="ignore",
     )
 
-    data_dir: Path = Field(default=Path("var"), description="secrets, embedded bus and ledger")
+    data_dir: Path = Field(
+        default=Path("var"),
+        description=(
+            "generated secret, embedded bus, embedded ledger (files created mode "
+            "0600; see [The data directory](#the-data-directory))"
+        ),
+    )
     http: HttpSettings = HttpSettings()
     webhook: WebhookSettings = WebhookSettings()
     bus: BusSettings = BusSettings()
@@ -46,6 +63,7 @@ class Settings(BaseSettings):
     ledger: LedgerSettings = LedgerSettings()
     voucherify: VoucherifySettings = VoucherifySettings()
     reconcile: ReconcileSettings = ReconcileSettings()
+    console: ConsoleSettings = ConsoleSettings()
 
     @model_validator(mode="after")
     def _body_fits_the_bus(self) -> Self:
@@ -67,24 +85,22 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Load settings from the environment, turning validation errors into one clear message."""
+    """Load settings from the environment and ``.env``; every problem is one line naming
+    its variable (:class:`ConfigError`), and a ``PUBRELAY_*`` name no setting reads is one."""
+    values = {name: value for name, (value, _) in read_variables().items()}
+    lines = unknown_names(values)
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as err:
-        problems = []
-        for item in err.errors():
-            name = "PUBRELAY_" + "__".join(str(p).upper() for p in item["loc"])
-            # A check across settings (no location) names its variables in its message.
-            problems.append(f"{name}: {item['msg']}" if item["loc"] else item["msg"])
-        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
-    except SettingsError as err:
+        lines += describe_validation_error(err, Settings, ENV_PREFIX, values)
+    except SettingsError:
         # Raised for values that must be JSON (lists, maps) but are not.
-        section = str(err).split('"')[1] if '"' in str(err) else "?"
-        cause = f": {err.__cause__}" if err.__cause__ else ""
-        raise ConfigError(
-            f"invalid configuration: PUBRELAY_{section.upper()}__*: a value is not valid "
-            f'JSON (lists are written like \'["a", "b"]\'){cause}'
-        ) from None
+        lines += describe_json_error(Settings, ENV_PREFIX, values) or [
+            "a PUBRELAY_* value that must be JSON is not valid JSON"
+        ]
+    if lines:
+        raise ConfigError("\n".join(lines))
+    return settings
 
 
 def describe_settings(

@@ -18,6 +18,7 @@ class LeanCustomer(msgspec.Struct):
 
 
 class LeanPublication(msgspec.Struct):
+    id: str | None = None
     customer_id: str | None = None
     customer: LeanCustomer | None = None
 

@@ -54,13 +54,19 @@ class RetryLater(PubrelayError):
     """A handler asks for the event to be retried after a back-off.
 
     ``delay_s`` overrides the computed back-off (for example from a ``Retry-After`` header).
+    ``keep_order=False`` lets the customer's later events run while this one waits (the
+    event steps out of its lane until its retry): for a handler waiting for one of those
+    later events, such as the e-mail handler's hold for a publication's sibling event.
     """
 
     retriable = True
 
-    def __init__(self, message: str = "", *, delay_s: float | None = None) -> None:
+    def __init__(
+        self, message: str = "", *, delay_s: float | None = None, keep_order: bool = True
+    ) -> None:
         super().__init__(message)
         self.delay_s = delay_s
+        self.keep_order = keep_order
 
 
 class SkipEvent(PubrelayError):

@@ -19,8 +19,10 @@ HEADER_QUARANTINE_DETAIL: Final = "quarantine-detail"
 HEADER_CONTENT_TYPE: Final = "content-type"
 HEADER_ORIGIN: Final = "origin"
 """Set on records pubrelay made itself: ``reconciliation`` for a publication found through
-Voucherify's API whose webhook never arrived (``handlers/reconcile/``)."""
+Voucherify's API whose webhook never arrived (``handlers/reconcile/``), ``quarantine-release``
+for a quarantined event sent on to its topic by ``pubrelay quarantine release``."""
 ORIGIN_RECONCILIATION: Final = "reconciliation"
+ORIGIN_QUARANTINE_RELEASE: Final = "quarantine-release"
 
 Headers = tuple[tuple[str, bytes], ...]
 

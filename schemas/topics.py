@@ -12,7 +12,8 @@ Consumer groups start with the worker's group prefix (``PUBRELAY_WORKER__GROUP_P
 ``pubrelay.`` by default):
 
 * ``<group prefix><handler>``: the handler's worker (each handler reads at its own pace);
-* ``<group prefix>replay.<handler>``: remembers which dead letters were replayed.
+* ``<group prefix>replay.<handler>``: remembers which dead letters were replayed;
+* ``<group prefix>quarantine-release``: remembers which quarantined records were released.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def consumer_group(group_prefix: str, handler: str) -> str:
 def replay_group(group_prefix: str, handler: str) -> str:
     """The consumer group that remembers which dead letters were replayed."""
     return f"{group_prefix}replay.{handler}"
+
+
+def quarantine_release_group(group_prefix: str) -> str:
+    """The consumer group that remembers which quarantined records were released."""
+    return f"{group_prefix}quarantine-release"
 
 
 def is_kept_topic(prefix: str, topic: str) -> bool:

@@ -147,10 +147,17 @@ class ForwardSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: HttpUrlStr = Field(description="downstream endpoint, http:// or https://")
+    url: HttpUrlStr = Field(
+        description="downstream endpoint, http:// or https://",
+        examples=["https://notifications.internal/voucherify"],
+    )
     secret: SecretStr = Field(description="HMAC-SHA256 key of X-Pubrelay-Signature")
-    timeout_s: float = Field(default=10.0, gt=0)
-    headers: dict[str, str] = Field(default_factory=dict, description="extra request headers")
+    timeout_s: float = Field(default=10.0, gt=0, description="bound for one request to `URL`")
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="JSON map of extra request headers, e.g. `Authorization`",
+        examples=[{"Authorization": "Bearer a-token"}],
+    )
     event_types: list[str] = Field(default_factory=list, description="empty: every event type")
 
     @field_validator("secret")
@@ -288,13 +295,13 @@ def create(context: HandlerContext) -> HttpHandler:
         logger=context.logger,
         requests=Counter(
             "pubrelay_forward_requests_total",
-            "Forwarded event requests by result (ok, retried, rejected, network_error)",
+            "Forwarded event requests by result (ok, retried, rejected, network_error).",
             ["result"],
             registry=registry,
         ),
         duration=Histogram(
             "pubrelay_forward_request_duration_seconds",
-            "Time of one forwarded event request",
+            "Time of one forwarded event request.",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
         ),

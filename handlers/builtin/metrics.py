@@ -156,38 +156,38 @@ class PublicationMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.publications = Counter(
             "pubrelay_publications_total",
-            "Publication events (one per event, however many codes it assigned)",
+            "Publication events (one per event, however many codes it assigned).",
             LABELS,
             registry=registry,
         )
         self.codes = Counter(
             "pubrelay_publication_codes_total",
-            "Codes assigned by publication events",
+            "Codes assigned by publication events.",
             LABELS,
             registry=registry,
         )
         self.discount_amount = Histogram(
             "pubrelay_publication_discount_amount",
-            "Amount off of each published AMOUNT discount code, in currency units",
+            "Amount off of each published AMOUNT discount code, in currency units.",
             buckets=_AMOUNT_BUCKETS,
             registry=registry,
         )
         self.discount_percent = Histogram(
             "pubrelay_publication_discount_percent",
-            "Percent off of each published PERCENT discount code",
+            "Percent off of each published PERCENT discount code.",
             buckets=_PERCENT_BUCKETS,
             registry=registry,
         )
         self.latency = Histogram(
             "pubrelay_publication_latency_seconds",
-            "Time from the event's creation at Voucherify to the end of its handling here",
+            "Time from the event's creation at Voucherify to the end of its handling here.",
             ["event_type"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
         self.capped = Counter(
             "pubrelay_publication_labels_capped_total",
-            "Label values folded into 'other' (configure PUBRELAY_METRICS__CHANNELS/CAMPAIGNS)",
+            "Label values folded into 'other' (configure PUBRELAY_METRICS__CHANNELS/CAMPAIGNS).",
             ["label"],
             registry=registry,
         )

@@ -1,4 +1,5 @@
-"""A small async client of Voucherify's REST API: the publications listing, read politely.
+"""A small async client of Voucherify's REST API: the publications listing and single
+vouchers (``GET /v1/vouchers/{id}``), read politely.
 
 Shared by whatever needs the API (the reconciler, ``handlers/reconcile/``; built-in
 handlers may use it too). Requests carry the key pair as ``X-App-Id`` / ``X-App-Token``;
@@ -29,6 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
+from urllib.parse import quote
 
 import aiohttp
 from pydantic import BaseModel, Field, SecretStr
@@ -53,6 +55,7 @@ __all__ = [
 ]
 
 PUBLICATIONS_PATH: Final = "/v1/publications"
+VOUCHERS_PATH: Final = "/v1/vouchers/"
 MAX_PAGE: Final = 1000
 MAX_LIMIT: Final = 100
 HEADER_LIMIT: Final = "X-Rate-Limit-Limit"
@@ -65,31 +68,40 @@ class VoucherifySettings(BaseModel):
 
     api_url: HttpUrlStr = Field(
         default="https://api.voucherify.io",
-        description="the project's API cluster (https://api.voucherify.io, "
-        "https://us1.api.voucherify.io, https://as1.api.voucherify.io)",
+        description=(
+            "the project's API cluster: `https://api.voucherify.io` (Europe), "
+            "`https://us1.api.voucherify.io`, `https://as1.api.voucherify.io`"
+        ),
     )
     app_id: str = Field(
-        default="", description="X-App-Id of a read-only API key pair; empty = no API use"
+        default="",
+        description=(
+            "`X-App-Id` of a read-only API key pair (see "
+            "[Reconciliation](#reconciliation)); empty: no reconciliation"
+        ),
     )
     app_token: SecretStr = Field(
-        default=SecretStr(""), description="X-App-Token of that pair (a secret, never logged)"
+        default=SecretStr(""),
+        description="`X-App-Token` of that pair; a secret, never logged nor shown in errors",
     )
     timeout_s: float = Field(default=15.0, gt=0, description="bound for one API request")
     quota_share: float = Field(
         default=0.25,
         gt=0,
         le=1,
-        description="share of the API quota (X-Rate-Limit-Limit) pubrelay may use: no request "
-        "while X-Rate-Limit-Remaining is at or below the rest",
+        description=(
+            "share of the API quota (`X-Rate-Limit-Limit`) pubrelay may use: no "
+            "request while `X-Rate-Limit-Remaining` is at or below the rest"
+        ),
     )
     request_interval_s: float = Field(
         default=0.5, ge=0, description="least time between two API requests"
     )
     max_pause_s: float = Field(
-        default=60.0, gt=0, description="cap of a Retry-After or back-off pause"
+        default=60.0, gt=0, description="cap of a `Retry-After` or back-off pause"
     )
     max_retries: int = Field(
-        default=3, ge=0, description="retries of one request after 429, 5xx or a network error"
+        default=3, ge=0, description="retries of one request after a 429, a 5xx or a network error"
     )
 
     @property
@@ -175,7 +187,13 @@ Sleep = Callable[[float], Awaitable[None]]
 class VoucherifyApi:
     """The API with one session, used as ``async with VoucherifyApi(settings) as api``."""
 
-    def __init__(self, settings: VoucherifySettings, *, sleep: Sleep = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        settings: VoucherifySettings,
+        *,
+        sleep: Sleep = asyncio.sleep,
+        user_agent: str = "pubrelay-reconcile",
+    ) -> None:
         if not settings.configured:
             raise ApiAuthError(
                 "PUBRELAY_VOUCHERIFY__APP_ID and PUBRELAY_VOUCHERIFY__APP_TOKEN must be set"
@@ -186,6 +204,7 @@ class VoucherifyApi:
         self.rate_limit: tuple[int, int] | None = None
         """The last ``(X-Rate-Limit-Limit, X-Rate-Limit-Remaining)`` the API sent."""
         self._sleep = sleep
+        self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
         self._last_request = -math.inf
 
@@ -197,7 +216,7 @@ class VoucherifyApi:
                 "X-App-Id": self.settings.app_id,
                 "X-App-Token": self.settings.app_token.get_secret_value(),
                 "Accept": "application/json",
-                "User-Agent": "pubrelay-reconcile",
+                "User-Agent": self._user_agent,
             },
         )
         return self
@@ -227,6 +246,14 @@ class VoucherifyApi:
             publications=[ListedPublication.from_item(item) for item in items],
             total=total if isinstance(total, int) else None,
         )
+
+    async def get_voucher(self, voucher_id: str) -> dict[str, Any]:
+        """``GET /v1/vouchers/{id}``: the voucher (``VouchersGetResponseBody``) as sent; an
+        unknown id is an :class:`ApiError` (404 ``not_found``)."""
+        body = await self._get_json(VOUCHERS_PATH + quote(voucher_id, safe=""), {})
+        if not isinstance(body.get("code"), str):
+            raise ApiError(f"GET {VOUCHERS_PATH}{{id}} answered a body without a code")
+        return body
 
     async def _get_json(self, path: str, params: Mapping[str, str]) -> dict[str, Any]:
         assert self._session is not None, "use VoucherifyApi in 'async with'"

@@ -21,13 +21,12 @@ class ReconcileSettings(BaseModel):
         "(one runner at a time across processes)",
     )
     lookback_s: float = Field(
-        default=3 * DAY_S, gt=0, description="how far back the first run looks"
+        default=3 * DAY_S, gt=0, description="how far back the first run looks (3 days)"
     )
     overlap_s: float = Field(
         default=3600.0,
         ge=0,
-        description="each run reads back to the newest publication already reconciled "
-        "minus this (late listings)",
+        description=("each run reads back to the newest publication already reconciled minus this"),
     )
     min_age_s: float = Field(
         default=600.0,
@@ -36,18 +35,23 @@ class ReconcileSettings(BaseModel):
         "may still be on its way or in Voucherify's first retries)",
     )
     max_requests: int = Field(
-        default=200, gt=0, description="API requests one run may make (its request budget)"
+        default=200,
+        gt=0,
+        description=("API requests one run may make (its request budget; 100 publications each)"),
     )
     lease_s: float = Field(
-        default=300.0, gt=0, description="a runner's claim; renewed between pages"
+        default=300.0, gt=0, description="a runner's claim on reconciliation; renewed between pages"
     )
     retention_s: float = Field(
         default=14 * DAY_S,
         gt=0,
-        description="how long received publication ids are kept (at least lookback_s)",
+        description=(
+            "how long received publication ids are kept (at least `LOOKBACK_S` + `OVERLAP_S`)"
+        ),
     )
     redis_key_prefix: str = Field(
-        default="pubrelay:reconcile:", description="Redis keys of the received-publication store"
+        default="pubrelay:reconcile:",
+        description="Redis keys of the received-publication store (with a Redis ledger)",
     )
 
     @model_validator(mode="after")

@@ -16,7 +16,7 @@ class ReconcileMetrics:
             "pubrelay_reconcile_runs_total",
             "Reconciliation runs by outcome (success; incomplete: request budget or the API's "
             "last page reached; failed: API, bus or store error; busy: another runner held "
-            "the lease)",
+            "the lease).",
             ["outcome"],
             registry=registry,
         )
@@ -24,21 +24,21 @@ class ReconcileMetrics:
             self.runs.labels(outcome)
         self.missing = Counter(
             "pubrelay_reconcile_missing_total",
-            "Successful publications the API listed whose webhook never arrived",
+            "Successful publications the API listed whose webhook never arrived.",
             registry=registry,
         )
         self.last_success = Gauge(
             "pubrelay_reconcile_last_success_timestamp_seconds",
-            "When the last reconciliation finished successfully (Unix time)",
+            "When the last reconciliation finished successfully (Unix time).",
             registry=registry,
         )
         self.api_newest = Gauge(
             "pubrelay_reconcile_api_newest_publication_timestamp_seconds",
-            "Creation time of the newest successful publication the API listed (Unix time)",
+            "Creation time of the newest successful publication the API listed (Unix time).",
             registry=registry,
         )
         self.webhook_newest = Gauge(
             "pubrelay_reconcile_webhook_newest_publication_timestamp_seconds",
-            "Creation time of the newest publication that arrived by webhook (Unix time)",
+            "Creation time of the newest publication that arrived by webhook (Unix time).",
             registry=registry,
         )

@@ -5,19 +5,24 @@ record the completion or publish the dead letter.
   headers, else from the body's ``event``; a record with neither cannot be routed or
   deduplicated and is dead-lettered at once (0 attempts). Records of event types the
   handler does not read are ``ignored`` without calling it.
-* **Claims.** Every attempt starts with an atomic claim on ``(handler, event id)`` in
-  the ledger (:mod:`handlers.worker.ledger`): an event the handler already completed is a
-  ``duplicate``; an event another worker holds (its call still running after a rebalance,
-  or a worker that died mid-call until its claim expires) waits, polling, and is counted
-  in ``pubrelay_handler_claim_waits_total``. The completion is recorded after the effect
-  (even while shutting down, bounded by the drain); a failed attempt releases the claim.
+* **Claims.** Every attempt starts with an atomic claim on ``(handler, key)`` in the
+  ledger (:mod:`handlers.worker.ledger`). The key is the event id, or for
+  ``customer.publication.succeeded`` the publication id: the webhook's event and the one
+  reconciliation injected for the same publication are one. An event the handler already
+  completed is a ``duplicate``; an event another worker holds (its call still running
+  after a rebalance, or a worker that died mid-call until its claim expires) waits,
+  polling, and is counted in ``pubrelay_handler_claim_waits_total``. The completion is
+  recorded after the effect (even while shutting down, bounded by the drain); a failed
+  attempt releases the claim.
 * **Attempts.** The ledger counts them durably: a redelivery (restart, rebalance, a crash
   mid-call) goes on counting, so an event that keeps killing or losing its worker is
   dead-lettered after ``max_attempts`` like one that keeps failing. See
   :mod:`handlers.types` for what ``handle`` may raise and :mod:`handlers.worker.retry`
   for which failures are retried and when. A handler call is bounded by
   ``handler_timeout_s`` (a timeout is a transient failure) and runs within one of
-  ``concurrency`` slots; a retry back-off holds no slot.
+  ``concurrency`` slots; a retry back-off holds no slot. A ``RetryLater(keep_order=False)``
+  waits out of its lane (:class:`SteppedAside`, the runner's business): the customer's
+  later events go on meanwhile.
 * **Dead letters.** The original record plus ``dlq-*`` headers
   (:mod:`handlers.worker.dead_letters`), published to ``<prefix>dlq.<handler>``; while
   that publish fails the event stays unfinished, so the commit never passes it.
@@ -34,26 +39,23 @@ import os
 import secrets
 import socket
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
 
-import msgspec
 from structlog.typing import FilteringBoundLogger
 
-from bus.types import Bus, Message
+from bus.types import Bus
 from handlers.config import WorkerSettings
 from handlers.types import Claim, Event, Handler
 from handlers.worker.dead_letters import dead_letter_headers, error_text, error_type_name
 from handlers.worker.error_text import error_message, short_error
+from handlers.worker.identity import Identity, Unidentified, age_s, identify, to_event
 from handlers.worker.lease import Lease
 from handlers.worker.ledger import Ledger
 from handlers.worker.metrics import WorkerMetrics
+from handlers.worker.observer import AttemptObserver, NoObserver, Outcome
 from handlers.worker.offsets import FetchedRecord
 from handlers.worker.retry import BusRetry, is_transient, pause, retry_delay
-from schemas.envelope import decode_lean
 from schemas.errors import RetryLater, SkipEvent
-from schemas.record import HEADER_EVENT_ID, HEADER_EVENT_TYPE, header
-from schemas.timestamps import parse_timestamp, utc_now_iso
+from schemas.timestamps import utc_now_iso
 
 _HELD_POLL_S = 0.5
 """How often a delivery whose event another worker holds asks the ledger again."""
@@ -66,74 +68,14 @@ class AttemptsExhausted(Exception):
     """Earlier deliveries of the event used up its attempts (see :mod:`handlers.worker.ledger`)."""
 
 
-@dataclass(slots=True)
-class _Identity:
-    event_id: str
-    event_type: str
-    created_at: str | None
+class SteppedAside:
+    """The handler asked for a retry in ``delay_s`` out of order (``RetryLater(keep_order=
+    False)``): the record is not finished, and the customer's later records may go first."""
 
+    __slots__ = ("delay_s",)
 
-class _Unidentified(Exception):
-    """The record has no event id or type: it cannot be routed or deduplicated."""
-
-
-def _identify(message: Message) -> _Identity:
-    """The event's id and type from the headers, else from the body; its creation time."""
-    try:
-        lean = decode_lean(message.value)
-    except msgspec.DecodeError:
-        lean = None
-    body = lean.event if lean is not None else None
-    event_id = _header_or_body(
-        header(message.headers, HEADER_EVENT_ID),
-        body.id if body is not None else None,
-        "the record has no event id (no event-id header, no event.id)",
-    )
-    event_type = _header_or_body(
-        header(message.headers, HEADER_EVENT_TYPE),
-        body.type if body is not None else None,
-        "the record has no event type (no event-type header)",
-    )
-    return _Identity(event_id, event_type, body.created_at if body is not None else None)
-
-
-def _header_or_body(from_header: bytes | None, from_body: str | None, missing: str) -> str:
-    if from_header:
-        return from_header.decode("utf-8", "replace")
-    if from_body:
-        return from_body
-    raise _Unidentified(missing)
-
-
-def _event(message: Message, ident: _Identity) -> Event:
-    """The event as the handler receives it, before its first attempt."""
-    return Event(
-        id=ident.event_id,
-        type=ident.event_type,
-        raw=message.value,
-        headers=message.headers,
-        key=message.key,
-        attempt=0,
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-    )
-
-
-def _age_s(event: Event, ident: _Identity) -> float | None:
-    """Seconds since the event was created at the source, when the record says."""
-    created: datetime | None = None
-    if event.parsed:
-        value = getattr(getattr(event.envelope, "event", None), "created_at", None)
-        if isinstance(value, datetime):
-            created = value
-    if created is None:
-        created = parse_timestamp(ident.created_at)
-    if created is None:
-        return None
-    if created.tzinfo is None:
-        created = created.replace(tzinfo=UTC)
-    return max(0.0, (datetime.now(UTC) - created).total_seconds())
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
 
 
 class EventProcessor:
@@ -151,8 +93,10 @@ class EventProcessor:
         retry: BusRetry,
         stop: asyncio.Event,
         log: FilteringBoundLogger,
+        observer: AttemptObserver | None = None,
     ) -> None:
         self.handler = handler
+        self._observer = observer or NoObserver()
         self.name = handler.name
         self.bus = bus
         self.ledger = ledger
@@ -179,11 +123,12 @@ class EventProcessor:
         self._m_in_flight = metrics.in_flight.labels(self.name)
         self._m_claim_waits = metrics.claim_waits.labels(self.name)
 
-    async def process(self, item: FetchedRecord) -> bool:
-        """Handle one record to a final outcome; False when abandoned (shutdown, revoke)."""
+    async def process(self, item: FetchedRecord) -> bool | SteppedAside:
+        """Handle one record to a final outcome; False when abandoned (shutdown, revoke),
+        :class:`SteppedAside` when the handler asked to wait out of its lane."""
         try:
-            ident = _identify(item.message)
-        except _Unidentified as err:
+            ident = identify(item.message)
+        except Unidentified as err:
             return await self._dead_letter(item, None, err, attempts=0, first_failed_at=None)
         if self._event_types and ident.event_type not in self._event_types:
             self._m_ignored.inc()
@@ -198,7 +143,7 @@ class EventProcessor:
             del self._active_ids[ident.event_id]
             mine.set()
 
-    async def _unless_done(self, item: FetchedRecord, ident: _Identity) -> bool:
+    async def _unless_done(self, item: FetchedRecord, ident: Identity) -> bool | SteppedAside:
         """The attempts, each under a claim, unless the handler already completed this event."""
         token = f"{self._token_prefix}:{next(self._tokens)}"
         try:
@@ -207,9 +152,11 @@ class EventProcessor:
             await self._release(ident, token)
             raise
 
-    async def _attempts(self, item: FetchedRecord, ident: _Identity, token: str) -> bool:
+    async def _attempts(
+        self, item: FetchedRecord, ident: Identity, token: str
+    ) -> bool | SteppedAside:
         loop = asyncio.get_running_loop()
-        event = _event(item.message, ident)
+        event = to_event(item.message, ident)
         first_failed_at: str | None = None
         while True:
             if item.part.revoking:
@@ -219,6 +166,7 @@ class EventProcessor:
                 return False  # stopping or revoked while the ledger was away or held it
             if claim.state == "done":
                 self._m_duplicate.inc()
+                self._observe(item, ident, "duplicate", claim.attempts)
                 self.log.info(
                     "event_duplicate", event_id=ident.event_id, event_type=ident.event_type
                 )
@@ -232,8 +180,9 @@ class EventProcessor:
                 return await self._dead_letter(
                     item, ident, spent, attempts=event.attempt - 1, token=token
                 )
-            error = await self._call(event, token, claimed_at=loop.time())
+            error = await self._call(event, ident.key, token, claimed_at=loop.time())
             if error is None or isinstance(error, SkipEvent):
+                self._observe(item, ident, "skipped" if error else "done", event.attempt, error)
                 return await self._completed(event, ident, error)
             first_failed_at = first_failed_at or utc_now_iso()
             if not is_transient(error) or event.attempt >= self.settings.max_attempts:
@@ -246,19 +195,22 @@ class EventProcessor:
                     token=token,
                 )
             await self._release(ident, token)
+            self._observe(item, ident, "retrying", event.attempt, error)
             if item.part.revoking:
                 return False
+            if isinstance(error, RetryLater) and not error.keep_order:
+                return SteppedAside(self._retry_scheduled(ident, event.attempt, error))
             if not await self._wait_to_retry(item, ident, event.attempt, error):
                 return False  # stopping or revoked: the event stays uncommitted, comes back
 
-    async def _claim(self, item: FetchedRecord, ident: _Identity, token: str) -> Claim | None:
+    async def _claim(self, item: FetchedRecord, ident: Identity, token: str) -> Claim | None:
         """The ledger's claim for one attempt, waiting while another worker holds the event;
         None when stop or revoke ended the wait."""
         waited = False
         while True:
             ok, claim = await self._retry.keep_trying(
                 "ledger",
-                lambda: self.ledger.claim(self.name, ident.event_id, token),
+                lambda: self.ledger.claim(self.name, ident.key, token),
                 give_up_on_stop=True,
                 revoked=item.part.revoked,
             )
@@ -278,10 +230,28 @@ class EventProcessor:
             if not await pause(min(claim.wait_s, _HELD_POLL_S), self.stop, item.part.revoked):
                 return None
 
-    async def _release(self, ident: _Identity, token: str, *, forget: bool = False) -> None:
+    def _observe(
+        self,
+        item: FetchedRecord,
+        ident: Identity | None,
+        outcome: Outcome,
+        attempt: int,
+        error: Exception | None = None,
+    ) -> None:
+        """Tell the observer (the console's index); it never blocks or raises."""
+        self._observer.attempted(
+            self.name,
+            item.message,
+            event_id=ident.event_id if ident else None,
+            outcome=outcome,
+            attempt=attempt,
+            detail=short_error(error) if error is not None else None,
+        )
+
+    async def _release(self, ident: Identity, token: str, *, forget: bool = False) -> None:
         """End this delivery's claim; when the ledger fails, the claim's expiry does it."""
         try:
-            await self.ledger.release(self.name, ident.event_id, token, forget_attempts=forget)
+            await self.ledger.release(self.name, ident.key, token, forget_attempts=forget)
         except Exception as err:  # the store's own errors: the claim expires by itself
             self.log.warning(
                 "ledger_release_failed",
@@ -291,9 +261,14 @@ class EventProcessor:
             )
 
     async def _wait_to_retry(
-        self, item: FetchedRecord, ident: _Identity, attempt: int, error: Exception
+        self, item: FetchedRecord, ident: Identity, attempt: int, error: Exception
     ) -> bool:
         """Count and log the retry, then its back-off; False when stop or revoke ended it."""
+        delay = self._retry_scheduled(ident, attempt, error)
+        return await pause(delay, self.stop, item.part.revoked)
+
+    def _retry_scheduled(self, ident: Identity, attempt: int, error: Exception) -> float:
+        """Count and log the retry; its back-off."""
         delay = retry_delay(self.settings, attempt, error)
         self._m_retried.inc()
         self.log.warning(
@@ -305,9 +280,11 @@ class EventProcessor:
             error_type=type(error).__name__,
             error=short_error(error),
         )
-        return await pause(delay, self.stop, item.part.revoked)
+        return delay
 
-    async def _call(self, event: Event, token: str, *, claimed_at: float) -> Exception | None:
+    async def _call(
+        self, event: Event, key: str, token: str, *, claimed_at: float
+    ) -> Exception | None:
         """One handler call within a concurrency slot; the exception it raised, if any.
 
         A call over ``handler_timeout_s`` is cancelled and counts as a transient failure, and
@@ -322,7 +299,7 @@ class EventProcessor:
             try:
                 async with bound:
                     await self._lease.run(
-                        event.id, token, claimed_at, lambda: self.handler.handle(event)
+                        key, token, claimed_at, lambda: self.handler.handle(event)
                     )
             except asyncio.CancelledError as err:
                 task = asyncio.current_task()
@@ -342,11 +319,11 @@ class EventProcessor:
                 self._m_in_flight.dec()
         return None
 
-    async def _completed(self, event: Event, ident: _Identity, skip: SkipEvent | None) -> bool:
+    async def _completed(self, event: Event, ident: Identity, skip: SkipEvent | None) -> bool:
         # The effect is done: record it even while shutting down (bounded by the drain).
         await self._retry.keep_trying(
             "ledger",
-            lambda: self.ledger.mark_done(self.name, ident.event_id),
+            lambda: self.ledger.mark_done(self.name, ident.key),
             give_up_on_stop=False,
         )
         if skip is not None:
@@ -359,7 +336,7 @@ class EventProcessor:
             )
             return True
         self._m_handled.inc()
-        age = _age_s(event, ident)
+        age = age_s(event, ident)
         if age is not None:
             self._m_age.observe(age)
         self.log.info(
@@ -373,7 +350,7 @@ class EventProcessor:
     async def _dead_letter(
         self,
         item: FetchedRecord,
-        ident: _Identity | None,
+        ident: Identity | None,
         error: Exception,
         *,
         attempts: int,
@@ -401,6 +378,7 @@ class EventProcessor:
         if ident is not None and token is not None:
             await self._release(ident, token, forget=True)  # a replay starts counting afresh
         self._m_dead.inc()
+        self._observe(item, ident, "dead_lettered", attempts, error)
         self.log.error(
             "event_dead_lettered",
             event_id=ident.event_id if ident else None,

@@ -26,53 +26,53 @@ class WorkerMetrics:
         self.events = Counter(
             "pubrelay_handler_events_total",
             "Events per handler by outcome (handled, retried, dead_lettered, skipped, "
-            "duplicate, ignored); retried counts attempts that were retried",
+            "duplicate, ignored); retried counts attempts that were retried.",
             ["handler", "outcome"],
             registry=registry,
         )
         self.duration = Histogram(
             "pubrelay_handler_duration_seconds",
-            "Time of one handler call",
+            "Time of one handler call.",
             ["handler"],
             buckets=_DURATION_BUCKETS,
             registry=registry,
         )
         self.event_age = Histogram(
             "pubrelay_handler_event_age_seconds",
-            "Time from the event's creation at Voucherify to its handling",
+            "Time from the event's creation at Voucherify to its handling.",
             ["handler"],
             buckets=_AGE_BUCKETS,
             registry=registry,
         )
         self.in_flight = Gauge(
             "pubrelay_handler_in_flight",
-            "Handler calls running now",
+            "Handler calls running now.",
             ["handler"],
             registry=registry,
         )
         self.lag = Gauge(
             "pubrelay_consumer_lag",
-            "Records not yet committed by the handler's consumer group",
+            "Records not yet committed by the handler's consumer group.",
             ["handler"],
             registry=registry,
         )
         self.oldest_uncommitted = Gauge(
             "pubrelay_handler_oldest_uncommitted_age_seconds",
             "Seconds since the oldest record not yet committable was fetched (0: none); "
-            "grows while an event is stuck in a retry; refreshed with the lag",
+            "grows while an event is stuck in a retry; refreshed with the lag.",
             ["handler"],
             registry=registry,
         )
         self.claim_waits = Counter(
             "pubrelay_handler_claim_waits_total",
             "Deliveries that found their event claimed by another worker (a call still "
-            "running past a rebalance, or a worker that died mid-call) and waited",
+            "running past a rebalance, or a worker that died mid-call) and waited.",
             ["handler"],
             registry=registry,
         )
         self.bus_errors = Counter(
             "pubrelay_handler_bus_errors_total",
-            "Broker or ledger failures the worker backed off from, by operation",
+            "Broker or ledger failures the worker backed off from, by operation.",
             ["handler", "operation"],
             registry=registry,
         )

@@ -17,7 +17,6 @@ The dead-letter format itself (the ``dlq-*`` headers) is :mod:`handlers.worker.d
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ from datetime import datetime
 
 import structlog
 
-from bus.types import Bus, Message, Subscription, TopicPartition
+from bus.pending import read_pending
+from bus.types import Bus, Subscription, TopicPartition
 from handlers.types import check_handler_name
 from handlers.worker.dead_letters import DeadLetter
 from schemas.topics import (
@@ -48,6 +48,8 @@ class ReplaySummary:
     read: int = 0
     matched: int = 0
     replayed: int = 0
+    event_ids: list[str] = field(default_factory=list)
+    """The event ids of the dead letters that matched (replayed, or in a dry run would be)."""
     committed: dict[TopicPartition, int] = field(default_factory=dict)
 
 
@@ -65,33 +67,6 @@ async def _dead_letter_topic(
         await sub.close()
 
 
-async def _read_pending(
-    sub: Subscription, *, limit: int | None, timeout_s: float, idle_timeout_s: float
-) -> list[Message]:
-    """Read what the group has not committed, until a fetch comes back empty.
-
-    Until the subscription has partitions (a Kafka group join takes a while) an empty
-    fetch means nothing, so it keeps fetching until ``timeout_s``. The reported lag is
-    only used to learn that partitions are assigned: brokers may report it low.
-    """
-    out: list[Message] = []
-    deadline = time.monotonic() + timeout_s
-    assigned = False
-    while limit is None or len(out) < limit:
-        if not assigned:
-            assigned = bool(await sub.lag())
-        batch = await sub.fetch(
-            max_records=500 if limit is None else min(500, limit - len(out)),
-            timeout_s=idle_timeout_s,
-        )
-        if batch:
-            out.extend(batch)
-        elif assigned or time.monotonic() >= deadline:
-            break
-    out.sort(key=lambda m: (m.topic, m.partition, m.offset))
-    return out
-
-
 async def list_dead_letters(
     bus: Bus,
     handler: str,
@@ -99,13 +74,14 @@ async def list_dead_letters(
     topic_prefix: str = DEFAULT_TOPIC_PREFIX,
     group_prefix: str = DEFAULT_GROUP_PREFIX,
     event_id: str | None = None,
-    limit: int | None = 1000,
+    limit: int | None = None,
     timeout_s: float = 10.0,
     idle_timeout_s: float = 1.0,
 ) -> list[DeadLetter]:
-    """The dead letters of ``handler`` not yet replayed (oldest first); commits nothing."""
+    """The dead letters of ``handler`` not yet replayed (oldest first; all of them, or the
+    first ``limit`` read); commits nothing."""
     async with _dead_letter_topic(bus, handler, topic_prefix, group_prefix) as sub:
-        messages = await _read_pending(
+        messages = await read_pending(
             sub, limit=limit, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
         )
     letters = [DeadLetter.from_message(m) for m in messages]
@@ -135,7 +111,7 @@ async def replay(
     target = retry_topic(topic_prefix, handler)
     summary = ReplaySummary(handler=handler, dry_run=dry_run)
     async with _dead_letter_topic(bus, handler, topic_prefix, group_prefix) as sub:
-        messages = await _read_pending(
+        messages = await read_pending(
             sub, limit=limit, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
         )
         summary.read = len(messages)
@@ -152,6 +128,7 @@ async def replay(
                     blocked.add(message.tp)
                     continue
                 summary.matched += 1
+                summary.event_ids.append(letter.event_id or "-")
                 if progress is not None:
                     progress(letter)
                 if dry_run:

@@ -11,7 +11,9 @@ what happens to one record is :mod:`handlers.worker.attempts`.
   customer id): a lane handles its records strictly one after another; different lanes
   run concurrently, at most ``concurrency`` handler calls at once. A record without a key
   has a lane of its own. A lane that waits for a retry back-off holds no slot, so other
-  customers go on; only the same customer's later events wait.
+  customers go on; only the same customer's later events wait. A handler that raised
+  ``RetryLater(keep_order=False)`` (waiting for one of those later events) steps out: its
+  record waits for its retry in a lane of its own, uncommitted, and the lane goes on.
 * **Back-pressure.** At most ``max_buffered`` records are held: fetched and not yet
   committable (waiting in a lane, or finished behind an unfinished record of their
   partition). At the bound fetching pauses until the oldest ones can be committed, so an
@@ -49,10 +51,11 @@ import structlog
 from bus.types import Bus, Message, Subscription, TopicPartition
 from handlers.config import WorkerSettings
 from handlers.types import Handler
-from handlers.worker.attempts import EventProcessor
+from handlers.worker.attempts import EventProcessor, SteppedAside
 from handlers.worker.error_text import short_error
 from handlers.worker.ledger import Ledger
 from handlers.worker.metrics import WorkerMetrics
+from handlers.worker.observer import AttemptObserver
 from handlers.worker.offsets import FetchedRecord, Partition, commit_positions
 from handlers.worker.retry import Backoff, BusRetry, pause
 from schemas.errors import TopicMissing
@@ -87,6 +90,7 @@ class HandlerRunner:
         topic_prefix: str,
         metrics: WorkerMetrics,
         stop: asyncio.Event,
+        observer: AttemptObserver | None = None,
     ) -> None:
         self.handler = handler
         self.name = handler.name
@@ -111,6 +115,7 @@ class HandlerRunner:
             retry=self._retry,
             stop=stop,
             log=self.log,
+            observer=observer,
         )
         self._lanes: dict[object, deque[FetchedRecord]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -286,8 +291,11 @@ class HandlerRunner:
         if lane is not None:
             lane.append(item)
             return
-        lane = self._lanes[lane_key] = deque([item])
-        task = asyncio.create_task(self._run_lane(lane_key, lane), name=f"lane-{self.name}")
+        self._start_lane(lane_key, deque([item]))
+
+    def _start_lane(self, lane_key: object, lane: deque[FetchedRecord], wait_s: float = 0) -> None:
+        self._lanes[lane_key] = lane
+        task = asyncio.create_task(self._run_lane(lane_key, lane, wait_s), name=f"lane-{self.name}")
         self._tasks.add(task)
         task.add_done_callback(self._lane_ended)
 
@@ -302,8 +310,11 @@ class HandlerRunner:
                 exc_info=err,
             )
 
-    async def _run_lane(self, lane_key: object, lane: deque[FetchedRecord]) -> None:
-        """Handle the lane's records one after another until it is empty.
+    async def _run_lane(
+        self, lane_key: object, lane: deque[FetchedRecord], wait_s: float = 0
+    ) -> None:
+        """Handle the lane's records one after another until it is empty (after ``wait_s``:
+        a record that stepped aside waits for its retry in a lane of its own).
 
         A record whose handling fails unexpectedly stays at the head and is tried again
         after a capped back-off. A record abandoned on stop ends the lane: the customer's
@@ -311,6 +322,8 @@ class HandlerRunner:
         """
         backoff = self._retry.backoff()
         try:
+            if wait_s > 0:
+                await pause(wait_s, self.stop, lane[0].part.revoked)
             while lane and not self._draining and not self.stop.is_set():
                 item = lane[0]
                 part = item.part
@@ -322,6 +335,10 @@ class HandlerRunner:
                         await pause(delay, self.stop, part.revoked)
                         continue  # the same record again (unless stopping or revoked)
                     backoff.reset()
+                    if isinstance(finished, SteppedAside):  # still held: not counted out
+                        lane.popleft()
+                        self._start_lane(object(), deque([item]), finished.delay_s)
+                        continue
                     if finished:
                         part.finish(item.message.offset)
                     elif not part.revoking:
@@ -332,7 +349,7 @@ class HandlerRunner:
         finally:
             self._lanes.pop(lane_key, None)
 
-    async def _process(self, item: FetchedRecord) -> tuple[bool, Exception | None]:
+    async def _process(self, item: FetchedRecord) -> tuple[bool | SteppedAside, Exception | None]:
         """Whether the record reached a final outcome, or the worker's own error on it.
 
         While it runs it counts on its partition, which a revoke waits for.

@@ -31,6 +31,7 @@ from handlers.types import Handler
 from handlers.worker.error_text import short_error
 from handlers.worker.ledger import Ledger, create_ledger
 from handlers.worker.metrics import WorkerMetrics
+from handlers.worker.observer import AttemptObserver
 from handlers.worker.runner import HandlerRunner
 from schemas.errors import PluginError
 
@@ -54,6 +55,7 @@ class Worker:
         metrics_registry: CollectorRegistry,
         reconciler: Reconciler | None = None,
         reconcile_interval_s: float = 0.0,
+        observer: AttemptObserver | None = None,
     ) -> None:
         names = [h.name for h in handlers]
         if len(set(names)) != len(names):
@@ -67,6 +69,7 @@ class Worker:
         self.metrics.declare(names)
         self.reconciler = reconciler
         self.reconcile_interval_s = reconcile_interval_s
+        self.observer = observer
 
     async def run_until_stopped(self, stop: asyncio.Event) -> None:
         """Start the handlers, consume until ``stop`` is set, drain, commit, stop them."""
@@ -110,6 +113,7 @@ class Worker:
             topic_prefix=self.topic_prefix,
             metrics=self.metrics,
             stop=stop,
+            observer=self.observer,
         )
 
     @staticmethod
@@ -140,12 +144,14 @@ async def open_worker(
     env: Mapping[str, str] | None = None,
     voucherify: VoucherifySettings | None = None,
     reconcile: ReconcileSettings | None = None,
+    observer: AttemptObserver | None = None,
 ) -> AsyncIterator[Worker]:
     """The worker of the enabled handlers, with its ledger open until the block ends.
 
     With a Voucherify key pair (``voucherify.configured``) the worker also runs the
     reconciliation recorder (:mod:`handlers.reconcile.recorder`, its own consumer group)
     with its store, and, when ``reconcile.interval_s`` > 0, a reconciliation every so often.
+    ``observer`` hears every attempt's outcome (the console's event index).
 
     Raises :class:`schemas.errors.PluginError` / ``ConfigError`` before opening anything
     when a plugin is unknown, broken or misconfigured.
@@ -158,6 +164,7 @@ async def open_worker(
         topic_prefix=topic_prefix,
         env=env,
         ledger=store,
+        max_attempts=worker.max_attempts,
     )
     reconcile = reconcile or ReconcileSettings()
     received = None
@@ -192,6 +199,7 @@ async def open_worker(
             metrics_registry=metrics_registry,
             reconciler=reconciler,
             reconcile_interval_s=reconcile.interval_s,
+            observer=observer,
         )
     finally:
         if received is not None:

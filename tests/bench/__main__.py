@@ -229,9 +229,15 @@ def bench_intake(tmp: Path) -> None:
     print(first.row("bare aiohttp (read body, 204)"))
     sqlite = pubrelay_webhook(tmp, {})
     print(sqlite.row("pubrelay webhook, embedded SQLite bus"))
+    indexed = pubrelay_webhook(tmp, {"PUBRELAY_CONSOLE__TOKEN": "bench-console-token"})
+    print(indexed.row("the same with the console's event index"))
     second = bare(tmp)
     print(second.row("bare aiohttp again"))
     print(ratio_line("pubrelay webhook, embedded SQLite bus", sqlite, mean(first, second)))
+    print(
+        f"{'event index on / off':<38} "
+        f"{indexed.requests_per_s / sqlite.requests_per_s:.2f} (requests/s)"
+    )
 
 
 def bench_attack(tmp: Path) -> None:

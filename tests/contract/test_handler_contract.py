@@ -24,6 +24,7 @@ from tests.fixtures.worker import (
     EVENT_TYPE,
     eventually,
     fast_worker_settings,
+    ledger_key,
     outcome,
     publish_event,
     read_all,
@@ -174,4 +175,4 @@ async def test_a_permanent_failure_is_dead_lettered(
     [record] = await read_all(bus, dlq_topic(topic_prefix, probe.name), expect=1)
     assert header(record.headers, "event-id") == b"evcus_doomed"
     assert header(record.headers, "dlq-handler") == probe.name.encode()
-    assert not await ledger.is_done(probe.name, "evcus_doomed")
+    assert not await ledger.is_done(probe.name, ledger_key("evcus_doomed"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,10 +18,10 @@ import pytest
 
 from bus.sqlite import SqliteBus
 from handlers.builtin.email.handler import EmailHandler, create
-from handlers.types import Event, KeyLedger
+from handlers.types import Event, HandlerContext, KeyLedger
 from handlers.worker.ledger import SqliteLedger
 from handlers.worker.service import Worker
-from schemas.errors import HandlerError, RetryLater, SkipEvent
+from schemas.errors import ConfigError, HandlerError, RetryLater, SkipEvent
 from schemas.events import CUSTOMER_PUBLICATION_SUCCEEDED, PUBLICATION_SUCCEEDED
 from schemas.record import header
 from schemas.topics import dlq_topic
@@ -613,3 +614,69 @@ async def test_through_the_worker_one_email_per_publication_retries_and_dead_let
     assert b"550" in error
     assert b"Recipient unknown" in error
     assert b"customer62@example.com" not in error
+
+
+def lacking_codes(n: int) -> dict[str, Any]:
+    """A ``customer.publication.succeeded`` of a three-code publication: one code, three ids."""
+    body = envelope(n, publication_id=f"pub_three_{n}")
+    carried = body["data"]["voucher"]["id"]
+    body["data"]["publication"]["vouchers_id"] = [carried, f"v_{n}_2", f"v_{n}_3"]
+    return body
+
+
+async def test_an_event_lacking_codes_is_held_once_then_sent_partial_with_the_missing_ids(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    event = lacking_codes(11)
+    async with (
+        sqlite_ledger(tmp_path) as ledger,
+        running_email(smtp_server.url, tmp_path, ledger=ledger, sibling_hold_s="7") as h,
+    ):
+        with pytest.raises(RetryLater) as held:
+            await h.handler.handle(as_event(event, attempt=1))
+        assert (held.value.delay_s, held.value.keep_order) == (7.0, False)
+        assert smtp_server.mailbox == []
+
+        await h.handler.handle(as_event(event, attempt=2))  # the hold ran out
+        assert h.metric("pubrelay_email_messages_total", outcome="partial") == 1
+        assert h.metric("pubrelay_email_messages_total", outcome="sent") == 0
+        partial = [c for c in h.logs.calls if c.kwargs.get("event") == "email_sent_partial"]
+        assert partial[0].kwargs["missing_voucher_ids"] == ["v_11_2", "v_11_3"]
+    assert len(smtp_server.mailbox) == 1
+
+
+async def test_an_event_lacking_codes_is_skipped_when_its_sibling_was_mailed(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    sibling = multi_code(12, ["A-1", "A-2", "A-3"], publication_id="pub_three_12")
+    async with sqlite_ledger(tmp_path) as ledger:
+        async with running_email(smtp_server.url, tmp_path, ledger=ledger) as h:
+            await h.handler.handle(as_event(sibling))
+        # Another worker, another process: the shared ledger says the e-mail is out.
+        async with running_email(smtp_server.url, tmp_path / "b", ledger=ledger) as h:
+            with pytest.raises(SkipEvent, match="already sent"):
+                await h.handler.handle(as_event(lacking_codes(12), attempt=1))
+    assert len(smtp_server.mailbox) == 1
+
+
+def test_a_hold_with_a_single_attempt_stops_start_up(tmp_path: Path) -> None:
+    def context(max_attempts: int, **settings: str) -> HandlerContext:
+        env = email_env("smtp://127.0.0.1:25", **settings)
+        built, _ = capturing_context("email", tmp_path, env)
+        return dataclasses.replace(built, max_attempts=max_attempts)
+
+    with pytest.raises(ConfigError, match="MAX_ATTEMPTS"):
+        create(context(1))
+    create(context(2))
+    create(context(1, sibling_hold_s="0"))
+
+
+async def test_without_publication_succeeded_in_the_event_types_nothing_is_held(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    only_customer = json.dumps([CUSTOMER_PUBLICATION_SUCCEEDED])
+    async with running_email(smtp_server.url, tmp_path, event_types=only_customer) as h:
+        await h.handler.handle(as_event(lacking_codes(13), attempt=1))
+        assert h.metric("pubrelay_email_sibling_holds_total") == 0
+        assert h.metric("pubrelay_email_messages_total", outcome="partial") == 1
+    assert len(smtp_server.mailbox) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,10 +18,12 @@ from handlers.config import LedgerSettings
 from handlers.worker.ledger import Ledger, RedisLedger, SqliteLedger, create_ledger
 from handlers.worker.service import Worker
 from tests.fixtures.redis import free_port, start_redis, stop_redis
+from tests.fixtures.samples import sample_publication_event
 from tests.fixtures.worker import (
     ScriptedHandler,
     eventually,
     fast_worker_settings,
+    ledger_key,
     metric,
     outcome,
     publish_event,
@@ -165,7 +168,7 @@ async def test_the_worker_deduplicates_through_the_redis_ledger(
                 lambda: outcome(registry, "recorder", "duplicate") == 10, what="10 duplicates"
             )
         assert sorted(handler.effects) == sorted(f"ev_{n}" for n in range(10))
-        assert await ledger.is_done("recorder", "ev_3")
+        assert await ledger.is_done("recorder", ledger_key("ev_3"))
     finally:
         await ledger.close()
 
@@ -207,7 +210,7 @@ async def test_while_the_ledger_is_down_no_handler_runs_and_the_worker_waits_for
                 lambda: metric(registry, "pubrelay_consumer_lag", handler="recorder") == 0,
                 what="the commit",
             )
-        assert await ledger.is_done("recorder", "ev_1")
+        assert await ledger.is_done("recorder", ledger_key("ev_1"))
     finally:
         await ledger.close()
         if server is not None:
@@ -265,3 +268,50 @@ async def test_a_release_after_a_dead_letter_forgets_the_attempts(
     assert (await ledger.claim("http", "ev_9", "a", ttl_s=30)).attempts == 4
     await ledger.release("http", "ev_9", "a", forget_attempts=True)
     assert (await ledger.claim("http", "ev_9", "b", ttl_s=30)).attempts == 1
+
+
+async def test_the_webhook_event_and_the_reconciled_event_of_one_publication_act_once(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    """Reconciliation injects ``evrec_<publication id>`` for a publication whose webhook it
+    had not seen yet (say, still in the bus backlog): another event id, the same
+    publication. Each handler acts once between the two, in either order."""
+    handler = ScriptedHandler()
+
+    def body(event_id: str, publication_id: str) -> bytes:
+        envelope = sample_publication_event(
+            event_id=event_id,
+            delivery_id=f"whs_{event_id}",
+            customer_id="cust_A",
+            email="a@example.com",
+            code="SPRING-1",
+        )
+        envelope["data"]["publication"]["id"] = publication_id
+        return json.dumps(envelope).encode()
+
+    worker = Worker(
+        [handler],
+        bus=bus,
+        ledger=ledger,
+        settings=fast_worker_settings(group_prefix=topic_prefix),
+        topic_prefix=topic_prefix,
+        metrics_registry=registry,
+    )
+    async with running(worker):
+        for event_id, publication_id in [
+            ("evcus_1", "pub_1"),
+            ("evrec_pub_1", "pub_1"),  # reconciliation's twin, after the webhook's event
+            ("evrec_pub_2", "pub_2"),  # reconciliation first ...
+            ("evcus_2", "pub_2"),  # ... the webhook's event late (Voucherify's retry)
+        ]:
+            await publish_event(
+                bus,
+                topic_prefix,
+                event_id=event_id,
+                customer_id="cust_A",
+                body=body(event_id, publication_id),
+            )
+        await eventually(
+            lambda: outcome(registry, "recorder", "duplicate") == 2, what="both twins skipped"
+        )
+    assert handler.effects == ["evcus_1", "evrec_pub_2"]

@@ -24,6 +24,7 @@ from tests.fixtures.worker import (
     ScriptedHandler,
     eventually,
     fast_worker_settings,
+    ledger_key,
     metric,
     outcome,
     publish_event,
@@ -347,7 +348,7 @@ async def test_skipped_events_are_counted_and_not_handled_again(
         )
     assert handler.calls == {"ev_1": 1}
     assert outcome(registry, "recorder", "skipped") == 1
-    assert await ledger.is_done("recorder", "ev_1")
+    assert await ledger.is_done("recorder", ledger_key("ev_1"))
 
 
 async def test_events_of_other_types_are_committed_without_calling_the_handler(
@@ -396,7 +397,7 @@ async def test_handlers_stop_in_reverse_start_order_after_in_flight_events_finis
         await started.wait()
     # stop was set while ev_1 ran: it finished and was recorded before the handlers stopped
     assert first.effects == ["ev_1"]
-    assert await ledger.is_done("first", "ev_1")
+    assert await ledger.is_done("first", ledger_key("ev_1"))
     assert order == ["start:first", "start:second", "stop:second", "stop:first"]
 
 
@@ -483,3 +484,24 @@ async def test_an_unknown_plugin_stops_run_worker_before_consuming(
             metrics_registry=registry,
             stop=asyncio.Event(),
         )
+
+
+async def test_a_retry_out_of_order_lets_the_customer_s_later_events_go_first(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    """`RetryLater(keep_order=False)`: the event waits out of its lane (the e-mail handler's
+    hold for a publication's sibling event, which comes later for the same customer)."""
+
+    async def script(event: Event) -> None:
+        if event.id == "ev_a1" and event.attempt == 1:
+            raise RetryLater("waiting for ev_a2", delay_s=0.5, keep_order=False)
+
+    handler = ScriptedHandler(script=script)
+    async with running(make_worker([handler], bus, ledger, registry, topic_prefix)):
+        await publish_event(bus, topic_prefix, event_id="ev_a1", customer_id="a")
+        await publish_event(bus, topic_prefix, event_id="ev_a2", customer_id="a")
+        await eventually(lambda: len(handler.effects) == 2, what="both events of customer a")
+    assert handler.by_customer["a"] == ["ev_a2", "ev_a1"]
+    assert [a for e, a in handler.attempts if e == "ev_a1"] == [1, 2]
+    assert outcome(registry, "recorder", "retried") == 1
+    assert outcome(registry, "recorder", "handled") == 2

@@ -16,7 +16,8 @@ PACKAGES = ("schemas", "bus", "consumer", "handlers", "pubrelay")
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 README = ROOT / "README.md"
 
-# `pubrelay → consumer | handlers → bus → schemas`: what each package may import of ours.
+# `pubrelay → consumer | handlers → bus → schemas`: what each package may import of ours
+# (the console is `pubrelay/console/`: it reads both sides).
 ALLOWED: dict[str, set[str]] = {
     "schemas": {"schemas"},
     "bus": {"bus", "schemas"},

@@ -6,7 +6,11 @@ properties must exist in the portal) to a dotted path resolved on the typed even
 ``voucher.campaign``, ``campaign.name``, ``campaign.id``, ``publication.channel``,
 ``publication.created_at``, ``publication.id``, ``customer.id``, ``customer.source_id``,
 ``customer.name``, ``customer.metadata.<key>``... A path starting with ``event.`` reads the
-envelope's event instead (``event.id``, ``event.type``, ``event.created_at``). Paths are
+envelope's event instead (``event.id``, ``event.type``, ``event.created_at``). ``codes`` is
+every code of the publication, comma-separated (``A-1, A-2, A-3``), written only from an
+event that lists them all (:mod:`handlers.builtin.publication_codes`): a
+``customer.publication.succeeded`` of a multi-code publication carries one code, so to record
+all of them add ``publication.succeeded`` to ``PUBRELAY_CRM__EVENT_TYPES``. Paths are
 checked against the models at start-up (:class:`PropertyMap`). Values are sent as text:
 date-times as ISO 8601 UTC (``2024-05-01T12:00:00.000Z``, which HubSpot date-time
 properties accept), booleans as ``true``/``false``, objects as compact JSON; a missing
@@ -25,6 +29,7 @@ from typing import Any, Final, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
+from handlers.builtin.publication_codes import PublicationData, publication_codes
 from handlers.types import Event
 from schemas.errors import ConfigError
 from schemas.events import CustomerPublicationSucceededData, WebhookEvent
@@ -39,6 +44,9 @@ DEFAULT_PROPERTIES: Final[Mapping[str, str]] = types.MappingProxyType(
         "voucherify_last_published_at": "publication.created_at",
     }
 )
+
+CODES_PATH: Final = "codes"
+"""The derived path of every code of the publication (not a model field)."""
 
 _ANY: Final = object()
 """A path segment below a free-form mapping (``metadata``): anything goes from there."""
@@ -90,6 +98,8 @@ def _check_path(prop: str, path: str) -> tuple[str, ...]:
     where = f"PUBRELAY_CRM__PROPERTIES: {prop!r} -> {path!r}"
     if not path or any(not p for p in parts):
         raise ConfigError(f"{where}: a field path is dotted names such as 'voucher.code'")
+    if path == CODES_PATH:
+        return parts
     if parts[0] == "event":
         models: tuple[type[BaseModel], ...] | object | None = (WebhookEvent,)
         rest = parts[1:]
@@ -114,6 +124,11 @@ def _resolve(event: Event, parts: tuple[str, ...]) -> Any:
     """The value at ``parts`` in the event, ``None`` where any step is missing."""
     envelope = event.envelope
     node: Any
+    if parts == (CODES_PATH,):
+        if not isinstance(envelope.data, PublicationData):
+            return None
+        codes = publication_codes(envelope.data)
+        return ", ".join(codes.codes) if codes.complete and codes.vouchers else None
     if parts[0] == "event":
         node, parts = envelope.event, parts[1:]
     else:

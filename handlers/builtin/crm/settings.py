@@ -51,19 +51,48 @@ class CrmSettings(BaseModel):
         default_factory=lambda: dict(DEFAULT_PROPERTIES),
         description="HubSpot contact property -> event field path",
     )
-    batch_window_s: float = Field(default=0.5, ge=0, le=60)
-    batch_size: int = Field(default=HUBSPOT_MAX_BATCH, ge=1, le=HUBSPOT_MAX_BATCH)
-    timeout_s: float = Field(default=10.0, gt=0)
-    max_requests_per_10s: int = Field(default=100, ge=1)
-    rate_window_s: float = Field(default=10.0, gt=0, description="HubSpot's window is 10 s")
-    auth_retry_delay_s: float = Field(default=300.0, ge=0)
+    batch_window_s: float = Field(
+        default=0.5,
+        ge=0,
+        le=60,
+        description="events arriving within this time share one batch request (at most 60)",
+    )
+    batch_size: int = Field(
+        default=HUBSPOT_MAX_BATCH,
+        ge=1,
+        le=HUBSPOT_MAX_BATCH,
+        description="contacts per batch upsert request (HubSpot's limit: 100)",
+    )
+    timeout_s: float = Field(default=10.0, gt=0, description="bound for one HubSpot request")
+    max_requests_per_10s: int = Field(
+        default=100,
+        ge=1,
+        description=(
+            "client-side limit of HubSpot requests per `RATE_WINDOW_S` (HubSpot "
+            "allows 100 or 190 per 10 s by plan)"
+        ),
+    )
+    rate_window_s: float = Field(
+        default=10.0, gt=0, description="the window of `MAX_REQUESTS_PER_10S` (HubSpot's is 10 s)"
+    )
+    auth_retry_delay_s: float = Field(
+        default=300.0,
+        ge=0,
+        description=(
+            "after a rejected token (401/403), retry this long later without calling "
+            "HubSpot in between; `pubrelay_crm_auth_failed` is 1 meanwhile"
+        ),
+    )
     max_pause_s: float = Field(
         default=3600.0,
         gt=0,
         le=86_400,
         description="longest pause after a 429, in seconds, whatever HubSpot's headers ask",
     )
-    event_types: list[str] = Field(default_factory=lambda: [CUSTOMER_PUBLICATION_SUCCEEDED])
+    event_types: list[str] = Field(
+        default_factory=lambda: [CUSTOMER_PUBLICATION_SUCCEEDED],
+        description="event types to act on",
+    )
 
     @field_validator("base_url")
     @classmethod

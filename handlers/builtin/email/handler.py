@@ -13,11 +13,30 @@ that dies mid-send delays the publication's e-mail by the claim's life at most. 
 a ledger (unit contexts) it remembers the publications of this process only, and says
 so at start.
 
+**Several codes.** An event that lacks some of its publication's codes (a
+``customer.publication.succeeded`` carries one ``voucher`` while ``publication.vouchers_id``
+lists them all: :mod:`~handlers.builtin.publication_codes`) sends no e-mail at once. If the
+publication was already mailed (by its sibling ``publication.succeeded``, which lists every
+code) it is skipped (``already_sent``). Otherwise, on its first attempt, it waits
+``SIBLING_HOLD_S`` with ``RetryLater(keep_order=False)`` (unless ``EVENT_TYPES`` leaves out
+``publication.succeeded``): it steps out of the customer's lane, so the sibling, queued
+behind it for the same customer, is mailed meanwhile, and other customers are not held up;
+its offset stays uncommitted and counts toward the worker's back-pressure. The hold is one
+retry: it spends one of ``PUBRELAY_WORKER__MAX_ATTEMPTS`` (start-up refuses a hold with
+``MAX_ATTEMPTS=1``) and is capped by ``PUBRELAY_WORKER__RETRY_MAX_DELAY_S``. A worker
+restarted during a hold does not hold again (the attempts are counted durably). On the
+next attempt it is skipped if the sibling was mailed; else the missing codes are read from
+Voucherify's API when a key pair is configured (:mod:`~handlers.builtin.email.lookup`);
+whatever is still missing, the e-mail goes out with the codes known, counted as
+``outcome="partial"`` and logged (``email_sent_partial``) with the missing voucher ids.
+
 The parts, one module each: :mod:`~handlers.builtin.email.settings` (``PUBRELAY_EMAIL__*``),
 :mod:`~handlers.builtin.email.message` (whether an event gets an e-mail, and the message:
 headers, and the names templates see), :mod:`~handlers.builtin.email.rendering` (the
 Jinja2 templates and where they are looked up), :mod:`~handlers.builtin.email.smtp`
-(delivery through the relay).
+(delivery through the relay), :mod:`~handlers.builtin.publication_codes` (a publication's codes,
+and which an event lacks), :mod:`~handlers.builtin.email.lookup` (missing codes from the
+API), :mod:`~handlers.builtin.email.metrics`.
 
 **Outcomes** (see :mod:`handlers.types`): sent -> returns. No address, an opted-out
 customer, no code, a publication already mailed -> :class:`SkipEvent` (also counted in
@@ -38,25 +57,27 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from email import policy
 from typing import Any, Final, NoReturn
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
 from structlog.typing import FilteringBoundLogger
 
+from handlers.builtin.email.lookup import VoucherLookup
 from handlers.builtin.email.message import (
-    SKIP_REASONS,
     Composed,
     MessageComposer,
     Skip,
     publication_key,
 )
+from handlers.builtin.email.metrics import EmailMetrics, email_metrics
+from handlers.builtin.email.outbox import OUTBOX_DIR, OUTBOX_URL, OutboxTransport
 from handlers.builtin.email.settings import EmailSettings, parse_smtp_url
 from handlers.builtin.email.smtp import SmtpTransport
+from handlers.builtin.publication_codes import PublicationCodes, publication_codes
+from handlers.builtin.voucherify_api import VoucherifySettings
 from handlers.types import Event, HandlerContext, KeyLedger
-from schemas.errors import HandlerError, RetryLater, SkipEvent
-from schemas.events import WebhookEnvelope
+from schemas.errors import ConfigError, HandlerError, RetryLater, SkipEvent
+from schemas.events import PUBLICATION_SUCCEEDED, WebhookEnvelope
 from schemas.masking import mask_address
 
 __all__ = ["EmailHandler", "create"]
@@ -70,50 +91,6 @@ _HELD_WAIT_S: Final = 10.0
 """How long a send waits for another worker mailing the same publication (polling), before
 it is retried once that worker's claim would have expired."""
 _HELD_POLL_S: Final = 0.5
-_OUTCOMES: Final = ("sent", "deferred", "rejected", "template_error")
-
-
-@dataclass(frozen=True, slots=True)
-class _Metrics:
-    messages: Counter
-    skipped: Counter
-    duration: Histogram
-    connections: Counter
-
-
-def _metrics(registry: CollectorRegistry) -> _Metrics:
-    metrics = _Metrics(
-        messages=Counter(
-            "pubrelay_email_messages_total",
-            "E-mails by outcome (sent, deferred: 4xx or relay unreachable, rejected: 5xx or "
-            "unusable address, template_error)",
-            ["outcome"],
-            registry=registry,
-        ),
-        skipped=Counter(
-            "pubrelay_email_skipped_total",
-            "Events that sent no e-mail, by reason (no_address, opted_out, no_code, "
-            "already_sent, unsupported_event)",
-            ["reason"],
-            registry=registry,
-        ),
-        duration=Histogram(
-            "pubrelay_email_send_duration_seconds",
-            "Time of one SMTP transaction, connecting included",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=registry,
-        ),
-        connections=Counter(
-            "pubrelay_email_smtp_connections_total",
-            "SMTP connections opened (a steady rise means the relay keeps dropping them)",
-            registry=registry,
-        ),
-    )
-    for outcome in _OUTCOMES:
-        metrics.messages.labels(outcome)
-    for reason in SKIP_REASONS:
-        metrics.skipped.labels(reason)
-    return metrics
 
 
 class _KeyLocks:
@@ -146,10 +123,11 @@ class EmailHandler:
         name: str,
         settings: EmailSettings,
         composer: MessageComposer,
-        transport: SmtpTransport,
+        transport: SmtpTransport | OutboxTransport,
         ledger: KeyLedger | None,
         logger: FilteringBoundLogger,
-        metrics: _Metrics,
+        metrics: EmailMetrics,
+        lookup: VoucherLookup | None = None,
     ) -> None:
         self.name = name
         self.event_types = frozenset(settings.event_types)
@@ -160,6 +138,7 @@ class EmailHandler:
         self._ledger = ledger
         self._log = logger
         self._m = metrics
+        self._lookup = lookup
         self._sent: OrderedDict[str, None] = OrderedDict()
         self._locks = _KeyLocks()
         self._claim_ttl_s = settings.timeout_s * _CLAIM_TIMEOUTS
@@ -174,8 +153,12 @@ class EmailHandler:
                 reason="no ledger: one e-mail per publication holds within this process only",
             )
         await self._transport.start()
+        if self._lookup is not None:
+            await self._lookup.start()
 
     async def stop(self) -> None:
+        if self._lookup is not None:
+            await self._lookup.stop()
         await self._transport.stop()
 
     async def handle(self, event: Event) -> None:
@@ -190,15 +173,55 @@ class EmailHandler:
         async with self._locks.hold(key):
             if key in self._sent:
                 self._skip(Skip("already_sent", f"an e-mail for {key} was already sent"))
+            codes = publication_codes(envelope.data)
+            if not codes.complete:
+                codes = await self._complete(event, key, codes)
             token = secrets.token_hex(12)
             await self._claim(key, token)
             try:
                 async with asyncio.timeout(self._claim_ttl_s * _SEND_SHARE_OF_CLAIM):
-                    await self._compose_and_send(envelope)
+                    await self._compose_and_send(envelope, codes)
             except BaseException:
                 await self._release(key, token)
                 raise
             await self._remember(key)
+
+    async def _complete(self, event: Event, key: str, codes: PublicationCodes) -> PublicationCodes:
+        """The publication's codes for an event lacking some (see the module's text): skipped
+        when the sibling was mailed, held once, then completed from the API if it can be."""
+        if await self._mailed(key):
+            self._skip(Skip("already_sent", f"an e-mail for {key} was already sent"))
+        hold_s = self.settings.sibling_hold_s
+        if event.attempt <= 1 and hold_s > 0 and PUBLICATION_SUCCEEDED in self.event_types:
+            self._m.held.inc()
+            self._log.info(
+                "email_held_for_sibling",
+                event_id=event.id,
+                publication=key,
+                codes=len(codes.vouchers),
+                missing=len(codes.missing_ids),
+                hold_s=hold_s,
+            )
+            raise RetryLater(
+                f"{key}: {len(codes.missing_ids)} code(s) missing; waiting for the event "
+                "that lists them all",
+                delay_s=hold_s,
+                keep_order=False,
+            )
+        if self._lookup is not None:
+            codes = await self._lookup.complete(codes, event_id=event.id)
+        return codes
+
+    async def _mailed(self, key: str) -> bool:
+        if key in self._sent:
+            return True
+        if self._ledger is None:
+            return False
+        try:
+            return await self._ledger.is_done(self.name, key)
+        except Exception as err:  # the store's own errors; the claim before sending asks again
+            self._log.warning("email_dedupe_check_failed", key=key, error=repr(err))
+            return False
 
     def _skip(self, skip: Skip) -> NoReturn:
         self._m.skipped.labels(skip.reason).inc()
@@ -248,16 +271,18 @@ class EmailHandler:
         except Exception as err:  # the mail is out: failing now would only send it again
             self._log.error("email_dedupe_record_failed", key=key, error=repr(err))
 
-    async def _compose_and_send(self, envelope: WebhookEnvelope[Any]) -> None:
+    async def _compose_and_send(
+        self, envelope: WebhookEnvelope[Any], codes: PublicationCodes | None = None
+    ) -> None:
         try:
-            composed = self.composer.compose(envelope)
+            composed = self.composer.compose(envelope, codes.vouchers if codes else None)
         except HandlerError as err:
             self._m.messages.labels("template_error").inc()
             self._log.error("email_not_composed", event_id=envelope.event_id, error=str(err))
             raise
-        await self._send(composed, envelope.event_id)
+        await self._send(composed, envelope.event_id, codes.missing_ids if codes else ())
 
-    async def _send(self, composed: Composed, event_id: str) -> None:
+    async def _send(self, composed: Composed, event_id: str, missing: tuple[str, ...]) -> None:
         raw = composed.message.as_bytes(policy=policy.SMTP)
         masked = mask_address(composed.recipient)
         started = time.perf_counter()
@@ -273,28 +298,49 @@ class EmailHandler:
             raise
         elapsed = time.perf_counter() - started
         self._m.duration.observe(elapsed)
-        self._m.messages.labels("sent").inc()
-        self._log.info(
-            "email_sent",
+        self._m.messages.labels("partial" if missing else "sent").inc()
+        (self._log.warning if missing else self._log.info)(
+            "email_sent_partial" if missing else "email_sent",
             event_id=event_id,
             to=masked,
             message_id=composed.message["Message-ID"],
             templates=list(composed.templates),
             duration_ms=round(elapsed * 1000, 1),
             reply=reply,
+            **({"missing_voucher_ids": list(missing)} if missing else {}),
         )
 
 
 def create(context: HandlerContext) -> EmailHandler:
     """Entry point ``email`` in group ``pubrelay.handlers`` (see ``pyproject.toml``)."""
     settings = context.settings(EmailSettings)
+    if (
+        settings.sibling_hold_s > 0
+        and context.max_attempts is not None
+        and context.max_attempts < 2
+    ):
+        raise ConfigError(
+            f"{context.env_prefix}SIBLING_HOLD_S={settings.sibling_hold_s:g} spends one of "
+            f"PUBRELAY_WORKER__MAX_ATTEMPTS={context.max_attempts}, leaving none to send the "
+            f"e-mail: set MAX_ATTEMPTS to 2 or more, or {context.env_prefix}SIBLING_HOLD_S=0"
+        )
     composer = MessageComposer.from_settings(settings, context.env_prefix)
-    metrics = _metrics(context.metrics_registry)
-    transport = SmtpTransport(
-        settings,
-        parse_smtp_url(settings.smtp_url),
-        logger=context.logger,
-        on_connect=metrics.connections.inc,
+    metrics = email_metrics(context.metrics_registry)
+    transport: SmtpTransport | OutboxTransport
+    if settings.smtp_url == OUTBOX_URL:
+        transport = OutboxTransport(context.data_dir / OUTBOX_DIR)
+    else:
+        transport = SmtpTransport(
+            settings,
+            parse_smtp_url(settings.smtp_url),
+            logger=context.logger,
+            on_connect=metrics.connections.inc,
+        )
+    api = context.shared_settings(VoucherifySettings, "voucherify")
+    lookup = (
+        VoucherLookup(api, logger=context.logger, lookups=metrics.lookups)
+        if api.configured
+        else None
     )
     return EmailHandler(
         name=context.name,
@@ -304,4 +350,5 @@ def create(context: HandlerContext) -> EmailHandler:
         ledger=context.ledger,
         logger=context.logger,
         metrics=metrics,
+        lookup=lookup,
     )

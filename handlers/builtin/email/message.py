@@ -16,8 +16,9 @@ is :mod:`handlers.builtin.email.rendering`):
 * ``voucher``: the (first) code, a :class:`VoucherView`:
   ``code``, ``discount`` (``"10% off"``, ``"$10.00 off"``), ``expires`` (formatted date
   or none), ``starts``, ``details`` (``"10% off, valid until 2024-12-31"``), ``model``.
-* ``vouchers`` and ``codes``: every code of the publication (one for
-  ``customer.publication.succeeded``).
+* ``vouchers`` and ``codes``: every code of the publication, each once
+  (:mod:`handlers.builtin.publication_codes`; the handler completes a
+  ``customer.publication.succeeded`` of a multi-code publication before composing).
 * ``channel``, ``event`` (``event.id``, ``event.created_at``...), ``event_id``,
   ``event_type``, ``sender``, ``list_unsubscribe_urls`` (the URIs of the
   ``List-Unsubscribe`` header, possibly none), ``list_unsubscribe_url`` (the first https
@@ -34,7 +35,7 @@ publication.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.headerregistry import Address
@@ -45,14 +46,11 @@ from urllib.parse import quote
 
 from handlers.builtin.email.rendering import TemplateRenderer, render_template, template_bases
 from handlers.builtin.email.settings import EmailSettings, SenderAddress, parse_sender
+from handlers.builtin.publication_codes import PublicationData, publication_codes
 from schemas.campaign import Campaign
 from schemas.customer import Customer
 from schemas.errors import HandlerError
-from schemas.events import (
-    CustomerPublicationSucceededData,
-    PublicationSucceededData,
-    WebhookEnvelope,
-)
+from schemas.events import WebhookEnvelope
 from schemas.masking import mask_address
 from schemas.publication import Publication
 from schemas.voucher import Voucher
@@ -82,8 +80,6 @@ _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]+")
 _URI_ITEM_RE: Final = re.compile(r"<([^<>]*)>|([^,<>]+)")
 # RFC 3986's characters of a URI but the comma, which separates the URIs of the header.
 _URI_SAFE: Final = ":/?#[]@!$&'()*+;=%"
-
-PublicationData = CustomerPublicationSucceededData | PublicationSucceededData
 
 
 def publication_key(data: PublicationData) -> str | None:
@@ -186,7 +182,7 @@ class MessageComposer:
         if self._opted_out(data):
             key = self.settings.opt_out_metadata_key
             return Skip("opted_out", f"the customer opted out of e-mail (metadata {key!r})")
-        if not _codes(data):
+        if not publication_codes(data).vouchers:
             return Skip("no_code", "the publication carries no code")
         return None
 
@@ -202,8 +198,11 @@ class MessageComposer:
 
     # --- what to send ------------------------------------------------------------------------
 
-    def compose(self, envelope: WebhookEnvelope[Any]) -> Composed:
+    def compose(
+        self, envelope: WebhookEnvelope[Any], vouchers: Sequence[Voucher] | None = None
+    ) -> Composed:
         """The message for ``envelope``; call after :meth:`skip_reason` returned ``None``.
+        ``vouchers`` replaces the codes the event carries (the publication's codes, completed).
 
         Raises :class:`HandlerError` for a template bug or an address that cannot be used.
         """
@@ -211,7 +210,7 @@ class MessageComposer:
         if not isinstance(data, PublicationData):
             raise HandlerError(f"event type {envelope.event_type!r} sends no e-mail")
         recipient = _recipient(data)
-        context = self.context(envelope, data)
+        context = self.context(envelope, data, vouchers)
         bases = template_bases(
             context["campaign"].id, context["campaign"].name, data.channel or None
         )
@@ -252,21 +251,28 @@ class MessageComposer:
         ident = pub.id if pub is not None and pub.id else f"event.{envelope.event_id}"
         return f"<pubrelay.{_MSGID_RE.sub('-', ident)}@{self.sender.domain}>"
 
-    def context(self, envelope: WebhookEnvelope[Any], data: PublicationData) -> dict[str, Any]:
+    def context(
+        self,
+        envelope: WebhookEnvelope[Any],
+        data: PublicationData,
+        vouchers: Sequence[Voucher] | None = None,
+    ) -> dict[str, Any]:
         """The names templates see; missing objects are empty models, never ``None``."""
         customer = data.customer
         pub = data.publication or Publication()
         if customer is None:
             customer = pub.customer or Customer()
         campaign = data.campaign or Campaign()
-        vouchers = [self._view(v, campaign) for v in _vouchers(data)]
+        if vouchers is None:
+            vouchers = publication_codes(data).vouchers
+        views = [self._view(v, campaign) for v in vouchers]
         context: dict[str, Any] = {
             "customer": _with_metadata(customer),
             "campaign": _with_metadata(campaign),
             "publication": _with_metadata(pub),
-            "voucher": vouchers[0] if vouchers else None,
-            "vouchers": vouchers,
-            "codes": [v.code for v in vouchers],
+            "voucher": views[0] if views else None,
+            "vouchers": views,
+            "codes": [v.code for v in views],
             "channel": data.channel,
             "event": envelope.event,
             "event_id": envelope.event_id,
@@ -323,21 +329,6 @@ def _truthy(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in _TRUTHY
     return False
-
-
-def _vouchers(data: PublicationData) -> list[Voucher]:
-    if isinstance(data, CustomerPublicationSucceededData):
-        return [data.voucher]
-    found = data.all_vouchers
-    if found:
-        return found
-    return [Voucher.model_construct(code=code) for code in data.codes]
-
-
-def _codes(data: PublicationData) -> list[str]:
-    if isinstance(data, CustomerPublicationSucceededData):
-        return [data.voucher.code] if data.voucher.code else []
-    return [code for code in data.codes if code]
 
 
 def _recipient(data: PublicationData) -> str:

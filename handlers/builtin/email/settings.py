@@ -8,7 +8,8 @@ variable                         default                  meaning
 ===============================  =======================  ====================================
 ``SENDER``                       (required)               ``From``: ``Shop <coupons@shop.io>``
 ``SMTP_URL``                     ``smtp://localhost:25``  ``smtp://host:port`` or
-                                                          ``smtps://host:port`` (implicit TLS)
+                                                          ``smtps://host:port`` (implicit TLS),
+                                                          or ``outbox:`` (files, see outbox.py)
 ``STARTTLS``                     ``auto``                 ``auto`` (when offered), ``always``,
                                                           ``never``; not used with ``smtps://``
 ``USERNAME`` / ``PASSWORD``      (none)                   SMTP AUTH; sent only over TLS unless
@@ -35,6 +36,10 @@ variable                         default                  meaning
 ``CONNECTIONS``                  ``1``                    SMTP connections kept open
 ``TIMEOUT_S``                    ``30``                   bound for one SMTP command
 ``EVENT_TYPES``                  both publication events  event types to act on
+``SIBLING_HOLD_S``               ``20``                   how long an event lacking some of
+                                                          its publication's codes waits for
+                                                          the sibling event that lists them
+                                                          (one retry: see ``handler.py``)
 ===============================  =======================  ====================================
 """
 
@@ -50,6 +55,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from handlers.builtin.email.outbox import OUTBOX_URL
 from schemas.errors import ConfigError
 from schemas.events import CUSTOMER_PUBLICATION_SUCCEEDED, PUBLICATION_SUCCEEDED
 
@@ -73,30 +79,48 @@ class EmailSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    smtp_url: str = Field(default="smtp://localhost:25", description="smtp:// or smtps://")
+    smtp_url: str = Field(
+        default="smtp://localhost:25",
+        description="`smtp://host:port`, `smtps://host:port`, or `outbox:` (write each e-mail "
+        "to `<data dir>/outbox/` and send nothing; the console shows them)",
+    )
     starttls: Literal["auto", "always", "never"] = Field(
-        default="auto", description="upgrade smtp:// connections with STARTTLS"
+        default="auto", description="`auto` (when offered), `always`, `never`"
     )
     username: str | None = Field(default=None, description="SMTP AUTH user (none: no AUTH)")
-    password: SecretStr | None = Field(default=None, description="SMTP AUTH password")
+    password: SecretStr | None = Field(default=None, description="SMTP AUTH password; never logged")
     allow_plaintext_auth: bool = Field(
         default=False, description="allow AUTH over a connection without TLS"
     )
     ca_file: Path | None = Field(default=None, description="PEM bundle trusted for the relay")
     verify_tls: bool = Field(default=True, description="check the relay's certificate")
-    helo_hostname: str | None = Field(default=None, description="EHLO name (default: FQDN)")
-    sender: str | None = Field(default=None, description="From, e.g. 'Shop <coupons@shop.io>'")
-    reply_to: str | None = Field(default=None, description="Reply-To header")
-    template_dir: Path | None = Field(default=None, description="operator templates")
-    currency_symbol: str = Field(default="", description="prefix of amounts: '$' -> $10.00")
-    date_format: str = Field(default="%Y-%m-%d", description="strftime format of dates")
+    helo_hostname: str | None = Field(
+        default=None, description="EHLO name (default: this host's FQDN)"
+    )
+    sender: str | None = Field(
+        default=None,
+        examples=["Shop <coupons@shop.example>"],
+        description=(
+            "the From address, required by the handler, e.g. `Shop <coupons@shop.example>`"
+        ),
+    )
+    reply_to: str | None = Field(default=None, description="Reply-To")
+    template_dir: Path | None = Field(
+        default=None,
+        description="your templates, tried before the built-in ones (see the `email` handler)",
+    )
+    currency_symbol: str = Field(default="", description="prefix of amounts: `$` gives `$10.00`")
+    date_format: str = Field(default="%Y-%m-%d", description="format of dates")
     list_unsubscribe: str | None = Field(
         default=None,
-        description="List-Unsubscribe template (mailto: or https URIs, comma-separated); "
-        "each {{ }} is percent-encoded",
+        description=(
+            "List-Unsubscribe template (`mailto:` or `https:` URIs, comma-separated),"
+            " e.g. `https://shop.example/unsub?c={{ customer.id }}`; each `{{ … }}` "
+            "is percent-encoded"
+        ),
     )
     list_unsubscribe_one_click: bool = Field(
-        default=False, description="add List-Unsubscribe-Post (RFC 8058) for https URLs"
+        default=False, description="add `List-Unsubscribe-Post` (RFC 8058) for https URLs"
     )
     opt_out_metadata_key: str = Field(
         default="email_opt_out", description="customer metadata key that opts out"
@@ -107,11 +131,19 @@ class EmailSettings(BaseModel):
     event_types: list[str] = Field(
         default_factory=lambda: sorted(EMAIL_EVENT_TYPES), description="event types to act on"
     )
+    sibling_hold_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="how long an event lacking some of its publication's codes waits for the "
+        "sibling event listing them all, before the API or a partial e-mail (one retry of "
+        "PUBRELAY_WORKER__MAX_ATTEMPTS; capped by PUBRELAY_WORKER__RETRY_MAX_DELAY_S); 0: none",
+    )
 
     @field_validator("smtp_url")
     @classmethod
     def _smtp_url(cls, value: str) -> str:
-        parse_smtp_url(value)  # raises ValueError with the reason
+        if value != OUTBOX_URL:
+            parse_smtp_url(value)  # raises ValueError with the reason
         return value
 
     @field_validator("sender", "reply_to")

@@ -1,0 +1,231 @@
+"""The quarantine topic as a place people work in: list what waits there, release what
+can now be routed.
+
+Both read ``<prefix>quarantine`` in the consumer group ``<group prefix>quarantine-release``
+(:func:`schemas.topics.quarantine_release_group`), whose committed offset separates the
+records already released from those still waiting, so :func:`list_quarantined` shows what
+:func:`release` would look at.
+
+:func:`release` routes each chosen record again with the intake's own :func:`classify`
+and today's settings (a stale event within a raised ``MAX_EVENT_AGE_S``, an event whose
+topic may now be created). What still fails is not released and is returned with its
+reason; what passes is published to its event topic with the headers the intake would
+have written (its original ``received-at`` and signature) plus ``origin:
+quarantine-release``, and then its offset is committed. Only a contiguous run is
+committed: a record left in place keeps the released ones after it listed, and releasing
+them again is harmless (the ledger turns an event already handled into a ``duplicate``).
+``dry_run`` publishes and commits nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+
+from bus.pending import read_pending
+from bus.types import Bus, Message, Subscription, TopicPartition
+from consumer.routing import Quarantined, Routed, classify
+from schemas.errors import TopicMissing
+from schemas.record import (
+    HEADER_DELIVERY_ID,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_ORIGIN,
+    HEADER_QUARANTINE_DETAIL,
+    HEADER_QUARANTINE_REASON,
+    HEADER_RECEIVED_AT,
+    HEADER_SIGNATURE,
+    ORIGIN_QUARANTINE_RELEASE,
+    Headers,
+    header,
+)
+from schemas.timestamps import parse_timestamp
+from schemas.topics import quarantine_release_group, quarantine_topic, topic_for
+
+log = structlog.get_logger("pubrelay.consumer.quarantine")
+
+
+def _text(headers: Headers, name: str) -> str | None:
+    value = header(headers, name)
+    return value.decode("utf-8", "replace") if value is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedRecord:
+    """One record of the quarantine topic, its headers decoded."""
+
+    message: Message
+    reason: str | None
+    detail: str | None
+    event_id: str | None
+    event_type: str | None
+    received_at: datetime | None
+
+    @classmethod
+    def from_message(cls, message: Message) -> QuarantinedRecord:
+        headers = message.headers
+        return cls(
+            message=message,
+            reason=_text(headers, HEADER_QUARANTINE_REASON),
+            detail=_text(headers, HEADER_QUARANTINE_DETAIL),
+            event_id=_text(headers, HEADER_EVENT_ID),
+            event_type=_text(headers, HEADER_EVENT_TYPE),
+            received_at=parse_timestamp(_text(headers, HEADER_RECEIVED_AT)),
+        )
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.message.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which quarantined records a command looks at: all, some event ids, some reasons."""
+
+    event_ids: Collection[str] = ()
+    reasons: Collection[str] = ()
+
+    def matches(self, record: QuarantinedRecord) -> bool:
+        return (not self.event_ids or record.event_id in self.event_ids) and (
+            not self.reasons or record.reason in self.reasons
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A chosen record that still fails routing, and why: it stays in quarantine."""
+
+    record: QuarantinedRecord
+    reason: str
+    detail: str
+
+
+@dataclass(slots=True)
+class ReleaseSummary:
+    """What a release did (or, with ``dry_run``, would do)."""
+
+    dry_run: bool
+    read: int = 0
+    released: list[QuarantinedRecord] = field(default_factory=list)
+    held: list[Held] = field(default_factory=list)
+    committed: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+@asynccontextmanager
+async def _quarantine(
+    bus: Bus, topic_prefix: str, group_prefix: str
+) -> AsyncIterator[Subscription]:
+    sub = bus.subscribe(quarantine_release_group(group_prefix), [quarantine_topic(topic_prefix)])
+    await sub.start()
+    try:
+        yield sub
+    finally:
+        await sub.close()
+
+
+async def list_quarantined(
+    bus: Bus,
+    *,
+    topic_prefix: str,
+    group_prefix: str,
+    selection: Selection = Selection(),
+    timeout_s: float = 10.0,
+    idle_timeout_s: float = 1.0,
+) -> list[QuarantinedRecord]:
+    """The quarantined records not yet released (oldest first); commits nothing."""
+    async with _quarantine(bus, topic_prefix, group_prefix) as sub:
+        messages = await read_pending(
+            sub, limit=None, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
+        )
+    records = [QuarantinedRecord.from_message(m) for m in messages]
+    return [r for r in records if selection.matches(r)]
+
+
+def released_headers(record: QuarantinedRecord, routed: Routed) -> Headers:
+    """The headers the intake writes for a routed event, from the quarantined record."""
+    original = record.message.headers
+    return (
+        (HEADER_EVENT_ID, routed.event_id.encode()),
+        (HEADER_EVENT_TYPE, routed.event_type.encode()),
+        (HEADER_DELIVERY_ID, routed.delivery_id.encode()),
+        (HEADER_RECEIVED_AT, header(original, HEADER_RECEIVED_AT) or b""),
+        (HEADER_SIGNATURE, header(original, HEADER_SIGNATURE) or b""),
+        (HEADER_ORIGIN, ORIGIN_QUARANTINE_RELEASE.encode()),
+    )
+
+
+async def release(
+    bus: Bus,
+    selection: Selection,
+    *,
+    topic_prefix: str,
+    group_prefix: str,
+    max_json_depth: int,
+    max_event_age_s: float | None,
+    dry_run: bool = False,
+    now: datetime | None = None,
+    timeout_s: float = 10.0,
+    idle_timeout_s: float = 1.0,
+) -> ReleaseSummary:
+    """Route the selected quarantined records again; publish those that now pass.
+
+    Raises :class:`schemas.errors.BusUnavailable` when a publish fails; what was released
+    before it is committed first, so running it again continues where it stopped.
+    """
+    summary = ReleaseSummary(dry_run=dry_run)
+    async with _quarantine(bus, topic_prefix, group_prefix) as sub:
+        messages = await read_pending(
+            sub, limit=None, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
+        )
+        summary.read = len(messages)
+        frontier: dict[TopicPartition, int] = {}
+        blocked: set[TopicPartition] = set()
+        try:
+            for message in messages:
+                record = QuarantinedRecord.from_message(message)
+                decision = (
+                    classify(
+                        message.value,
+                        max_depth=max_json_depth,
+                        max_event_age_s=max_event_age_s,
+                        now=now,
+                    )
+                    if selection.matches(record)
+                    else None
+                )
+                if isinstance(decision, Quarantined):
+                    summary.held.append(Held(record, decision.reason, decision.detail))
+                if not isinstance(decision, Routed):
+                    blocked.add(message.tp)
+                    continue
+                if not dry_run:
+                    try:
+                        await bus.publish(
+                            topic_for(topic_prefix, decision.event_type),
+                            message.value,
+                            key=decision.key.encode(),
+                            headers=released_headers(record, decision),
+                        )
+                    except TopicMissing as err:
+                        summary.held.append(Held(record, "no_topic", str(err)))
+                        blocked.add(message.tp)
+                        continue
+                    log.info(
+                        "quarantine_released",
+                        event_id=decision.event_id,
+                        event_type=decision.event_type,
+                        reason=record.reason,
+                        offset=message.offset,
+                    )
+                summary.released.append(record)
+                if message.tp not in blocked:
+                    frontier[message.tp] = message.offset + 1
+        finally:
+            if frontier and not dry_run:
+                await sub.commit(frontier)
+                summary.committed = frontier
+    return summary

@@ -1,0 +1,46 @@
+"""What the worker tells an observer (the console's event index) about each attempt.
+
+:class:`~handlers.worker.attempts.EventProcessor` calls :meth:`AttemptObserver.attempted`
+once per outcome of a record: done, skipped (with the reason), duplicate, retrying (with
+the error) or dead-lettered (with the error). A plain method call that must neither block
+nor raise: the console's recorder appends to a bounded queue and writes in batches.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+from bus.types import Message
+
+Outcome = Literal["done", "skipped", "duplicate", "retrying", "dead_lettered"]
+
+
+class AttemptObserver(Protocol):
+    def attempted(
+        self,
+        handler: str,
+        message: Message,
+        *,
+        event_id: str | None,
+        outcome: Outcome,
+        attempt: int,
+        detail: str | None = None,
+    ) -> None:
+        """One outcome of ``handler`` for the record ``message`` (``attempt`` counts from 1)."""
+        ...
+
+
+class NoObserver:
+    """Observes nothing (the default)."""
+
+    def attempted(
+        self,
+        handler: str,
+        message: Message,
+        *,
+        event_id: str | None,
+        outcome: Outcome,
+        attempt: int,
+        detail: str | None = None,
+    ) -> None:
+        return None

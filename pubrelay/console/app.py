@@ -1,0 +1,213 @@
+"""The console's aiohttp application, mounted at ``/console/`` (``consumer/app.py``).
+
+:func:`create_console_app` wires the pages (``views.py``, ``operations.py``) behind one
+middleware that lets nothing through without the token (``auth.py``): a Bearer header or
+a valid session cookie, and on every POST made with a cookie a valid CSRF token. Before
+that check the only work is reading headers; the login form's body is read only when its
+declared length is at most ``MAX_FORM_BYTES``. Every answer carries a strict
+Content-Security-Policy (no script, no inline style, no frames but our own sandboxed
+ones), ``nosniff``, ``no-referrer``, ``no-store`` and ``frame-ancestors 'none'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import jinja2
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from bus.types import Bus
+from pubrelay.console.auth import (
+    COOKIE,
+    COOKIE_PATH,
+    FAILURE_DELAY_S,
+    Gate,
+    TooManyFailures,
+    bearer,
+    safe_next,
+    set_session,
+)
+from pubrelay.console.index import EventIndex
+from pubrelay.console.recorder import IndexRecorder
+
+MAX_FORM_BYTES: Final = 16 * 1024
+CSP: Final = (
+    "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+    "frame-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+_HERE: Final = Path(__file__).parent
+_PUBLIC: Final = ("login", "static")
+"""The only routes reachable without the token: the login form and the stylesheet."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class Console:
+    """What the pages need; stored on the app under :data:`CONSOLE`."""
+
+    gate: Gate
+    bus: Bus
+    index: EventIndex | None
+    recorder: IndexRecorder | None
+    handlers: Sequence[str]
+    topic_prefix: str
+    group_prefix: str
+    templates: jinja2.Environment = field(
+        default_factory=lambda: jinja2.Environment(
+            loader=jinja2.FileSystemLoader(_HERE / "templates"),
+            autoescape=True,  # every value is escaped, in every template
+            undefined=jinja2.StrictUndefined,
+        )
+    )
+    outbox: Path | None = None
+    """Where the e-mail handler's outbox is (``SMTP_URL=outbox:``)."""
+    registry: CollectorRegistry | None = None
+    """This process's metrics: the worker's lag, SMTP and CRM figures (``views.py``)."""
+    read_timeout_s: float = 3.0
+    """How long a reading of a topic may wait for its partitions (a Kafka group join)."""
+    inspecting: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """One reading of a dead-letter or quarantine topic at a time (one group member)."""
+
+
+CONSOLE: Final = web.AppKey("console", Console)
+SESSION: Final = web.RequestKey("session", str)
+"""The request's session cookie, once the middleware found it valid."""
+
+
+def render(
+    request: web.Request, template: str, *, status: int = 200, **context: Any
+) -> web.Response:
+    """A page from ``templates/``, with the CSRF token of the request's session."""
+    console = request.app[CONSOLE]
+    session = request.get(SESSION)
+    context.setdefault("csrf", console.gate.csrf_token(session) if session else "")
+    context.setdefault("root", COOKIE_PATH)
+    text = console.templates.get_template(template).render(**context)
+    return web.Response(text=text, status=status, content_type="text/html", charset="utf-8")
+
+
+def _wants_html(request: web.Request) -> bool:
+    return request.method == "GET" and "text/html" in request.headers.get("Accept", "")
+
+
+@web.middleware
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """401 (or, for a browser, the login page) unless the request carries the token."""
+    route = request.match_info.route.name
+    if route in _PUBLIC:
+        return await handler(request)
+    gate = request.app[CONSOLE].gate
+    given = bearer(request)
+    if given is not None:
+        try:
+            if await gate.check_token(given):
+                return await handler(request)
+        except TooManyFailures:
+            raise web.HTTPTooManyRequests(text="too many failed attempts; retry later") from None
+        raise web.HTTPUnauthorized(text="invalid token", headers={"WWW-Authenticate": "Bearer"})
+    session = request.cookies.get(COOKIE, "")
+    if not session or not gate.session_valid(session):
+        if _wants_html(request):
+            login = request.app.router["login"].url_for().with_query(next=request.path_qs)
+            raise web.HTTPSeeOther(location=str(login))
+        raise web.HTTPUnauthorized(text="log in or send Authorization: Bearer <token>")
+    request[SESSION] = session
+    if request.method not in ("GET", "HEAD"):
+        form = await _small_form(request)
+        if not gate.csrf_valid(session, str(form.get("csrf", ""))):
+            raise web.HTTPForbidden(text="missing or invalid CSRF token; reload the page")
+    return await handler(request)
+
+
+async def _small_form(request: web.Request) -> Any:
+    """The form, read only when it declares a small length."""
+    length = request.content_length
+    if length is None or length > MAX_FORM_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_FORM_BYTES, actual_size=length or 0)
+    return await request.post()
+
+
+async def _security_headers(_: web.Request, response: web.StreamResponse) -> None:
+    """The console's headers; a page that sets its own policy (an outbox e-mail's HTML,
+    framed by the console) keeps it."""
+    response.headers.setdefault("Content-Security-Policy", CSP)
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+
+
+async def login_page(request: web.Request) -> web.Response:
+    return render(request, "login.html", next=safe_next(request.query.get("next")), failed=False)
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    console = request.app[CONSOLE]
+    form = await _small_form(request)
+    target = safe_next(str(form.get("next", "")))
+    try:
+        ok = await console.gate.check_token(str(form.get("token", "")))
+    except TooManyFailures:
+        return render(request, "login.html", next=target, failed=True, status=429)
+    if not ok:
+        return render(request, "login.html", next=target, failed=True, status=401)
+    response = web.Response(status=303, headers={"Location": target})
+    set_session(response, request, console.gate.new_session(), console.gate.session_ttl_s)
+    return response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    response = web.Response(
+        status=303, headers={"Location": str(request.app.router["login"].url_for())}
+    )
+    response.del_cookie(COOKIE, path=COOKIE_PATH)
+    return response
+
+
+def create_console_app(
+    *,
+    token: str,
+    session_ttl_s: float,
+    bus: Bus,
+    index: EventIndex | None,
+    recorder: IndexRecorder | None,
+    handlers: Sequence[str],
+    topic_prefix: str,
+    group_prefix: str,
+    failure_delay_s: float = FAILURE_DELAY_S,
+    outbox: Path | None = None,
+    registry: CollectorRegistry | None = None,
+    read_timeout_s: float = 3.0,
+) -> web.Application:
+    """The console: mount it with ``app.add_subapp("/console/", ...)``."""
+    from pubrelay.console import mail, operations, views  # noqa: PLC0415 - the pages load with it
+
+    app = web.Application(middlewares=[require_token])
+    app[CONSOLE] = Console(
+        gate=Gate(token, session_ttl_s=session_ttl_s, failure_delay_s=failure_delay_s),
+        bus=bus,
+        index=index,
+        recorder=recorder,
+        handlers=handlers,
+        topic_prefix=topic_prefix,
+        group_prefix=group_prefix,
+        outbox=outbox,
+        registry=registry,
+        read_timeout_s=read_timeout_s,
+    )
+    app.on_response_prepare.append(_security_headers)
+    sign_in = app.router.add_resource("/login", name="login")
+    sign_in.add_route("GET", login_page)
+    sign_in.add_route("POST", login)
+    app.router.add_post("/logout", logout)
+    app.router.add_static("/static/", _HERE / "static", name="static")
+    views.add_routes(app.router)
+    operations.add_routes(app.router)
+    mail.add_routes(app.router)
+    return app

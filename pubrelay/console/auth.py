@@ -1,0 +1,112 @@
+"""Who may use the console: the token, as a Bearer header or a login session; CSRF tokens.
+
+* **The token** (``PUBRELAY_CONSOLE__TOKEN``) is compared in constant time
+  (``hmac.compare_digest``) whether it comes as ``Authorization: Bearer <token>`` (scripts)
+  or from the login form.
+* **Sessions** are stateless: the cookie is ``<expiry>.<HMAC(token, expiry)>``, so the
+  server keeps nothing per session, and a new token ends every session. The cookie is
+  ``HttpOnly``, ``SameSite=Strict``, limited to ``/console/``, and ``Secure`` when the
+  request came over HTTPS (directly, or ``X-Forwarded-Proto: https`` from a proxy).
+* **Failed logins are slowed down** without remembering anyone: each failure holds one of
+  ``MAX_FAILING`` slots for ``FAILURE_DELAY_S`` before it is answered, and a check that
+  finds every slot taken is answered 429 at once. Guessing is capped at about
+  ``MAX_FAILING / FAILURE_DELAY_S`` tries a second from the whole internet, in constant
+  memory (a per-address table would grow with the addresses an attacker has).
+* **CSRF**: every state-changing form carries ``HMAC(token, "csrf:" + session)``, checked
+  in constant time; a Bearer request carries no cookie and needs none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from typing import Final
+
+from aiohttp import web
+
+COOKIE: Final = "pubrelay_console"
+COOKIE_PATH: Final = "/console/"
+FAILURE_DELAY_S: Final = 1.0
+MAX_FAILING: Final = 4
+
+
+class TooManyFailures(Exception):
+    """Every failure slot is taken: answer 429 without checking."""
+
+
+class Gate:
+    """The token check, the sessions and the CSRF tokens of one console."""
+
+    def __init__(
+        self, token: str, *, session_ttl_s: float, failure_delay_s: float = FAILURE_DELAY_S
+    ) -> None:
+        self._token = token.encode()
+        self._key = hashlib.sha256(b"pubrelay-console:" + self._token).digest()
+        self.session_ttl_s = session_ttl_s
+        self.failure_delay_s = failure_delay_s
+        self._failing = asyncio.Semaphore(MAX_FAILING)
+
+    def _mac(self, purpose: str, value: str) -> str:
+        return hmac.new(self._key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
+
+    async def check_token(self, given: str) -> bool:
+        """Whether ``given`` is the token; a wrong one is answered after the delay, and
+        raises :class:`TooManyFailures` when too many wrong ones are being delayed."""
+        if hmac.compare_digest(given.encode(), self._token):
+            return True
+        if self._failing.locked():
+            raise TooManyFailures
+        async with self._failing:
+            await asyncio.sleep(self.failure_delay_s)
+        return False
+
+    def new_session(self, now: float | None = None) -> str:
+        expiry = str(int((now or time.time()) + self.session_ttl_s))
+        return f"{expiry}.{self._mac('session', expiry)}"
+
+    def session_valid(self, value: str, now: float | None = None) -> bool:
+        expiry, _, mac = value.partition(".")
+        if not expiry.isdigit() or len(expiry) > 12:
+            return False
+        if not hmac.compare_digest(mac.encode(), self._mac("session", expiry).encode()):
+            return False
+        return int(expiry) > (now or time.time())
+
+    def csrf_token(self, session: str) -> str:
+        return self._mac("csrf", session)
+
+    def csrf_valid(self, session: str, given: str) -> bool:
+        return hmac.compare_digest(given.encode(), self.csrf_token(session).encode())
+
+
+def bearer(request: web.Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, if any."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def is_https(request: web.Request) -> bool:
+    return request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+
+
+def set_session(
+    response: web.StreamResponse, request: web.Request, value: str, ttl_s: float
+) -> None:
+    response.set_cookie(
+        COOKIE,
+        value,
+        max_age=int(ttl_s),
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="Strict",
+        secure=is_https(request),
+    )
+
+
+def safe_next(target: str | None) -> str:
+    """Where to go after logging in: a console path only (never another site)."""
+    if target and target.startswith(COOKIE_PATH) and "//" not in target and "\\" not in target:
+        return target
+    return COOKIE_PATH

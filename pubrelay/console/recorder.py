@@ -1,0 +1,212 @@
+"""Feeds the event index from the intake and the worker, off their paths.
+
+:class:`IndexRecorder` is both the intake's :class:`consumer.observer.IntakeObserver` and
+the worker's :class:`handlers.worker.observer.AttemptObserver`: each call appends one
+entry to a bounded queue and returns (no parsing, no I/O, no await). A background task
+takes what is queued every ``FLUSH_EVERY_S`` (or sooner once ``FLUSH_AT`` entries wait),
+reads the new bodies' fields (msgspec, ``pubrelay/console/fields.py``) a chunk at a time, and
+writes one transaction. When the queue is full new entries are dropped and counted
+(``dropped``): the index is a view for people; the bus, the ledger and the dead-letter
+topics stay the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Final
+
+import structlog
+
+from bus.types import Message
+from handlers.worker.observer import Outcome
+from pubrelay.console.fields import read_fields
+from pubrelay.console.index import Attempt, Batch, Delivery, EventIndex, NewEvent
+from schemas.record import (
+    HEADER_DELIVERY_ID,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_RECEIVED_AT,
+    Headers,
+    header,
+)
+from schemas.timestamps import parse_timestamp
+
+log = structlog.get_logger("pubrelay.console.index")
+
+FLUSH_EVERY_S: Final = 0.5
+FLUSH_AT: Final = 2000
+_CHUNK: Final = 200
+_KNOWN_MAX: Final = 4096
+"""Event ids this process already indexed: their bodies are not read again."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    topic: str
+    headers: Headers
+    body: bytes
+    status: int
+    outcome: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempted:
+    handler: str
+    message: Message
+    event_id: str
+    outcome: str
+    attempt: int
+    detail: str
+    at: float
+
+
+def _text(headers: Headers, name: str) -> str:
+    value = header(headers, name)
+    return value.decode("utf-8", "replace")[:200] if value else ""
+
+
+def _received_at(headers: Headers, default: float) -> float:
+    stamp = parse_timestamp(_text(headers, HEADER_RECEIVED_AT) or None)
+    return stamp.timestamp() if stamp is not None else default
+
+
+class IndexRecorder:
+    def __init__(self, index: EventIndex, *, queue_max: int) -> None:
+        self.index = index
+        self.dropped = 0
+        """Entries dropped since start (the queue was full)."""
+        self._dropped_logged = 0
+        self._queue: deque[_Received | _Attempted] = deque()
+        self._queue_max = queue_max
+        self._wake = asyncio.Event()
+        self._known: OrderedDict[str, None] = OrderedDict()
+
+    def _put(self, entry: _Received | _Attempted) -> None:
+        if len(self._queue) >= self._queue_max:
+            self.dropped += 1
+            return
+        self._queue.append(entry)
+        if len(self._queue) >= FLUSH_AT:
+            self._wake.set()
+
+    def received(
+        self, *, topic: str, headers: Headers, body: bytes, status: int, outcome: str
+    ) -> None:
+        self._put(_Received(topic, headers, body, status, outcome, time.time()))
+
+    def attempted(
+        self,
+        handler: str,
+        message: Message,
+        *,
+        event_id: str | None,
+        outcome: Outcome,
+        attempt: int,
+        detail: str | None = None,
+    ) -> None:
+        if event_id:
+            entry = _Attempted(
+                handler, message, event_id, outcome, attempt, detail or "", time.time()
+            )
+            self._put(entry)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[IndexRecorder]:
+        """Flush in the background until the block ends, then write what is left."""
+        task = asyncio.create_task(self._run(), name="event-index")
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), FLUSH_EVERY_S)
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write what is queued now, in one transaction; a failure is logged, not raised."""
+        if not self._queue:
+            return
+        entries = list(self._queue)
+        self._queue.clear()
+        try:
+            # Read on the loop, a chunk at a time: a worker thread would only contend for
+            # the GIL with the loop (more CPU per request, measured), and the chunks keep
+            # each step short for the requests in flight.
+            batch = Batch()
+            for start in range(0, len(entries), _CHUNK):
+                self._add(batch, entries[start : start + _CHUNK])
+                await asyncio.sleep(0)
+            await self.index.write(batch)
+        except Exception as err:  # the index is a view: the intake and worker go on
+            log.warning(
+                "event_index_write_failed",
+                entries=len(entries),
+                error_type=type(err).__name__,
+                error=str(err)[:200],
+            )
+        if self.dropped > self._dropped_logged:
+            log.warning("event_index_entries_dropped", dropped=self.dropped - self._dropped_logged)
+            self._dropped_logged = self.dropped
+
+    def _add(self, batch: Batch, entries: list[_Received | _Attempted]) -> None:
+        """Add these entries to ``batch`` (reading the fields of bodies not seen yet)."""
+        for entry in entries:
+            if isinstance(entry, _Received):
+                event_id = _text(entry.headers, HEADER_EVENT_ID)
+                delivery_id = _text(entry.headers, HEADER_DELIVERY_ID)
+                batch.deliveries.append(
+                    Delivery(
+                        event_id, delivery_id, entry.at, entry.topic, entry.status, entry.outcome
+                    )
+                )
+                if event_id and entry.status < 300:
+                    self._new_event(batch, event_id, entry.headers, entry.body, entry.at)
+            else:
+                m = entry.message
+                self._new_event(batch, entry.event_id, m.headers, m.value, entry.at)
+                batch.attempts.append(
+                    Attempt(
+                        entry.event_id,
+                        entry.handler,
+                        entry.at,
+                        entry.attempt,
+                        entry.outcome,
+                        entry.detail,
+                        m.topic,
+                        m.partition,
+                        m.offset,
+                    )
+                )
+
+    def _new_event(
+        self, batch: Batch, event_id: str, headers: Headers, body: bytes, at: float
+    ) -> None:
+        if event_id in self._known:
+            return
+        self._known[event_id] = None
+        if len(self._known) > _KNOWN_MAX:
+            self._known.popitem(last=False)
+        fields, terms = read_fields(body)
+        batch.events.append(
+            NewEvent(
+                event_id,
+                _text(headers, HEADER_EVENT_TYPE),
+                _received_at(headers, at),
+                fields,
+                body,
+                terms,
+            )
+        )

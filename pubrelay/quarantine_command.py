@@ -1,0 +1,109 @@
+"""``pubrelay quarantine list`` and ``pubrelay quarantine release`` told to a person.
+
+``list``: the bus and topic first, then each record waiting (reason, event id, received
+at, size). ``release``: the records it sent on to their topic (or, with ``--dry-run``,
+would), and every chosen record that still fails routing with its reason; exit 1 when
+one was held back, so a script notices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bus.types import Bus
+from consumer.quarantine import QuarantinedRecord, Selection, list_quarantined, release
+from pubrelay.bus_access import bus_url, describe, with_existing_bus
+from pubrelay.dead_letter_commands import short, when
+from pubrelay.settings import Settings
+from schemas.topics import quarantine_topic
+
+
+def _record_json(record: QuarantinedRecord) -> dict[str, object]:
+    return {
+        "reason": record.reason,
+        "detail": record.detail,
+        "event_id": record.event_id,
+        "event_type": record.event_type,
+        "received_at": record.received_at.isoformat() if record.received_at else None,
+        "size_bytes": record.size_bytes,
+        "partition": record.message.partition,
+        "offset": record.message.offset,
+    }
+
+
+async def quarantine_list(settings: Settings, args: argparse.Namespace) -> int:
+    topic = quarantine_topic(settings.bus.topic_prefix)
+    selection = Selection(event_ids=args.event_id or (), reasons=args.reason or ())
+
+    async def work(bus: Bus) -> int:
+        records = await list_quarantined(
+            bus,
+            topic_prefix=settings.bus.topic_prefix,
+            group_prefix=settings.worker.group_prefix,
+            selection=selection,
+        )
+        shown = records[: args.limit]
+        if args.json:
+            document = {
+                "bus": bus_url(settings),
+                "topic": topic,
+                "total": len(records),
+                "shown": len(shown),
+                "records": [_record_json(r) for r in shown],
+            }
+            print(json.dumps(document, indent=2))
+            return 0
+        print(f"{'REASON':<18} {'EVENT ID':<32} {'RECEIVED AT (UTC)':<19} {'BYTES':>8}  DETAIL")
+        for record in shown:
+            detail = record.detail or "" if args.full else short(record.detail, 60)
+            print(
+                f"{short(record.reason, 18):<18} {short(record.event_id or '-', 32):<32} "
+                f"{when(record.received_at):<19} {record.size_bytes:>8}  {detail}"
+            )
+        count = f"{len(shown)} of {len(records)}" if len(shown) < len(records) else len(records)
+        print(f"{count} quarantined record(s) waiting")
+        return 0
+
+    print(describe(settings, topic), file=sys.stderr if args.json else sys.stdout)
+    return await with_existing_bus(settings, work)
+
+
+async def quarantine_release(settings: Settings, args: argparse.Namespace) -> int:
+    if not (args.event_id or args.reason or args.all):
+        print(
+            "pubrelay quarantine release: choose what to release: --event-id ID, "
+            "--reason REASON, or --all",
+            file=sys.stderr,
+        )
+        return 1
+    selection = Selection(event_ids=args.event_id or (), reasons=args.reason or ())
+
+    async def work(bus: Bus) -> int:
+        summary = await release(
+            bus,
+            selection,
+            topic_prefix=settings.bus.topic_prefix,
+            group_prefix=settings.worker.group_prefix,
+            max_json_depth=settings.webhook.max_json_depth,
+            max_event_age_s=settings.webhook.max_event_age_s,
+            dry_run=args.dry_run,
+        )
+        verb = "would release" if summary.dry_run else "released"
+        for record in summary.released:
+            print(f"{verb} {record.event_id} ({record.event_type}, was {record.reason})")
+        for held in summary.held:
+            print(f"still quarantined {held.record.event_id or '-'}: {held.reason}: {held.detail}")
+        seen = {r.event_id for r in summary.released} | {h.record.event_id for h in summary.held}
+        missing = [event_id for event_id in args.event_id or () if event_id not in seen]
+        for event_id in missing:
+            print(f"not waiting in quarantine: {event_id}")
+        print(
+            f"{verb} {len(summary.released)}, still quarantined {len(summary.held)}, "
+            f"of {summary.read} record(s) waiting"
+        )
+        return 1 if summary.held or missing else 0
+
+    print(describe(settings, quarantine_topic(settings.bus.topic_prefix)))
+    return await with_existing_bus(settings, work)

@@ -1,0 +1,256 @@
+"""The operator commands as a user runs them: what `dlq list`, `replay`, `quarantine`, `send`
+and `preview-email` print and exit with."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bus.sqlite import SqliteBus
+from handlers.worker.dead_letters import dead_letter_headers
+from schemas.record import HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_ORIGIN, header
+from tests.fixtures.app import EXAMPLE, read_topic
+from tests.fixtures.process import Launcher, pubrelay_bin
+from tests.fixtures.smtp import SmtpServer
+
+SAMPLE = EXAMPLE / "customer.publication.succeeded.json"  # created in 2024
+SAMPLE_EVENT_ID = "evcus_0e16e42bc6e0c65b58"
+SECRET_ENV = {"PUBRELAY_WEBHOOK__SECRETS": '["operator-secret"]'}
+TOPIC = "voucherify.customer.publication.succeeded"
+LONG_ERROR = "SMTPRecipientRefused: 550 5.1.1 " + "the mailbox is unavailable; " * 8 + "END"
+
+
+def cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [pubrelay_bin(), *args],
+        cwd=cwd,
+        env={**os.environ, "PUBRELAY_LOG__LEVEL": "warning", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def seed_dead_letters(bus_path: Path, count: int) -> None:
+    async def seed() -> None:
+        bus = SqliteBus(bus_path)
+        await bus.start()
+        try:
+            for n in range(count):
+                original = (
+                    (HEADER_EVENT_ID, f"evcus_dead_{n}".encode()),
+                    (HEADER_EVENT_TYPE, b"customer.publication.succeeded"),
+                )
+                headers = dead_letter_headers(
+                    original,
+                    error=LONG_ERROR,
+                    error_type="aiosmtplib.errors.SMTPRecipientRefused",
+                    attempts=1,
+                    first_failed_at="2026-12-01T10:00:00.000+00:00",
+                    last_failed_at="2026-12-01T10:00:00.000+00:00",
+                    handler="email",
+                    source_topic=TOPIC,
+                )
+                await bus.publish("voucherify.dlq.email", b"{}", key=b"c", headers=headers)
+        finally:
+            await bus.close()
+
+    asyncio.run(seed())
+
+
+def test_dlq_list_and_replay_say_what_they_read_and_what_they_would_send(tmp_path: Path) -> None:
+    (tmp_path / "var").mkdir()
+    seed_dead_letters(tmp_path / "var" / "bus.sqlite3", 3)
+
+    listing = cli("dlq", "list", "--handler", "email", "--limit", "2", cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    first = listing.stdout.splitlines()[0]
+    assert "sqlite:///var/bus.sqlite3" in first
+    assert "topic voucherify.dlq.email" in first
+    assert "2 of 3 dead letter(s) waiting for handler 'email'" in listing.stdout
+    assert "END" not in listing.stdout  # the error is cut to the table's width
+
+    full = cli("dlq", "list", "--handler", "email", "--full", cwd=tmp_path)
+    assert "END" in full.stdout
+    assert "3 dead letter(s) waiting" in full.stdout
+
+    as_json = cli("dlq", "list", "--handler", "email", "--json", "--limit", "1", cwd=tmp_path)
+    document = json.loads(as_json.stdout)
+    assert (document["topic"], document["total"], document["shown"]) == (
+        "voucherify.dlq.email",
+        3,
+        1,
+    )
+    assert document["dead_letters"][0]["event_id"] == "evcus_dead_0"
+    assert document["dead_letters"][0]["error"] == LONG_ERROR
+
+    dry = cli("replay", "--handler", "email", "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "topic voucherify.dlq.email" in dry.stdout.splitlines()[0]
+    for n in range(3):
+        assert f"would replay evcus_dead_{n}" in dry.stdout
+    assert (
+        "3 dead letter(s) waiting" in cli("dlq", "list", "--handler", "email", cwd=tmp_path).stdout
+    )
+
+
+def test_an_unknown_handler_or_a_missing_bus_is_an_error_not_an_empty_list(
+    tmp_path: Path,
+) -> None:
+    unknown = cli("dlq", "list", "--handler", "emial", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert "unknown handler 'emial'" in unknown.stderr
+    assert "email" in unknown.stderr.split("known handlers:")[1]
+
+    for args in (("dlq", "list", "--handler", "email"), ("replay", "--handler", "email")):
+        missing = cli(*args, cwd=tmp_path)
+        assert missing.returncode == 2
+        assert "no embedded bus" in missing.stderr
+        assert str(tmp_path / "var" / "bus.sqlite3") in missing.stderr
+    assert not (tmp_path / "var" / "bus.sqlite3").exists()
+
+    quarantine = cli("quarantine", "list", cwd=tmp_path)
+    assert quarantine.returncode == 2
+    assert not (tmp_path / "var").exists()
+
+
+def test_a_stale_event_is_quarantined_listed_and_released_once_the_age_limit_allows_it(
+    run_pubrelay: Launcher, tmp_path: Path
+) -> None:
+    strict = {**SECRET_ENV, "PUBRELAY_WEBHOOK__MAX_EVENT_AGE_S": "3600"}
+    server = run_pubrelay(["webhook"], env=strict)
+    server.wait_ready()
+    to_server = {**strict, "PUBRELAY_HTTP__PORT": str(server.port)}  # no --url: configured
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"event": ')
+    refused = cli("send", str(bad), cwd=tmp_path, env=to_server)
+    assert refused.returncode == 1
+    assert "bad.json is not JSON" in refused.stderr
+    assert "nothing was sent" in refused.stderr
+
+    stale = cli("send", str(SAMPLE), cwd=tmp_path, env=to_server)
+    assert stale.stdout.strip() == "202 quarantined: stale"
+    assert stale.returncode == 1
+    allowed = cli("send", str(SAMPLE), "--allow-quarantined", cwd=tmp_path, env=to_server)
+    assert allowed.returncode == 0
+    fresh = cli("send", "--example", cwd=tmp_path, env=to_server)
+    assert (fresh.returncode, fresh.stdout.strip()) == (0, "202 accepted")
+    assert server.terminate() == 0
+    assert server.output().count('"webhook_request"') == 3  # the bad file never left
+
+    listing = cli("quarantine", "list", cwd=tmp_path)
+    assert "topic voucherify.quarantine" in listing.stdout.splitlines()[0]
+    rows = [line for line in listing.stdout.splitlines() if SAMPLE_EVENT_ID in line]
+    assert len(rows) == 2
+    assert rows[0].startswith("stale")
+    assert str(len(SAMPLE.read_bytes())) in rows[0]
+    assert "2 quarantined record(s) waiting" in listing.stdout
+
+    still = cli("quarantine", "release", "--event-id", SAMPLE_EVENT_ID, cwd=tmp_path, env=strict)
+    assert still.returncode == 1
+    assert f"still quarantined {SAMPLE_EVENT_ID}: stale" in still.stdout
+
+    dry = cli("quarantine", "release", "--event-id", SAMPLE_EVENT_ID, "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert f"would release {SAMPLE_EVENT_ID}" in dry.stdout
+    assert stored_sample_events(tmp_path) == []
+
+    done = cli("quarantine", "release", "--event-id", SAMPLE_EVENT_ID, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"released {SAMPLE_EVENT_ID} (customer.publication.succeeded, was stale)" in done.stdout
+    assert stored_sample_events(tmp_path) == [b"quarantine-release"] * 2
+    assert "0 quarantined record(s) waiting" in cli("quarantine", "list", cwd=tmp_path).stdout
+    again = cli("quarantine", "release", "--all", cwd=tmp_path)
+    assert "released 0" in again.stdout
+    gone = cli("quarantine", "release", "--event-id", SAMPLE_EVENT_ID, cwd=tmp_path)
+    assert gone.returncode == 1
+    assert f"not waiting in quarantine: {SAMPLE_EVENT_ID}" in gone.stdout
+    assert len(stored_sample_events(tmp_path)) == 2
+
+
+def stored_sample_events(cwd: Path) -> list[bytes | None]:
+    """The ``origin`` header of every record of the sample's event on its topic."""
+
+    async def read() -> list[bytes | None]:
+        bus = SqliteBus(cwd / "var" / "bus.sqlite3")
+        await bus.start()
+        try:
+            records = await read_topic(bus, TOPIC)
+        finally:
+            await bus.close()
+        return [
+            header(r.headers, HEADER_ORIGIN)
+            for r in records
+            if header(r.headers, HEADER_EVENT_ID) == SAMPLE_EVENT_ID.encode()
+        ]
+
+    return asyncio.run(read())
+
+
+def eventually(predicate: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_sending_the_example_twice_mails_twice_and_logs_each_message_id_unmasked(
+    run_pubrelay: Launcher, smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    env = {
+        **SECRET_ENV,
+        "PUBRELAY_HANDLERS__ENABLED": '["email"]',
+        "PUBRELAY_EMAIL__SMTP_URL": smtp_server.url,
+        "PUBRELAY_EMAIL__SENDER": "Shop <coupons@shop.example>",
+    }
+    server = run_pubrelay(["serve"], env=env)
+    server.wait_ready()
+    to_server = {**SECRET_ENV, "PUBRELAY_HTTP__PORT": str(server.port)}
+    for _ in range(2):
+        sent = cli("send", "--example", cwd=tmp_path, env=to_server)
+        assert (sent.returncode, sent.stdout.strip()) == (0, "202 accepted"), sent.stderr
+        assert "example customer.publication.succeeded: event evcus_" in sent.stderr
+    eventually(lambda: len(smtp_server.mailbox) == 2, "two e-mails")
+    eventually(lambda: server.output().count('"email_sent"') == 2, "two email_sent lines")
+    assert server.terminate() == 0
+
+    message_ids = {m.message["Message-ID"] for m in smtp_server.mailbox}
+    assert len(message_ids) == 2  # two publications, not one and a duplicate
+    logged = {
+        json.loads(line)["message_id"]
+        for line in server.output().splitlines()
+        if '"email_sent"' in line
+    }
+    assert logged == message_ids
+
+
+def test_preview_email_without_a_sender_uses_a_placeholder_and_says_so(tmp_path: Path) -> None:
+    result = cli("preview-email", str(SAMPLE), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "From: Your Shop <shop@example.com>" in result.stdout
+    assert "PUBRELAY_EMAIL__SENDER is not set" in result.stderr
+    assert "placeholder" in result.stderr
+
+
+def test_preview_email_input_errors_are_one_line_and_exit_1(tmp_path: Path) -> None:
+    env = {"PUBRELAY_EMAIL__SENDER": "Shop <coupons@shop.example>"}
+    not_a_webhook = tmp_path / "other.json"
+    not_a_webhook.write_text('{"hello": "world"}')
+    not_json = tmp_path / "broken.json"
+    not_json.write_text("{")
+    for path in (not_a_webhook, not_json, tmp_path / "missing.json"):
+        result = cli("preview-email", str(path), cwd=tmp_path, env=env)
+        assert result.returncode == 1, result.stderr
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"pubrelay preview-email: {path}")
+        assert "Traceback" not in result.stderr
+        assert "pydantic" not in line
