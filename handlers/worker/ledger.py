@@ -14,8 +14,8 @@ e-mail handler claims ``publication:<id>``).
 
 One window remains: a process that dies after the effect and before its "done" is
 durable leaves a claim that expires, and the effect runs once more. The window is the
-time from the effect's end to the ledger's commit (one group commit: milliseconds);
-see docs/reliability.md.
+time from the effect landing at its target to the ledger's commit (the answer's way back,
+the event loop, one group commit); docs/reliability.md has its measured size.
 
 Two implementations:
 

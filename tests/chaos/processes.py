@@ -196,19 +196,39 @@ def worker_kill(run: Run, sizes: Sizes) -> Row:
             row.error = "the poison event's attempts did not survive its redeliveries"
         repeated = sorted(e for e, n in receiver.effects().items() if n > 1)
         if repeated:
-            first: dict[str, float] = {}
-            for event, at in receiver.arrivals:
-                first.setdefault(event, at)
-            in_window = [
-                e for e in repeated if any(0 <= k - first[e] < CRASH_WINDOW_S for k in kills)
-            ]
-            row.notes.append(
-                f"repeated: {few(repeated)}; {len(in_window)} of them first forwarded less "
-                f"than {CRASH_WINDOW_S:.0f} s before a SIGKILL (effect done, ledger not yet)"
-            )
+            _split_crash_window(row, repeated, receiver.arrivals, kills)
         if lost:
             row.notes.append(f"lost: {few(lost)}")
     return row
+
+
+def _split_crash_window(
+    row: Row, repeated: list[str], arrivals: list[tuple[str, float]], kills: list[float]
+) -> None:
+    """Move to ``crash_window`` the repeats whose first effect landed less than
+    ``CRASH_WINDOW_S`` before a SIGKILL and whose second came after it (the next delivery,
+    after the restart); note how close to the kill the latest of them landed."""
+    times: dict[str, list[float]] = {}
+    for event, at in arrivals:
+        times.setdefault(event, []).append(at)
+    gaps: list[float] = []
+    outside: list[str] = []
+    for event in repeated:
+        first, second = times[event][0], times[event][1]
+        kill = next((k for k in kills if 0 <= k - first < CRASH_WINDOW_S and second > k), None)
+        if kill is None:
+            outside.append(event)
+        else:
+            gaps.append(kill - first)
+    row.crash_window = len(gaps)
+    row.repeated = len(outside)
+    if gaps:
+        row.notes.append(
+            f"crash window: {len(gaps)} effect(s) landed at most {max(gaps) * 1000:.0f} ms "
+            "before a SIGKILL, the ledger not yet told, and ran again after the restart"
+        )
+    if outside:
+        row.notes.append(f"repeated: {few(outside)}")
 
 
 def rebalance(run: Run, sizes: Sizes) -> Row:

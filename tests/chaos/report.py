@@ -2,7 +2,12 @@
 
 - **effects**: distinct events whose effect was observed (an e-mail in the SMTP mailbox, a
   contact update at HubSpot, a request at the forward receiver), keyed by event.
-- **repeated**: events whose effect was observed more than once.
+- **repeated**: events whose effect was observed more than once, except those of the
+  crash window.
+- **crash window**: repeats of the one window docs/reliability.md documents: the effect
+  landed, then the worker was SIGKILLed before its ledger recorded it, and the event's
+  next delivery after the restart ran it again (only the worker-kill scenario kills
+  workers mid-call). Shown, never hidden; the size of the window is in the note.
 - **lost**: events that got a 2xx or are on the event topic, and have neither their effect
   nor a dead letter where one is expected.
 """
@@ -21,6 +26,7 @@ COLUMNS: Final = (
     "stored",
     "effects",
     "repeated",
+    "crash window",
     "lost",
     "peak RSS",
     "note",
@@ -35,6 +41,7 @@ class Row:
     stored: int = 0
     effects: int = 0
     repeated: int = 0
+    crash_window: int = 0
     lost: int = 0
     peak_rss_mib: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -71,6 +78,7 @@ class Row:
             f"{self.stored:,}",
             f"{self.effects:,}",
             str(self.repeated),
+            str(self.crash_window),
             str(self.lost),
             f"{self.peak_rss_mib:.0f} MiB" if self.peak_rss_mib else "-",
             note.strip(),
