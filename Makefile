@@ -48,8 +48,9 @@ lock: | $(UV)
 	$(UV) lock --upgrade
 
 # Debian packages (installed only when missing; needs root or sudo):
-# tests need promtool (package prometheus), redis-server and chromium (the console's
-# browser test), the benchmark needs wrk.
+# tests need promtool (package prometheus), redis-server, chromium (the console's
+# browser test) and wrk (the benchmark, which the suite runs at small sizes:
+# tests/e2e/test_bench_short.py).
 define apt_install_missing
 	@missing=""; \
 	for pair in $(1); do \
@@ -65,7 +66,7 @@ define apt_install_missing
 endef
 
 system-deps:
-	$(call apt_install_missing,promtool:prometheus redis-server:redis-server chromium:chromium)
+	$(call apt_install_missing,promtool:prometheus redis-server:redis-server chromium:chromium wrk:wrk)
 
 bench-deps:
 	$(call apt_install_missing,wrk:wrk)
@@ -85,8 +86,11 @@ format: $(STAMP)
 test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# Every section, then issue 13's figures in one table (value, same-run baseline, ratio,
+# target, met); all figures also go to build/bench-results.json. Some sections only:
+# make bench BENCH_ARGS="memory backlog"; tiny sizes: BENCH_ARGS=--short.
 bench: $(STAMP) bench-deps
-	$(BIN)/python -m tests.bench
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 # The fault scenarios at full size (about 15 minutes on 2 cores; docs/reliability.md).
 # One scenario: .venv/bin/python -m tests.chaos --only rebalance; small sizes: --short.

@@ -6,6 +6,8 @@ limit, ``Retry-After``) are built once by :class:`consumer.webhook.Intake`.
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from typing import Final
 
@@ -35,12 +37,11 @@ class Answer:
     reason: str | None = None
 
     def response(self) -> web.Response:
-        body = {"status": self.outcome}
-        if self.reason is not None:
-            body["reason"] = self.reason
-        if self.message is not None:
-            body["message"] = self.message
-        response = web.json_response(body, status=self.status)
+        response = web.Response(
+            body=_json_body(self.outcome, self.reason, self.message),
+            status=self.status,
+            headers={"Content-Type": "application/json; charset=utf-8"},
+        )
         if self.retry_after is not None:
             response.headers["Retry-After"] = self.retry_after
         if self.close:
@@ -54,6 +55,17 @@ class Answer:
         if self.error is not None:
             fields["error"] = self.error
         return fields
+
+
+@functools.lru_cache(maxsize=256)
+def _json_body(outcome: str, reason: str | None, message: str | None) -> bytes:
+    """The JSON body of an answer; built once per distinct answer (a small, fixed set)."""
+    body = {"status": outcome}
+    if reason is not None:
+        body["reason"] = reason
+    if message is not None:
+        body["message"] = message
+    return json.dumps(body).encode()
 
 
 FORBIDDEN: Final = Answer(403, "forbidden", "source address is not in the allowlist")

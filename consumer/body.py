@@ -10,6 +10,10 @@ What a client that stops sending holds, and for how long:
   construction: bodies x 64 KiB + large bodies x the body limit (about 96 MiB with the
   defaults), on top of what aiohttp reads from each socket before any handler runs (up to
   256 KiB; ``docs/performance.md``).
+- **A whole body is simply taken.** A body already whole in aiohttp's buffer when the
+  handler starts (a delivery of a few KiB usually arrives in the packet of its headers)
+  holds nothing more by being read: it is taken at once, without a slot or a deadline, so
+  clients holding every slot never refuse it.
 - **Nothing else waits for it.** A Voucherify delivery is a few KiB: it needs no large-body
   slot, so clients stalled on large bodies never delay it. A request that finds its cap full
   is refused at once (503 ``busy`` + ``Retry-After``) rather than queued: a queue would hold
@@ -22,7 +26,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 # Bodies up to this size need no large-body slot (the official example event is ~4.4 KB).
 LARGE_BODY_BYTES: Final = 64 * 1024
@@ -64,6 +68,7 @@ class BodyReader:
         self.timeout_s = timeout_s
         self.max_bodies = max_bodies
         self.max_large_bodies = max_large_bodies
+        self._at_once_bytes = min(max_bytes, LARGE_BODY_BYTES)
         self.reading = 0
         self.reading_large = 0
 
@@ -71,8 +76,8 @@ class BodyReader:
         """The raw body, or why it was refused; a declared length over the limit is
         refused before anything is read."""
         declared = request.content_length
-        if declared is not None and declared > self.max_bytes:
-            return _TOO_LARGE
+        if (at_once := self._at_once(request.content, declared)) is not None:
+            return at_once
         if self.reading >= self.max_bodies:
             return _BUSY
         self.reading += 1
@@ -105,6 +110,19 @@ class BodyReader:
             self.reading -= 1
             if large:
                 self.reading_large -= 1
+
+    def _at_once(self, content: StreamReader, declared: int | None) -> bytes | BodyRefused | None:
+        """What is known before waiting: a declared length over the limit, or a body
+        already whole in aiohttp's buffer (a delivery of a few KiB usually arrives with
+        its headers), taken as it is, without a deadline or a slot."""
+        if declared is not None and declared > self.max_bytes:
+            return _TOO_LARGE
+        if not content.is_eof() or content.total_bytes > self._at_once_bytes:
+            return None
+        try:
+            return content.read_nowait()
+        except (ConnectionError, ValueError, web.RequestPayloadError) as err:
+            return BodyRefused("bad_request", f"could not read the body: {err}")
 
     def _take_large_slot(self) -> bool:
         if self.reading_large >= self.max_large_bodies:

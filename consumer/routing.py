@@ -17,24 +17,67 @@ from schemas.envelope import LeanEnvelope, decode_lean
 from schemas.timestamps import parse_timestamp
 from schemas.topics import INTERNAL_TOPICS
 
-_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*+"?', re.DOTALL)  # linear: see signature.py
-_BRACKET: Final = re.compile(rb"[\[\]{}]")
 _TOPIC_SAFE: Final = re.compile(r"[A-Za-z0-9._-]{1,200}")
+# Brackets outside strings, as one byte each: "(" opens an array or object, ")" closes one.
+_TO_PARENS: Final = bytes.maketrans(b"[{]}", b"(())")
+_NOT_MARKS: Final = bytes(b for b in range(256) if b not in b'[]{}"')
 
 
 def json_depth_exceeds(body: bytes, max_depth: int) -> bool:
-    """Whether ``body`` nests arrays/objects deeper than ``max_depth`` (strings ignored)."""
+    """Whether ``body`` nests arrays/objects deeper than ``max_depth`` (strings ignored).
+
+    Bytes operations at C speed (``docs/performance.md``): the brackets outside strings
+    become a string of parentheses, and each ``replace(b"()", b"")`` removes the innermost
+    pairs, one level of nesting per pass. Empty after ``max_depth`` passes means balanced
+    and no deeper than that; anything else (too deep, or not balanced: not JSON) is
+    settled by counting the depth bracket by bracket.
+    """
     if body.count(b"{") + body.count(b"[") <= max_depth:
         return False  # not enough brackets to be that deep: the common, cheap case
+    marks = _quotes_and_brackets(body)
+    if marks.count(b"{") + marks.count(b"[") <= max_depth:
+        return False
+    parens = _outside_strings(marks).translate(_TO_PARENS)
+    remaining = parens
+    for _ in range(max_depth):
+        shorter = remaining.replace(b"()", b"")
+        if not shorter:
+            return False
+        if len(shorter) == len(remaining):
+            break
+        remaining = shorter
     depth = 0
-    for bracket in _BRACKET.findall(_STRING.sub(b"", body)):
-        if bracket in (b"{", b"["):
-            depth += 1
-            if depth > max_depth:
-                return True
-        else:
-            depth -= 1
+    for paren in parens:
+        depth += 1 if paren == 0x28 else -1  # "("
+        if depth > max_depth:
+            return True
     return False
+
+
+def _quotes_and_brackets(body: bytes) -> bytes:
+    """The body's string delimiters and brackets, in order, and nothing else.
+
+    Escaped backslashes, then escaped quotes, are removed first (pairing backslashes from
+    the left, as a JSON reader does), so the quotes left are exactly the string
+    delimiters; ``consumer/signature.py`` masks strings the same way.
+    """
+    if b"\\" in body:
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return body.translate(None, _NOT_MARKS)
+
+
+def _outside_strings(marks: bytes) -> bytes:
+    """The brackets of :func:`_quotes_and_brackets` that are outside strings.
+
+    Adjacent quote pairs are dropped first: each is an empty string or the gap between
+    two strings, so every bracket keeps its side. Splitting what is left at its quotes
+    puts the brackets outside strings at even positions (an unclosed string runs to the
+    end); with no brackets inside strings, nothing is left to split.
+    """
+    marks = marks.replace(b'""', b"")
+    if b'"' in marks:
+        marks = b"".join(marks.split(b'"')[0::2])
+    return marks
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,14 +9,16 @@ counted and logged once, at the end, as one ``webhook_request`` line.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Final
 
 import structlog
 from aiohttp import web
+from prometheus_client import Counter, Histogram
 
 from bus.types import Bus
 from consumer.answers import (
@@ -135,6 +137,7 @@ class Intake:
         self.publish_timeout_s = publish_timeout_s
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self._by_outcome: dict[str, tuple[Counter, Histogram]] = {}
         self.source = SourceCheck(
             webhook.allowed_networks,
             trust_forwarded_for=webhook.trust_forwarded_for,
@@ -169,8 +172,14 @@ class Intake:
             log.exception("webhook_request_failed", **line.fields())
             answer = INTERNAL_ERROR
         elapsed_s = time.perf_counter() - started
-        self.metrics.requests.labels(answer.outcome).inc()
-        self.metrics.request_seconds.labels(answer.outcome).observe(elapsed_s)
+        counted = self._by_outcome.get(answer.outcome)
+        if counted is None:  # once per outcome: labels() takes a lock and builds a key
+            counted = self._by_outcome[answer.outcome] = (
+                self.metrics.requests.labels(answer.outcome),
+                self.metrics.request_seconds.labels(answer.outcome),
+            )
+        counted[0].inc()
+        counted[1].observe(elapsed_s)
         emit = log.info if answer.status < 500 else log.warning
         fields = line.fields(answer)
         if answer.status in (401, 403):  # the runbook reads who was refused from here
@@ -383,10 +392,16 @@ class Intake:
         )
 
 
+# New request ids: random per process, then counted (a random id per request cost a
+# getrandom() system call each: docs/performance.md). Unique, not secret.
+_ID_PREFIX: Final = os.urandom(8).hex()
+_next_id = itertools.count(1).__next__
+
+
 def _request_id(request: web.Request) -> str:
     """The caller's ``X-Request-Id`` when it is a sane token, otherwise a new one."""
     given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID.fullmatch(given) else f"{_ID_PREFIX}{_next_id():016x}"
 
 
 def _raw_header(request: web.Request, name: str) -> bytes:

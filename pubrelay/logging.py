@@ -27,7 +27,8 @@ from typing import Any, Final, Literal
 import msgspec
 import structlog
 
-from schemas.masking import mask_emails
+from schemas.masking import MAX_MASKED_CHARS, mask_emails
+from schemas.timestamps import utc_now_log
 
 _SECRET_KEYS: Final = (
     "secret",
@@ -73,12 +74,23 @@ def _mask(value: Any) -> Any:
     return value
 
 
+# Values that need no masking unless their key looks secret: numbers, flags, and ASCII
+# text short enough and without "@" (checked in mask_sensitive).
+_PLAIN: Final = frozenset({str, int, float, bool, type(None)})
+
+
 def mask_sensitive(
     _: Any, __: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     """structlog processor: mask e-mail addresses and secret-looking values."""
     for key, value in event_dict.items():
-        if _is_secret_key(key):
+        if type(value) in _PLAIN and (
+            type(value) is not str
+            or (value.isascii() and "@" not in value and len(value) <= MAX_MASKED_CHARS)
+        ):
+            if _is_secret_key(key):  # most values: nothing to mask but a secret's
+                event_dict[key] = "***"
+        elif _is_secret_key(key):
             event_dict[key] = "***"
         elif key in NOT_ADDRESS_KEYS and isinstance(value, str):
             event_dict[key] = value.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -166,6 +178,15 @@ def _add_repeated(
     return event_dict
 
 
+def _add_timestamp(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """ISO 8601 UTC with microseconds, as structlog's ``TimeStamper(fmt="iso", utc=True)``
+    writes it, with the date and time to the second formatted once per second."""
+    event_dict["timestamp"] = utc_now_log()
+    return event_dict
+
+
 def configure_logging(
     level: str = "info",
     fmt: Literal["auto", "json", "console"] = "auto",
@@ -184,7 +205,7 @@ def configure_logging(
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_timestamp,
         # Tracebacks become text before masking, so addresses in them are masked too.
         structlog.processors.format_exc_info,
         mask_sensitive,

@@ -7,12 +7,43 @@ is read as UTC.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
+
+
+class _SecondCache:
+    """The date and time to the second, formatted once per second (once per request
+    otherwise: ``docs/performance.md``)."""
+
+    __slots__ = ("second", "text")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.text = ""
+
+    def format(self, second: int) -> str:
+        if second != self.second:
+            self.text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self.second = second
+        return self.text
+
+
+_headers_second = _SecondCache()
+_log_second = _SecondCache()
 
 
 def utc_now_iso() -> str:
     """Now, as the headers carry it: ``2026-12-02T08:15:00.123+00:00``."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    now_ns = time.time_ns()
+    second, ns = divmod(now_ns, 1_000_000_000)
+    return f"{_headers_second.format(second)}.{ns // 1_000_000:03d}+00:00"
+
+
+def utc_now_log() -> str:
+    """Now, as log lines carry it: ``2026-12-02T08:15:00.123456Z``."""
+    now_ns = time.time_ns()
+    second, ns = divmod(now_ns, 1_000_000_000)
+    return f"{_log_second.format(second)}.{ns // 1_000:06d}Z"
 
 
 def parse_timestamp(value: str | None) -> datetime | None:

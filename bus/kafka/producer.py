@@ -48,12 +48,12 @@ from aiokafka.errors import (
     RecordListTooLargeError,
     UnsupportedCodecError,
 )
-from aiokafka.partitioner import DefaultPartitioner
 
 from bus.config import BusSettings
 from bus.kafka._futures import retrieve
 from bus.kafka.admin import KafkaTopics
 from bus.kafka.options import GroupTiming, acks, client_options
+from bus.kafka.partitioner import partition_for
 from bus.kafka.subscription import KafkaSubscription
 from bus.types import RevokeCallback, Subscription
 from schemas.errors import BusUnavailable, ConfigError, RecordTooLarge
@@ -66,7 +66,6 @@ _IDEMPOTENCE_HINT: Final = (
     "(for example the Tansu test broker)"
 )
 _TOO_LARGE: Final = (MessageSizeTooLargeError, RecordListTooLargeError)
-_PARTITIONER: Final = DefaultPartitioner()
 
 
 def _sender_dead(producer: Any) -> bool:
@@ -116,6 +115,7 @@ class KafkaBus:
                 max_batch_size=s.max_batch_bytes,
                 # aiokafka checks each record against it (its only use of the setting).
                 max_request_size=s.max_record_bytes,
+                partitioner=partition_for,
             )
         except UnsupportedCodecError as err:
             raise ConfigError(
@@ -282,7 +282,7 @@ class KafkaBus:
         batch = producer.create_batch()
         batch.append(key=key, value=value, timestamp=None, headers=list(headers))
         partitions = sorted(await producer.partitions_for(topic))
-        partition = _PARTITIONER(key, partitions, partitions)
+        partition = partition_for(key, partitions, partitions)
         delivery: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
         return delivery
 

@@ -68,6 +68,7 @@ class _Entry:
     ts_ms: int
     future: asyncio.Future[None]
     state: int = _PENDING
+    timer: asyncio.TimerHandle | None = None
 
 
 class SqliteBus:
@@ -141,24 +142,31 @@ class SqliteBus:
         self._pending.append(entry)
         self._wake.set()
         timeout = self.publish_timeout_s if timeout_s is None else timeout_s
+        # One timer per record rather than wait_for + shield (a task's worth of futures
+        # and callbacks per request: docs/performance.md). A caller that is cancelled
+        # cancels only its wait: a record the writer takes is still committed.
+        entry.timer = loop.call_later(timeout, self._timed_out, entry, timeout)
         try:
-            await asyncio.wait_for(asyncio.shield(entry.future), timeout)
-        except TimeoutError:
-            with self._state_lock:
-                if entry.state == _PENDING:
-                    entry.state = _WITHDRAWN
-                    withdrawn = True
-                else:
-                    withdrawn = False
+            await entry.future
+        finally:
+            entry.timer.cancel()
+
+    def _timed_out(self, entry: _Entry, timeout: float) -> None:
+        """The publish deadline passed: withdraw the record if the writer has not taken
+        it; if its commit is under way, that commit decides, within one more timeout."""
+        if entry.future.done():
+            return
+        with self._state_lock:
+            withdrawn = entry.state == _PENDING
             if withdrawn:
-                raise BusUnavailable(
-                    f"the embedded bus did not commit within {timeout:.1f}s"
-                ) from None
-            # The commit holding this record is under way: its outcome decides.
-            try:
-                await asyncio.wait_for(asyncio.shield(entry.future), timeout)
-            except TimeoutError:
-                raise BusUnavailable("the embedded bus commit is stalled") from None
+                entry.state = _WITHDRAWN
+        if withdrawn:
+            entry.future.set_exception(
+                BusUnavailable(f"the embedded bus did not commit within {timeout:.1f}s")
+            )
+        else:
+            loop = entry.future.get_loop()
+            entry.timer = loop.call_later(timeout, _stalled, entry)
 
     async def _write_loop(self) -> None:
         while True:
@@ -271,6 +279,11 @@ class SqliteBus:
         """Return when this process commits new records, or after ``timeout_s``."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._published.wait(), timeout_s)
+
+
+def _stalled(entry: _Entry) -> None:
+    if not entry.future.done():
+        entry.future.set_exception(BusUnavailable("the embedded bus commit is stalled"))
 
 
 def _select_one(conn: sqlite3.Connection) -> None:

@@ -295,12 +295,10 @@ class EventProcessor:
         async with self._slots:
             self._m_in_flight.inc()
             started = time.perf_counter()
-            bound = asyncio.timeout(timeout_s)
             try:
-                async with bound:
-                    await self._lease.run(
-                        key, token, claimed_at, lambda: self.handler.handle(event)
-                    )
+                await self._lease.run(
+                    key, token, claimed_at, lambda: self.handler.handle(event), timeout_s=timeout_s
+                )
             except asyncio.CancelledError as err:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():
@@ -308,11 +306,7 @@ class EventProcessor:
                 retry = RetryLater(f"the handler raised CancelledError: {error_message(err)}")
                 retry.__cause__ = err
                 return retry
-            except TimeoutError as err:
-                if bound.expired():
-                    return TimeoutError(f"the handler call took more than {timeout_s} s")
-                return err
-            except Exception as err:  # classified by the caller
+            except Exception as err:  # classified by the caller (the bound's TimeoutError too)
                 return err
             finally:
                 self._m_duration.observe(time.perf_counter() - started)

@@ -11,6 +11,7 @@ the same effect, and the attempt counts as a transient failure (:class:`ClaimLos
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -43,23 +44,39 @@ class Lease:
         self.log = log
 
     async def run(
-        self, key: str, token: str, claimed_at: float, call: Callable[[], Awaitable[None]]
+        self,
+        key: str,
+        token: str,
+        claimed_at: float,
+        call: Callable[[], Awaitable[None]],
+        *,
+        timeout_s: float | None = None,
     ) -> None:
         """Await ``call()`` while renewing ``token``'s claim on ``key`` (taken at
         ``claimed_at``, event-loop time); :class:`ClaimLost` when the claim could not be kept
-        (the call is then cancelled, or not started)."""
+        (the call is then cancelled, or not started), ``TimeoutError`` when the call took
+        longer than ``timeout_s`` (None: no bound).
+
+        One timer bounds the call for both (the sooner of the two deadlines): a call costs
+        the event loop two timers, not three (docs/performance.md).
+        """
         loop = asyncio.get_running_loop()
-        if loop.time() - claimed_at >= self.ttl_s / _RENEWALS_PER_TTL:
+        now = loop.time()
+        if now - claimed_at >= self.ttl_s / _RENEWALS_PER_TTL:
             # The call waited (for a concurrency slot): make sure the claim is still ours.
-            claimed_at = loop.time()
+            claimed_at = now
             if not await self._renew_once(key, token):
                 raise self._lost(key)
-        bound = asyncio.timeout_at(claimed_at + self.ttl_s * _SAFETY)
+            now = loop.time()
+        call_deadline = now + timeout_s if timeout_s else math.inf
+        bound = asyncio.timeout_at(min(call_deadline, claimed_at + self.ttl_s * _SAFETY))
         renewer: asyncio.Task[None] | None = None
 
         def start_renewing() -> None:
             nonlocal renewer
-            renewer = asyncio.create_task(self._keep(key, token, bound), name="claim-renew")
+            renewer = asyncio.create_task(
+                self._keep(key, token, bound, call_deadline), name="claim-renew"
+            )
 
         # Most calls end long before the first renewal: no task for them, a timer only.
         timer = loop.call_at(claimed_at + self.ttl_s / _RENEWALS_PER_TTL, start_renewing)
@@ -67,9 +84,11 @@ class Lease:
             async with bound:
                 await call()
         except TimeoutError:
-            if bound.expired():
-                raise self._lost(key) from None
-            raise
+            if not bound.expired():
+                raise  # the handler's own
+            if call_deadline <= (bound.when() or 0.0):
+                raise TimeoutError(f"the handler call took more than {timeout_s} s") from None
+            raise self._lost(key) from None
         finally:
             timer.cancel()
             if renewer is not None:
@@ -81,7 +100,9 @@ class Lease:
             "stopped so that no other worker runs it at the same time"
         )
 
-    async def _keep(self, key: str, token: str, bound: asyncio.Timeout) -> None:
+    async def _keep(
+        self, key: str, token: str, bound: asyncio.Timeout, call_deadline: float
+    ) -> None:
         """Renew every third of the lifetime; end the call when the claim is gone."""
         loop = asyncio.get_running_loop()
         while True:
@@ -95,7 +116,7 @@ class Lease:
                     self.log.error("event_claim_lost", event_id=key)
                     bound.reschedule(loop.time())
                     return
-                bound.reschedule(started + self.ttl_s * _SAFETY)
+                bound.reschedule(min(call_deadline, started + self.ttl_s * _SAFETY))
             await asyncio.sleep(self.ttl_s / _RENEWALS_PER_TTL)
 
     async def _renew_once(self, key: str, token: str) -> bool:

@@ -21,8 +21,9 @@ Two implementations:
 
 * :class:`SqliteLedger` (default): one file in the data directory, opened like the
   embedded bus's (:mod:`bus.sqlite.db`: WAL journal, ``synchronous=FULL``); concurrent
-  claims, releases and completions share one transaction (group commit), and SQLite's
-  write lock makes each claim atomic across the processes sharing the file.
+  claims, releases and completions share one transaction (group commit, a few statements:
+  :mod:`handlers.worker.ledger_sql`), and SQLite's write lock makes each claim atomic
+  across the processes sharing the file.
 * :class:`RedisLedger` (``PUBRELAY_LEDGER__URL=redis://host:port/db``): a key per
   completed pair (TTL = retention) and a hash per claim, changed by Lua scripts (atomic;
   expiry on the Redis server's clock), for workers on several hosts. Its durability is
@@ -38,46 +39,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 
-from bus.sqlite.db import ConnectionThread, create_private_file, transaction
+from bus.sqlite.db import ConnectionThread, create_private_file
 from handlers.config import DEFAULT_CLAIM_TTL_S, LedgerSettings
 from handlers.types import Claim
+from handlers.worker import ledger_sql
 
 if TYPE_CHECKING:
     import redis.asyncio
 
 log = structlog.get_logger("pubrelay.handlers.ledger")
 
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS ledger (
-    handler TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    completed_at REAL NOT NULL,
-    PRIMARY KEY (handler, event_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS ledger_completed_at ON ledger (completed_at);
-CREATE TABLE IF NOT EXISTS claims (
-    handler TEXT NOT NULL,
-    key TEXT NOT NULL,
-    token TEXT NOT NULL,
-    expires_at REAL NOT NULL,
-    attempts INTEGER NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (handler, key)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS claims_updated_at ON claims (updated_at);
-"""
-
 _PURGE_EVERY_S: Final = 3600.0
-
-DONE: Final = Claim("done")
 
 
 class Ledger(Protocol):
@@ -138,15 +116,11 @@ def create_ledger(settings: LedgerSettings, data_dir: Path) -> Ledger:
     )
 
 
-_Write = Callable[[sqlite3.Connection, float], Any]
-"""One write of a group commit: ``fn(connection, now)``, its result handed to its caller."""
-
-
 class _Pending:
-    __slots__ = ("future", "write")
+    __slots__ = ("future", "op")
 
-    def __init__(self, write: _Write, future: asyncio.Future[Any]) -> None:
-        self.write = write
+    def __init__(self, op: ledger_sql.Op, future: asyncio.Future[Any]) -> None:
+        self.op = op
         self.future = future
 
 
@@ -174,7 +148,9 @@ class SqliteLedger:
     async def open(self) -> None:
         if not self._writer.is_open:
             create_private_file(self.path)  # mode 0600: it names customers' events
-            await self._writer.open(self.path, busy_timeout_s=self.timeout_s, schema=_SCHEMA)
+            await self._writer.open(
+                self.path, busy_timeout_s=self.timeout_s, schema=ledger_sql.SCHEMA
+            )
             await self._reader.open(self.path, busy_timeout_s=self.timeout_s)
             await self.purge()
 
@@ -190,21 +166,16 @@ class SqliteLedger:
 
     async def is_done(self, handler: str, event_id: str) -> bool:
         cutoff = time.time() - self.retention_s
-        return await self._reader.run(_is_done, handler, event_id, cutoff)
+        return await self._reader.run(ledger_sql.is_done, handler, event_id, cutoff)
 
     async def mark_done(self, handler: str, event_id: str) -> None:
-        await self._write(lambda conn, now: _mark_done(conn, now, handler, event_id))
+        await self._write(ledger_sql.DoneOp(handler, event_id))
 
     async def claim(
         self, handler: str, key: str, token: str, *, ttl_s: float | None = None
     ) -> Claim:
         ttl = self.claim_ttl_s if ttl_s is None else ttl_s
-        cutoff = time.time() - self.retention_s
-        claim: Claim = await self._write(
-            lambda conn, now: _claim(
-                conn, now, handler=handler, key=key, token=token, ttl_s=ttl, cutoff=cutoff
-            )
-        )
+        claim: Claim = await self._write(ledger_sql.ClaimOp(handler, key, token, ttl))
         return claim
 
     async def renew(
@@ -212,21 +183,27 @@ class SqliteLedger:
     ) -> bool:
         ttl = self.claim_ttl_s if ttl_s is None else ttl_s
         kept: bool = await self._write(
-            lambda conn, now: _renew(conn, now, handler=handler, key=key, token=token, ttl_s=ttl)
+            lambda conn, now: ledger_sql.renew(
+                conn, now, handler=handler, key=key, token=token, ttl_s=ttl
+            )
         )
         return kept
 
     async def release(
         self, handler: str, key: str, token: str, *, forget_attempts: bool = False
     ) -> None:
-        await self._write(lambda conn, now: _release(conn, handler, key, token, forget_attempts))
+        await self._write(
+            lambda conn, now: ledger_sql.release(conn, handler, key, token, forget_attempts)
+        )
 
-    async def _write(self, write: _Write) -> Any:
-        entry = _Pending(write, asyncio.get_running_loop().create_future())
+    async def _write(self, op: ledger_sql.Op) -> Any:
+        entry = _Pending(op, asyncio.get_running_loop().create_future())
         self._pending.append(entry)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="ledger-flush")
-        return await asyncio.shield(entry.future)
+        # A caller cancelled while waiting leaves its write queued: it is made all the same
+        # (what ``asyncio.shield`` gave, without a second future per write).
+        return await entry.future
 
     async def _flush(self) -> None:
         # Every write that arrives while a commit (or the purge) runs joins the next
@@ -236,7 +213,9 @@ class SqliteLedger:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    results = await self._writer.run(_write_batch, batch)
+                    results = await self._writer.run(
+                        ledger_sql.write_batch, [e.op for e in batch], self.retention_s
+                    )
                 except Exception as err:  # the store's own errors, handed to each caller
                     for entry in batch:
                         if not entry.future.done():
@@ -256,96 +235,10 @@ class SqliteLedger:
     async def purge(self) -> int:
         """Forget entries older than the retention; return how many were removed."""
         self._next_purge = time.monotonic() + min(_PURGE_EVERY_S, self.retention_s)
-        removed = await self._writer.run(_purge, time.time() - self.retention_s)
+        removed = await self._writer.run(ledger_sql.purge, time.time() - self.retention_s)
         if removed:
             log.info("ledger_purged", entries=removed)
         return removed
-
-
-def _is_done(conn: sqlite3.Connection, handler: str, event_id: str, cutoff: float) -> bool:
-    row = conn.execute(
-        "SELECT 1 FROM ledger WHERE handler = ? AND event_id = ? AND completed_at >= ?",
-        (handler, event_id, cutoff),
-    ).fetchone()
-    return row is not None
-
-
-def _write_batch(conn: sqlite3.Connection, batch: list[_Pending]) -> list[Any]:
-    with transaction(conn):
-        now = time.time()
-        return [entry.write(conn, now) for entry in batch]
-
-
-def _mark_done(conn: sqlite3.Connection, now: float, handler: str, key: str) -> None:
-    conn.execute(
-        "INSERT INTO ledger (handler, event_id, completed_at) VALUES (?, ?, ?) "
-        "ON CONFLICT (handler, event_id) DO UPDATE SET completed_at = excluded.completed_at",
-        (handler, key, now),
-    )
-    conn.execute("DELETE FROM claims WHERE handler = ? AND key = ?", (handler, key))
-
-
-def _claim(
-    conn: sqlite3.Connection,
-    now: float,
-    *,
-    handler: str,
-    key: str,
-    token: str,
-    ttl_s: float,
-    cutoff: float,
-) -> Claim:
-    if _is_done(conn, handler, key, cutoff):
-        return DONE
-    row = conn.execute(
-        "SELECT token, expires_at, attempts FROM claims WHERE handler = ? AND key = ?",
-        (handler, key),
-    ).fetchone()
-    attempts = 0
-    if row is not None:
-        holder, expires_at, attempts = row
-        if holder != token and expires_at > now:
-            return Claim("held", attempts=attempts, wait_s=expires_at - now)
-    conn.execute(
-        "INSERT INTO claims (handler, key, token, expires_at, attempts, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (handler, key) DO UPDATE SET "
-        "token = excluded.token, expires_at = excluded.expires_at, "
-        "attempts = excluded.attempts, updated_at = excluded.updated_at",
-        (handler, key, token, now + ttl_s, attempts + 1, now),
-    )
-    return Claim("claimed", attempts=attempts + 1)
-
-
-def _renew(
-    conn: sqlite3.Connection, now: float, *, handler: str, key: str, token: str, ttl_s: float
-) -> bool:
-    cursor = conn.execute(
-        "UPDATE claims SET expires_at = ?, updated_at = ? "
-        "WHERE handler = ? AND key = ? AND token = ?",
-        (now + ttl_s, now, handler, key, token),
-    )
-    return cursor.rowcount == 1
-
-
-def _release(
-    conn: sqlite3.Connection, handler: str, key: str, token: str, forget_attempts: bool
-) -> None:
-    if forget_attempts:
-        conn.execute(
-            "DELETE FROM claims WHERE handler = ? AND key = ? AND token = ?", (handler, key, token)
-        )
-    else:
-        conn.execute(
-            "UPDATE claims SET expires_at = 0 WHERE handler = ? AND key = ? AND token = ?",
-            (handler, key, token),
-        )
-
-
-def _purge(conn: sqlite3.Connection, cutoff: float) -> int:
-    with transaction(conn):
-        done = conn.execute("DELETE FROM ledger WHERE completed_at < ?", (cutoff,)).rowcount
-        claims = conn.execute("DELETE FROM claims WHERE updated_at < ?", (cutoff,)).rowcount
-    return done + claims
 
 
 # KEYS: the done key, the claim key. ARGV: token, claim ttl ms, retention ms.

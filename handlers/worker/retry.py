@@ -123,17 +123,18 @@ class BusRetry:
 
         Without it the loop only ends by success or by cancellation (the shutdown bound).
         """
-        backoff = self.backoff()
-        interrupts = (self.stop,) if revoked is None else (self.stop, revoked)
+        backoff: Backoff | None = None  # made on the first failure: most calls succeed
         while True:
             try:
                 return True, await fn()
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # any broker / ledger failure: back off and retry
+                backoff = backoff or self.backoff()
                 delay = backoff.step()
                 self.report(operation, err, delay)
                 if give_up_on_stop:
+                    interrupts = (self.stop,) if revoked is None else (self.stop, revoked)
                     if not await pause(delay, *interrupts):
                         return False, None
                 else:

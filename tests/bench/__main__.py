@@ -1,19 +1,30 @@
-"""`python -m tests.bench [SECTION ...]`: print figures and ratios from one run.
+"""`python -m tests.bench [--results PATH] [--short] [SECTION ...]`: `make bench`.
 
 Every figure is printed beside a baseline measured in the same run (the machine's speed
 drifts by up to 2x over minutes), and the ratio between them is the number to compare
-across runs. Sections: intake (webhook on the embedded bus vs a bare aiohttp handler),
-kafka (webhook -> Tansu broker ack vs the same bare handler), worker (events/s through a
-no-op handler on both buses, vs the bus read alone; the ledger's cost), e2e (signed POST
--> e-mail accepted by an SMTP server, beside the intake latency of the same requests),
+across runs. Each section also records its figures (:mod:`tests.bench.results`: value,
+baseline, ratio, target, met); at the end they are written to ``--results`` (default
+``build/bench-results.json``) and the run ends with one table of issue 13's figures
+(:mod:`tests.bench.summary`), "not run" for a section left out.
+
+Sections: intake (webhook on the embedded bus vs a bare aiohttp handler), kafka (webhook
+-> Tansu broker ack vs the same bare handler), worker (events/s through a no-op handler on
+both buses, vs the bus read alone and the in-memory ledger; the ledger's cost), e2e (signed
+POST -> e-mail accepted by an SMTP server, beside the intake latency of the same requests),
 attack (signed deliveries at a steady rate, quietly and under attack: 4 clients posting
-~1 MiB bogus-signed bodies and 300 holding stalled bodies; see attack.py).
+~1 MiB bogus-signed bodies and 300 holding stalled bodies; see attack.py), retention (the
+write lock a retention pass of the embedded bus holds on a log of millions of records,
+before and after chunking; see retention.py), memory and backlog (RSS of `pubrelay serve`
+under a steady load vs its idle RSS, and of `pubrelay worker` draining a backlog of a
+million records; see memory.py).
 Environment: BENCH_SECONDS (per load run, default 8), BENCH_CONNECTIONS (default 64),
-BENCH_WORKER_EVENTS (default 5000), BENCH_E2E_EVENTS (default 2000), BENCH_ATTACK_RATE
-(legitimate deliveries per second in the attack section, default 200). Section retention
-(the write lock a retention pass of the embedded bus holds on a log of millions of
-records, before and after chunking; see retention.py): BENCH_RETENTION_ROWS (default
-2000000), BENCH_RETENTION_VALUE_BYTES (default 512).
+BENCH_WORKER_EVENTS (default 5000), BENCH_E2E_RATE (the e2e section's open-loop
+deliveries per second, default 200), BENCH_E2E_EVENTS (its closed-loop run, default 2000),
+BENCH_ATTACK_RATE (legitimate deliveries per second in the attack section, default 200),
+BENCH_RETENTION_ROWS (default 2000000), BENCH_RETENTION_VALUE_BYTES (default 512),
+BENCH_MEMORY_RATE (default 200), BENCH_BACKLOG_EVENTS (default 1000000),
+BENCH_BACKLOG_MAX_S (default 600). ``--short`` sets them all tiny (SHORT_SIZES below)
+unless set: what the suite runs (tests/e2e/test_bench_short.py).
 """
 
 from __future__ import annotations
@@ -22,23 +33,25 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from bus.sqlite import SqliteBus
 from bus.types import Bus
 from consumer.signature import sign
 from pubrelay.logging import configure_logging
+from tests.bench import results
 from tests.bench.attack import RunFigures
 from tests.bench.attack import run as attack_run
 from tests.bench.e2e import e2e_env, run_e2e, start_smtp
+from tests.bench.memory import bench_backlog, bench_memory
+from tests.bench.processes import server
+from tests.bench.results import record
 from tests.bench.retention import bench_retention
+from tests.bench.summary import summary_lines
 from tests.bench.worker import bench_worker_on
 from tests.bench.wrk import LoadResult, run_wrk
 from tests.fixtures.app import EXAMPLE
@@ -50,6 +63,8 @@ CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 WORKER_EVENTS = int(os.environ.get("BENCH_WORKER_EVENTS", "5000"))
 E2E_EVENTS = int(os.environ.get("BENCH_E2E_EVENTS", "2000"))
 ATTACK_RATE = float(os.environ.get("BENCH_ATTACK_RATE", "200"))
+INTAKE_P99_TARGET_MS = 25.0  # issue 13's targets
+WORKER_TARGET_PER_S = 20_000.0
 SECRET = "bench-secret"
 REPO = Path(__file__).resolve().parents[2]
 PATH = "/webhooks/voucherify"
@@ -59,39 +74,6 @@ def sample_body() -> bytes:
     """The official example in its envelope, compact as Voucherify sends it (~4.4 KB)."""
     envelope = json.loads((EXAMPLE / "customer.publication.succeeded.json").read_bytes())
     return json.dumps(envelope, separators=(",", ":")).encode()
-
-
-def wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server on port {port} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"server on port {port} did not become healthy")
-
-
-@contextmanager
-def server(
-    args: list[str], port: int, env: dict[str, str], cwd: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    with (cwd / f"server-{port}.log").open("wb") as log:
-        proc = subprocess.Popen(
-            args, cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            wait_healthy(port, proc)
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def bare(tmp: Path) -> LoadResult:
@@ -150,7 +132,9 @@ def bench_kafka(tmp: Path) -> None:
         print(second.row("bare aiohttp again"))
     finally:
         broker.stop()
-    print(ratio_line("pubrelay webhook, Kafka (Tansu)", kafka, mean(first, second)))
+    baseline = mean(first, second)
+    print(ratio_line("pubrelay webhook, Kafka (Tansu)", kafka, baseline))
+    record_throughput("kafka", "webhook, Kafka (Tansu, acks=all)", kafka, baseline, 0.45)
 
 
 def bench_worker(tmp: Path) -> None:
@@ -162,7 +146,7 @@ def bench_worker(tmp: Path) -> None:
         await bus.start()
         return bus
 
-    asyncio.run(bench_worker_on("sqlite", sqlite_bus, tmp, count))
+    record_worker("sqlite", asyncio.run(bench_worker_on("sqlite", sqlite_bus, tmp, count)))
     broker = TansuBroker(tmp / "tansu-worker.log")
     broker.start()
     try:
@@ -172,38 +156,55 @@ def bench_worker(tmp: Path) -> None:
             await bus.start()
             return bus
 
-        asyncio.run(bench_worker_on("kafka", kafka_bus, tmp, count))
+        record_worker("kafka", asyncio.run(bench_worker_on("kafka", kafka_bus, tmp, count)))
     finally:
         broker.stop()
 
 
+def record_worker(bus: str, rates: dict[str, float]) -> None:
+    """The worker's events/s with each ledger, beside the bus read alone and (for the
+    SQLite ledger, issue 13's figure) the in-memory ledger of the same run."""
+    record(
+        "worker",
+        f"{bus}: worker, no-op handler, in-memory ledger",
+        rates["memory"],
+        "events/s",
+        baseline=rates["bus"],
+        baseline_name=f"{bus}: bus alone (fetch + commit)",
+    )
+    target = WORKER_TARGET_PER_S if bus == "sqlite" else None
+    record(
+        "worker",
+        f"{bus}: worker, no-op handler, SQLite ledger",
+        rates["sqlite"],
+        "events/s",
+        baseline=rates["memory"],
+        baseline_name=f"{bus}: worker, no-op handler, in-memory ledger",
+        target=None if target is None else f">= {target:,.0f} events/s",
+        met=None if target is None else rates["sqlite"] >= target,
+    )
+
+
 def bench_e2e(tmp: Path) -> None:
-    count = E2E_EVENTS
+    rate = float(os.environ.get("BENCH_E2E_RATE", "200"))
+    closed = E2E_EVENTS
     print(
-        f"# end to end: {count} signed POSTs (32 at a time) -> pubrelay serve (embedded "
-        "bus, email handler) -> e-mail accepted by an SMTP server on loopback"
+        f"# end to end: signed POSTs at {rate:.0f}/s for {SECONDS}s (open loop), then {closed} "
+        "32 at a time (closed loop) -> pubrelay serve (embedded bus, email handler, 4 SMTP "
+        "connections) -> e-mail accepted by an SMTP server on loopback (its own process)"
     )
     smtp_port, http_port = free_port(), free_port()
-    controller, recorder = start_smtp(smtp_port)
+    sink = start_smtp(smtp_port)
     try:
-        with server([pubrelay_bin(), "serve"], http_port, e2e_env(tmp, http_port, smtp_port), tmp):
+        args = [pubrelay_bin(), "serve"]
+        with server(args, http_port, e2e_env(tmp, http_port, smtp_port), tmp) as proc:
             url = f"http://127.0.0.1:{http_port}{PATH}"
-            figures = asyncio.run(run_e2e(url, recorder, count, concurrency=32))
+            figures = run_e2e(url, sink, proc.pid, rate=rate, seconds=SECONDS, closed_count=closed)
     finally:
-        controller.stop()
-    print(
-        f"{'POST -> e-mail accepted':<38} {figures['events_per_s']:>10,.0f} events/s"
-        f"   p50 {figures['e2e_p50_ms']:>7.2f} ms   p99 {figures['e2e_p99_ms']:>7.2f} ms"
-        f"   delivered {figures['delivered']:.0f}/{count}"
-    )
-    print(
-        f"{'POST -> 202 (the same requests)':<38} {'':>10}           "
-        f"   p50 {figures['intake_p50_ms']:>7.2f} ms   p99 {figures['intake_p99_ms']:>7.2f} ms"
-    )
-    print(
-        f"{'e-mail latency / intake latency':<38} p50 "
-        f"{figures['e2e_p50_ms'] / figures['intake_p50_ms']:.1f}x"
-    )
+        sink.stop()
+    for row in figures.rows():
+        print(row)
+    figures.record()
 
 
 def mean(first: LoadResult, second: LoadResult) -> LoadResult:
@@ -220,6 +221,24 @@ def ratio_line(name: str, result: LoadResult, baseline: LoadResult) -> str:
     return f"{name:<38} ratio to bare: {result.requests_per_s / baseline.requests_per_s:.2f}"
 
 
+def record_throughput(
+    section: str, name: str, result: LoadResult, baseline: LoadResult, target: float | None
+) -> None:
+    """Requests/s beside the bare handler's mean of the same run (issue 13's ratio)."""
+    ratio = result.requests_per_s / baseline.requests_per_s
+    record(
+        section,
+        f"{name}, requests/s",
+        result.requests_per_s,
+        "requests/s",
+        baseline=baseline.requests_per_s,
+        baseline_name="bare aiohttp (read body, 204), mean of the runs before and after",
+        target=None if target is None else f"ratio >= {target:.2f}",
+        met=None if target is None else ratio >= target,
+        extra={"p50_ms": result.p50_ms, "non_2xx": result.non_2xx, "errors": result.errors},
+    )
+
+
 def bench_intake(tmp: Path) -> None:
     print(
         f"# intake: signed {len(sample_body())}-byte deliveries, wrk -t1 -c{CONNECTIONS} "
@@ -233,10 +252,30 @@ def bench_intake(tmp: Path) -> None:
     print(indexed.row("the same with the console's event index"))
     second = bare(tmp)
     print(second.row("bare aiohttp again"))
-    print(ratio_line("pubrelay webhook, embedded SQLite bus", sqlite, mean(first, second)))
+    baseline = mean(first, second)
+    print(ratio_line("pubrelay webhook, embedded SQLite bus", sqlite, baseline))
     print(
         f"{'event index on / off':<38} "
         f"{indexed.requests_per_s / sqlite.requests_per_s:.2f} (requests/s)"
+    )
+    record_throughput("intake", "webhook, embedded SQLite bus", sqlite, baseline, 0.50)
+    record(
+        "intake",
+        "webhook, embedded SQLite bus, p99",
+        sqlite.p99_ms,
+        "ms",
+        baseline=baseline.p99_ms,
+        baseline_name="bare aiohttp (read body, 204), mean of the runs before and after",
+        target=f"<= {INTAKE_P99_TARGET_MS:.0f} ms",
+        met=sqlite.p99_ms <= INTAKE_P99_TARGET_MS,
+    )
+    record(
+        "intake",
+        "webhook with the console's event index, requests/s",
+        indexed.requests_per_s,
+        "requests/s",
+        baseline=sqlite.requests_per_s,
+        baseline_name="webhook, embedded SQLite bus (no index)",
     )
 
 
@@ -275,6 +314,18 @@ def bench_attack(tmp: Path) -> None:
             )
         rows.append(figures)
         print(figures.row())
+        record(
+            "attack",
+            f"{name}: legitimate deliveries, p99",
+            figures.percentile(0.99),
+            "ms",
+            baseline=rows[0].percentile(0.99),
+            baseline_name="quiet: legitimate deliveries, p99",
+            target="within 2x of quiet, every delivery 202",
+            met=figures.percentile(0.99) <= 2 * rows[0].percentile(0.99)
+            and figures.not_accepted == 0,
+            extra={"not_202": figures.not_accepted, "peak_rss_mib": figures.peak_rss_mib},
+        )
     quiet, attacked = rows[0], rows[-1]
     print(
         f"{'under attack / quiet':<38} p50 {attacked.percentile(0.5) / quiet.percentile(0.5):.2f}x"
@@ -292,21 +343,64 @@ SECTIONS: dict[str, Callable[[Path], None]] = {
     "e2e": bench_e2e,
     "attack": bench_attack,
     "retention": bench_retention,
+    "memory": bench_memory,
+    "backlog": bench_backlog,
 }
+
+# --short: every size tiny (a second per load run), for the suite's check that each section
+# runs and records its figures (tests/e2e/test_bench_short.py); an explicit BENCH_* wins.
+SHORT_SIZES = {
+    "BENCH_SECONDS": "1",
+    "BENCH_CONNECTIONS": "16",
+    "BENCH_WORKER_EVENTS": "3000",  # several fetches: the clock starts after the first
+    "BENCH_E2E_EVENTS": "50",
+    "BENCH_E2E_RATE": "50",
+    "BENCH_ATTACK_RATE": "50",
+    "BENCH_RETENTION_ROWS": "20000",
+    "BENCH_MEMORY_RATE": "50",
+    "BENCH_BACKLOG_EVENTS": "3000",
+    "BENCH_BACKLOG_MAX_S": "60",
+}
+DEFAULT_RESULTS = REPO / "build" / "bench-results.json"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench")
     parser.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default all)")
-    chosen = parser.parse_args().sections or list(SECTIONS)
-    configure_logging("warning", "json")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        help="the JSON file of every recorded figure (default build/bench-results.json)",
+    )
+    parser.add_argument("--short", action="store_true", help="tiny sizes (see SHORT_SIZES)")
+    args = parser.parse_args()
+    chosen = args.sections or list(SECTIONS)
     unknown = set(chosen) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
-    with tempfile.TemporaryDirectory(prefix="pubrelay-bench-") as tmp:
-        for name in chosen:
-            SECTIONS[name](Path(tmp))
-            print()
+    if args.short and os.environ.get("BENCH_SHORT") != "1":
+        # The sizes are read when the modules are imported: start again with them set.
+        env = {**SHORT_SIZES, **os.environ, "BENCH_SHORT": "1"}
+        os.execve(sys.executable, [sys.executable, "-m", "tests.bench", *sys.argv[1:]], env)
+    configure_logging("warning", "json")
+    run: list[str] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="pubrelay-bench-") as tmp:
+            for name in chosen:
+                run.append(name)
+                started = time.monotonic()
+                try:
+                    SECTIONS[name](Path(tmp))
+                except BaseException as err:
+                    print(f"({name} failed: {err!r})\n", flush=True)
+                    raise
+                print(f"({name}: {time.monotonic() - started:.0f} s)\n")
+    finally:
+        results.write(args.results, sections=run, short=os.environ.get("BENCH_SHORT") == "1")
+        for line in summary_lines(results.figures(), run):
+            print(line)
+        print(f"results: {args.results}")
 
 
 if __name__ == "__main__":

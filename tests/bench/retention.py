@@ -23,6 +23,7 @@ from typing import Final
 from bus.sqlite.db import connect
 from bus.sqlite.retention import RetentionPass
 from bus.sqlite.schema import SCHEMA, encode_headers
+from tests.bench.results import record
 
 ROWS = int(os.environ.get("BENCH_RETENTION_ROWS", "2000000"))
 VALUE_BYTES = int(os.environ.get("BENCH_RETENTION_VALUE_BYTES", "512"))
@@ -129,6 +130,15 @@ def bench_retention(tmp: Path) -> None:
                 f"   deleted {retention.deleted:,} in {retention.elapsed_s:.2f} s"
             )
             print(f"{'':<38} lock held: before / longest after {held_s / held[-1]:,.0f}x")
+            record(
+                "retention",
+                f"{name}: write lock held, longest chunk",
+                held[-1] * 1000,
+                "ms",
+                baseline=held_s * 1000,
+                baseline_name=f"{name}: the single DELETE before chunking",
+                extra={"deleted": retention.deleted, "transactions": len(held)},
+            )
     finally:
         for path in tmp.glob("retention*.sqlite3*"):
             path.unlink()

@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import structlog
 from prometheus_client import CollectorRegistry
 
 from bus.types import Bus
 from handlers.config import LedgerSettings
+from handlers.worker.lease import ClaimLost, Lease
 from handlers.worker.ledger import Ledger, RedisLedger, SqliteLedger, create_ledger
 from handlers.worker.service import Worker
 from tests.fixtures.redis import free_port, start_redis, stop_redis
@@ -256,6 +258,92 @@ async def test_a_claim_expires_counts_attempts_and_ends_in_done(
     await first.mark_done("crm", "ev_1")
     assert (await second.claim("crm", "ev_1", "b")).state == "done"
     assert await second.is_done("crm", "ev_1")
+
+
+async def test_writes_sharing_one_group_commit_answer_as_if_made_one_by_one(
+    tmp_path: Path,
+) -> None:
+    """Claims, a release and completions queued together (one transaction, a few
+    statements) keep their order where they touch the same key."""
+    ledger = SqliteLedger(tmp_path / "l.sqlite3", retention_s=3600)
+    await ledger.open()
+    try:
+        await ledger.claim("crm", "ev_old", "x", ttl_s=30)
+        answers = await asyncio.gather(
+            ledger.claim("crm", "ev_1", "a", ttl_s=30),
+            ledger.claim("crm", "ev_1", "b", ttl_s=30),
+            ledger.release("crm", "ev_1", "a"),
+            ledger.claim("crm", "ev_1", "b", ttl_s=30),
+            ledger.mark_done("crm", "ev_old"),
+            ledger.claim("crm", "ev_old", "c", ttl_s=30),
+            ledger.claim("email", "ev_1", "d", ttl_s=30),
+            *(ledger.claim("crm", f"ev_many_{n}", "e", ttl_s=30) for n in range(1200)),
+        )
+    finally:
+        await ledger.close()
+    claims = [(c.state, c.attempts) if c is not None else None for c in answers[:7]]
+    assert claims == [
+        ("claimed", 1),
+        ("held", 1),
+        None,
+        ("claimed", 2),
+        None,
+        ("done", 0),
+        ("claimed", 1),
+    ]
+    assert {(c.state, c.attempts) if c is not None else None for c in answers[7:]} == {
+        ("claimed", 1)
+    }
+
+
+async def test_a_call_whose_claim_another_worker_took_is_stopped(tmp_path: Path) -> None:
+    """The first renewal learns the claim is gone: the call is cancelled (ClaimLost)."""
+    path = tmp_path / "l.sqlite3"
+    mine, theirs = SqliteLedger(path, retention_s=3600), SqliteLedger(path, retention_s=3600)
+    await mine.open()
+    await theirs.open()
+    finished = asyncio.Event()
+
+    async def long_call() -> None:
+        await asyncio.sleep(30)
+        finished.set()
+
+    try:
+        assert (await mine.claim("crm", "ev_1", "a", ttl_s=0.3)).state == "claimed"
+        claimed_at = asyncio.get_running_loop().time()
+        await mine.release("crm", "ev_1", "a")  # as if it had expired
+        assert (await theirs.claim("crm", "ev_1", "b", ttl_s=30)).state == "claimed"
+        lease = Lease(mine, "crm", ttl_s=0.3, log=structlog.get_logger())
+        with pytest.raises(ClaimLost):
+            await asyncio.wait_for(lease.run("ev_1", "a", claimed_at, long_call, timeout_s=60), 10)
+        assert not finished.is_set()
+    finally:
+        await mine.close()
+        await theirs.close()
+
+
+async def test_a_call_over_its_bound_is_stopped_and_a_handlers_own_timeout_kept(
+    tmp_path: Path,
+) -> None:
+    ledger = SqliteLedger(tmp_path / "l.sqlite3", retention_s=3600)
+    await ledger.open()
+    lease = Lease(ledger, "crm", ttl_s=30, log=structlog.get_logger())
+    loop = asyncio.get_running_loop()
+
+    async def own_timeout() -> None:
+        raise TimeoutError("the CRM did not answer")
+
+    try:
+        await ledger.claim("crm", "ev_1", "a", ttl_s=30)
+        with pytest.raises(TimeoutError, match=r"took more than 0\.1 s"):
+            await asyncio.wait_for(
+                lease.run("ev_1", "a", loop.time(), lambda: asyncio.sleep(30), timeout_s=0.1),
+                10,
+            )
+        with pytest.raises(TimeoutError, match="the CRM did not answer"):
+            await lease.run("ev_1", "a", loop.time(), own_timeout, timeout_s=10)
+    finally:
+        await ledger.close()
 
 
 async def test_a_release_after_a_dead_letter_forgets_the_attempts(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -17,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from handlers.builtin.email.handler import create
 from handlers.builtin.email.preview import format_preview, load_settings, render_preview
-from handlers.builtin.email.rendering import slug, template_bases
+from handlers.builtin.email.rendering import RECHECK_S, TemplateRenderer, slug, template_bases
 from handlers.builtin.email.settings import EmailSettings
 from handlers.types import HandlerContext
 from schemas.errors import ConfigError, HandlerError, SkipEvent
@@ -408,3 +409,23 @@ def test_the_preview_does_not_touch_the_event_it_was_given() -> None:
     before = copy.deepcopy(event)
     preview(event)
     assert event == before
+
+
+def test_a_changed_or_added_template_is_used_once_the_recheck_interval_passed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "default.txt").write_text("v1 {{ code }}")
+    renderer = TemplateRenderer(tmp_path)
+    bases = template_bases(None, None, "api")
+    clock = [1000.0]
+    monkeypatch.setattr(renderer, "_clock", lambda: clock[0])
+    assert renderer.render("text", bases, {"code": "A"}).text == "v1 A"
+    (tmp_path / "default.txt").write_text("v2 {{ code }}")
+    os.utime(tmp_path / "default.txt", (2_000_000_000, 2_000_000_000))
+    clock[0] += RECHECK_S
+    assert renderer.render("text", bases, {"code": "A"}).text == "v2 A"
+    (tmp_path / "channel").mkdir()
+    (tmp_path / "channel" / "api.txt").write_text("api {{ code }}")
+    clock[0] += RECHECK_S
+    rendered = renderer.render("text", bases, {"code": "A"})
+    assert (rendered.name, rendered.text) == ("channel/api.txt", "api A")

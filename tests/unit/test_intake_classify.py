@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from datetime import UTC, datetime
 
 from consumer.routing import Quarantined, Routed, classify, json_depth_exceeds
@@ -97,3 +98,52 @@ def test_with_a_maximum_age_an_event_without_a_readable_time_is_stale() -> None:
         assert isinstance(decision, Quarantined)
         assert decision.reason == "stale"
         assert isinstance(classify(body, max_depth=64), Routed)  # no maximum: no check
+
+
+def _read_like_json(body: bytes, max_depth: int) -> tuple[bool, bool]:
+    """A JSON reader's view, one byte at a time: whether brackets outside strings nest
+    deeper than ``max_depth``, and whether a backslash appears outside a string."""
+    depth, in_string, escaped, too_deep = 0, False, False, False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == ord("\\"):
+                escaped = True
+            elif byte == ord('"'):
+                in_string = False
+        elif byte == ord('"'):
+            in_string = True
+        elif byte == ord("\\"):
+            return too_deep, True
+        elif byte in b"[{":
+            depth += 1
+            too_deep = too_deep or depth > max_depth
+        elif byte in b"]}":
+            depth -= 1
+    return too_deep, False
+
+
+def test_depth_check_agrees_with_a_byte_by_byte_reader() -> None:
+    rnd = random.Random(13)
+    checked = 0
+    for _ in range(20_000):
+        body = bytes(rnd.choice(b'[]{}"\\ax') for _ in range(rnd.randint(0, 40)))
+        if _read_like_json(body, 0)[1]:
+            continue  # not JSON: a backslash only appears inside a string
+        checked += 1
+        for max_depth in (0, 1, 2, 3, 6):
+            expected = _read_like_json(body, max_depth)[0]
+            assert json_depth_exceeds(body, max_depth) is expected, (body, max_depth)
+    assert checked > 5_000
+
+
+def test_depth_check_on_nesting_at_and_past_the_limit() -> None:
+    nested = b'{"a":' * 32 + b"1" + b"}" * 32
+    assert not json_depth_exceeds(nested, 32)
+    assert json_depth_exceeds(b"[" + nested + b"]", 32)
+    assert json_depth_exceeds(b"[" * 40, 32)  # unclosed: not JSON, and too deep
+    assert not json_depth_exceeds(b"]" * 40 + b"[" * 30, 32)
+    escaped = b'{"a":"\\\\","b":"\\"[[[[","c":[[[]]]}'
+    assert not json_depth_exceeds(escaped, 4)
+    assert json_depth_exceeds(escaped, 3)

@@ -57,7 +57,6 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from email import policy
 from typing import Any, Final, NoReturn
 
 from structlog.typing import FilteringBoundLogger
@@ -82,7 +81,10 @@ from schemas.masking import mask_address
 
 __all__ = ["EmailHandler", "create"]
 
-_MEMORY_KEYS_MAX: Final = 100_000
+_MEMORY_KEYS_MAX: Final = 10_000
+"""Publications mailed by this process remembered in memory, newest first: a sibling event
+comes soon after its twin; older ones are found in the ledger. (100,000 kept ~30 MB more
+resident under a steady 200/s: docs/performance.md, "Memory".)"""
 _CLAIM_TIMEOUTS: Final = 3
 """A publication's claim lasts this many SMTP timeouts (``PUBRELAY_EMAIL__TIMEOUT_S``)."""
 _SEND_SHARE_OF_CLAIM: Final = 0.8
@@ -283,7 +285,7 @@ class EmailHandler:
         await self._send(composed, envelope.event_id, codes.missing_ids if codes else ())
 
     async def _send(self, composed: Composed, event_id: str, missing: tuple[str, ...]) -> None:
-        raw = composed.message.as_bytes(policy=policy.SMTP)
+        raw = composed.raw
         masked = mask_address(composed.recipient)
         started = time.perf_counter()
         try:
@@ -303,7 +305,7 @@ class EmailHandler:
             "email_sent_partial" if missing else "email_sent",
             event_id=event_id,
             to=masked,
-            message_id=composed.message["Message-ID"],
+            message_id=composed.message_id,
             templates=list(composed.templates),
             duration_ms=round(elapsed * 1000, 1),
             reply=reply,

@@ -3,7 +3,8 @@
 :class:`MessageComposer` decides whether an event gets an e-mail at all
 (:meth:`~MessageComposer.skip_reason`), builds the template context, renders the
 subject, text and HTML parts (:mod:`handlers.builtin.email.rendering`) and assembles one
-``multipart/alternative`` :class:`~email.message.EmailMessage` with its headers. The
+``multipart/alternative`` message with its headers, as bytes
+(:mod:`handlers.builtin.email.mime`). The
 handler and the ``pubrelay preview-email`` command share it, so a preview is exactly
 what would be sent.
 
@@ -38,12 +39,14 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email import message_from_bytes, policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import quote
 
+from handlers.builtin.email.mime import fold_header, header_line, multipart_alternative
 from handlers.builtin.email.rendering import TemplateRenderer, render_template, template_bases
 from handlers.builtin.email.settings import EmailSettings, SenderAddress, parse_sender
 from handlers.builtin.publication_codes import PublicationData, publication_codes
@@ -78,6 +81,8 @@ _MSGID_RE: Final = re.compile(r"[^A-Za-z0-9._-]+")
 _SPACE_RE: Final = re.compile(r"\s+")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]+")
 _URI_ITEM_RE: Final = re.compile(r"<([^<>]*)>|([^,<>]+)")
+_AUTO_SUBMITTED: Final = b"Auto-Submitted: auto-generated\r\n"
+_ONE_CLICK: Final = b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
 # RFC 3986's characters of a URI but the comma, which separates the URIs of the header.
 _URI_SAFE: Final = ":/?#[]@!$&'()*+;=%"
 
@@ -125,11 +130,20 @@ class VoucherView:
 
 @dataclass(frozen=True, slots=True)
 class Composed:
-    """A message ready to send: the bare recipient address and the templates used."""
+    """A message ready to send (``raw``, CRLF line ends), its ``Message-ID``, the bare
+    recipient address and the templates used."""
 
-    message: EmailMessage
+    raw: bytes
+    message_id: str
     recipient: str
     templates: tuple[str, ...]
+
+    @property
+    def message(self) -> EmailMessage:
+        """``raw`` parsed, with the line ends of Python's text (the preview)."""
+        parsed = message_from_bytes(self.raw.replace(b"\r\n", b"\n"), policy=policy.default)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
 
 
 class MessageComposer:
@@ -147,6 +161,9 @@ class MessageComposer:
         self.sender = sender
         self.renderer = renderer
         self._clock = clock or (lambda: datetime.now(UTC))
+        # the headers every message shares, folded once (handlers/builtin/email/mime.py)
+        self._from = fold_header("From", sender.header)
+        self._reply_to = [fold_header("Reply-To", settings.reply_to)] if settings.reply_to else []
         self._unsubscribe = (
             renderer.compile_url(settings.list_unsubscribe, "PUBRELAY_EMAIL__LIST_UNSUBSCRIBE")
             if settings.list_unsubscribe
@@ -209,7 +226,8 @@ class MessageComposer:
         data = envelope.data
         if not isinstance(data, PublicationData):
             raise HandlerError(f"event type {envelope.event_type!r} sends no e-mail")
-        recipient = _recipient(data)
+        address = _recipient(data)
+        recipient = address.addr_spec
         context = self.context(envelope, data, vouchers)
         bases = template_bases(
             context["campaign"].id, context["campaign"].name, data.channel or None
@@ -219,28 +237,30 @@ class MessageComposer:
         text = self.renderer.render("text", bases, context)
         html = self.renderer.render("html", bases, context)
 
-        message = EmailMessage()
-        message["From"] = self.sender.header
-        message["To"] = Address(
+        message_id = self.message_id(envelope, data)
+        to = Address(
             display_name=_one_line(_CONTROL_RE.sub(" ", context["customer"].name or "")),
-            addr_spec=recipient,
+            username=address.username,  # parsed once, in _recipient
+            domain=address.domain,
         )
-        if self.settings.reply_to:
-            message["Reply-To"] = self.settings.reply_to
-        message["Subject"] = context["subject"]
-        message["Date"] = format_datetime(self._clock())
-        message["Message-ID"] = self.message_id(envelope, data)
-        message["Auto-Submitted"] = "auto-generated"
-        message["X-Pubrelay-Event-Id"] = _MSGID_RE.sub("-", envelope.event_id)
+        headers = [
+            self._from,
+            header_line("To", to),
+            *self._reply_to,
+            header_line("Subject", context["subject"]),
+            header_line("Date", format_datetime(self._clock())),
+            header_line("Message-ID", message_id),
+            _AUTO_SUBMITTED,
+            header_line("X-Pubrelay-Event-Id", _MSGID_RE.sub("-", envelope.event_id)),
+        ]
         uris: list[str] = context["list_unsubscribe_urls"]
         if uris:
-            message["List-Unsubscribe"] = ", ".join(f"<{uri}>" for uri in uris)
+            headers.append(header_line("List-Unsubscribe", ", ".join(f"<{u}>" for u in uris)))
             if self.settings.list_unsubscribe_one_click and any(map(_is_https, uris)):
-                message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-        message.set_content(text.text)
-        message.add_alternative(html.text, subtype="html")
+                headers.append(_ONE_CLICK)
         return Composed(
-            message=message,
+            raw=multipart_alternative(headers, text.text, html.text),
+            message_id=message_id,
             recipient=recipient,
             templates=(subject.name, text.name, html.name),
         )
@@ -331,8 +351,9 @@ def _truthy(value: Any) -> bool:
     return False
 
 
-def _recipient(data: PublicationData) -> str:
-    """The bare address, checked: HandlerError when no relay could deliver to it."""
+def _recipient(data: PublicationData) -> Address:
+    """The address (its ``addr_spec`` is the bare address), checked: HandlerError when no
+    relay could deliver to it."""
     address = (data.customer_email or "").strip()
     masked = mask_address(address)
     if not address.isascii():
@@ -343,7 +364,7 @@ def _recipient(data: PublicationData) -> str:
         raise HandlerError(f"the customer's address {masked} is not a valid address") from None
     if not parsed.username or not parsed.domain or parsed.addr_spec != address:
         raise HandlerError(f"the customer's address {masked} is not a valid address")
-    return address
+    return parsed
 
 
 _WithMetadata = TypeVar("_WithMetadata", Customer, Campaign, Publication)

@@ -1,0 +1,216 @@
+"""The SQLite ledger's tables and statements: one group commit in a few statements.
+
+:class:`~handlers.worker.ledger.SqliteLedger` queues the claims, completions, renewals and
+releases that arrive together and hands them to :func:`write_batch` on its writer thread,
+which makes them in one ``BEGIN IMMEDIATE`` transaction (atomic across the processes
+sharing the file, durable at its commit).
+
+Claims and completions are made a run at a time, not a row at a time: a run's claims
+read the state of all their keys in one statement and write their new claims in one
+more; its completions are one insert and one delete. The rows travel as one JSON
+parameter (``json_each``), so each statement's text is fixed and stays prepared. This
+matters beyond the statements saved: the thread gives the GIL up around every SQLite
+call and, while the event loop is busy, may wait up to the interpreter's switch interval
+(``sys.getswitchinterval()``, 5 ms by default) to take it back, so the number of calls
+per transaction, not the number of rows, sets the writer's pace
+(docs/performance.md, "The worker and its ledger").
+
+A run never holds two operations on the same key: the batch keeps its order, and a key
+seen again (say a release and a new claim of the same event) starts a new run after the
+first one's statements were made. Renewals, releases and the purge are rare and run as
+single statements in their turn.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from bus.sqlite.db import transaction
+from handlers.types import Claim
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS ledger (
+    handler TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    completed_at REAL NOT NULL,
+    PRIMARY KEY (handler, event_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ledger_completed_at ON ledger (completed_at);
+CREATE TABLE IF NOT EXISTS claims (
+    handler TEXT NOT NULL,
+    key TEXT NOT NULL,
+    token TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (handler, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS claims_updated_at ON claims (updated_at);
+"""
+
+DONE: Final = Claim("done")
+
+_RUN_MAX: Final = 500
+"""Operations per run at most (bounds one statement's JSON parameter)."""
+
+# Each row of the state: [its index in the run, 1 when done, holder, expires_at, attempts].
+_CLAIM_STATE: Final = """
+SELECT json_group_array(json_array(
+    j.key,
+    (SELECT 1 FROM ledger AS l
+     WHERE l.handler = j.value ->> 0 AND l.event_id = j.value ->> 1 AND l.completed_at >= ?),
+    c.token, c.expires_at, c.attempts))
+FROM json_each(?) AS j
+LEFT JOIN claims AS c ON c.handler = j.value ->> 0 AND c.key = j.value ->> 1
+"""
+
+_CLAIM_WRITE: Final = """
+INSERT INTO claims (handler, key, token, expires_at, attempts, updated_at)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ?
+FROM json_each(?) WHERE true
+ON CONFLICT (handler, key) DO UPDATE SET
+    token = excluded.token, expires_at = excluded.expires_at,
+    attempts = excluded.attempts, updated_at = excluded.updated_at
+"""
+
+_DONE_WRITE: Final = """
+INSERT INTO ledger (handler, event_id, completed_at)
+SELECT value ->> 0, value ->> 1, ? FROM json_each(?) WHERE true
+ON CONFLICT (handler, event_id) DO UPDATE SET completed_at = excluded.completed_at
+"""
+
+_DONE_DROP_CLAIMS: Final = """
+DELETE FROM claims
+WHERE (handler, key) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))
+"""
+
+Statement = Callable[[sqlite3.Connection, float], Any]
+"""A write made alone in its turn: ``fn(connection, now)``, its result handed back."""
+
+
+class ClaimOp:
+    """Take ``key`` for ``token`` for ``ttl_s`` seconds (see :meth:`Ledger.claim`)."""
+
+    __slots__ = ("handler", "key", "token", "ttl_s")
+
+    def __init__(self, handler: str, key: str, token: str, ttl_s: float) -> None:
+        self.handler = handler
+        self.key = key
+        self.token = token
+        self.ttl_s = ttl_s
+
+
+class DoneOp:
+    """Record ``key``'s effect as completed and drop its claim."""
+
+    __slots__ = ("handler", "key")
+
+    def __init__(self, handler: str, key: str) -> None:
+        self.handler = handler
+        self.key = key
+
+
+Op = ClaimOp | DoneOp | Statement
+
+
+def write_batch(conn: sqlite3.Connection, ops: list[Op], retention_s: float) -> list[Any]:
+    """Make ``ops`` in one transaction, in order; each one's result (a claim's
+    :class:`~handlers.types.Claim`, else the statement's result or None)."""
+    results: list[Any] = [None] * len(ops)
+    with transaction(conn):
+        now = time.time()
+        cutoff = now - retention_s
+        run: list[tuple[int, ClaimOp | DoneOp]] = []
+        keys: set[tuple[str, str]] = set()
+        for i, op in enumerate(ops):
+            if isinstance(op, ClaimOp | DoneOp):
+                key = (op.handler, op.key)
+                if key in keys or len(run) >= _RUN_MAX:
+                    _make_run(conn, now, cutoff, run, results)
+                    run, keys = [], set()
+                run.append((i, op))
+                keys.add(key)
+            else:
+                _make_run(conn, now, cutoff, run, results)
+                run, keys = [], set()
+                results[i] = op(conn, now)
+        _make_run(conn, now, cutoff, run, results)
+    return results
+
+
+def _make_run(
+    conn: sqlite3.Connection,
+    now: float,
+    cutoff: float,
+    run: list[tuple[int, ClaimOp | DoneOp]],
+    results: list[Any],
+) -> None:
+    """The claims and completions of one run (distinct keys: their order does not matter)."""
+    claims = [(i, op) for i, op in run if isinstance(op, ClaimOp)]
+    done = [(op.handler, op.key) for _, op in run if isinstance(op, DoneOp)]
+    if done:
+        rows = json.dumps(done)
+        conn.execute(_DONE_WRITE, (now, rows))
+        conn.execute(_DONE_DROP_CLAIMS, (rows,))
+    if not claims:
+        return
+    (state,) = conn.execute(
+        _CLAIM_STATE, (cutoff, json.dumps([(op.handler, op.key) for _, op in claims]))
+    ).fetchone()
+    writes: list[tuple[str, str, str, float, int]] = []
+    for index, is_done, holder, expires_at, held_attempts in json.loads(state):
+        i, op = claims[index]
+        attempts = held_attempts or 0
+        if is_done:
+            results[i] = DONE
+        elif holder is not None and holder != op.token and expires_at > now:
+            results[i] = Claim("held", attempts=attempts, wait_s=expires_at - now)
+        else:
+            writes.append((op.handler, op.key, op.token, now + op.ttl_s, attempts + 1))
+            results[i] = Claim("claimed", attempts=attempts + 1)
+    if writes:
+        conn.execute(_CLAIM_WRITE, (now, json.dumps(writes)))
+
+
+def is_done(conn: sqlite3.Connection, handler: str, event_id: str, cutoff: float) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM ledger WHERE handler = ? AND event_id = ? AND completed_at >= ?",
+        (handler, event_id, cutoff),
+    ).fetchone()
+    return row is not None
+
+
+def renew(
+    conn: sqlite3.Connection, now: float, *, handler: str, key: str, token: str, ttl_s: float
+) -> bool:
+    cursor = conn.execute(
+        "UPDATE claims SET expires_at = ?, updated_at = ? "
+        "WHERE handler = ? AND key = ? AND token = ?",
+        (now + ttl_s, now, handler, key, token),
+    )
+    return cursor.rowcount == 1
+
+
+def release(
+    conn: sqlite3.Connection, handler: str, key: str, token: str, forget_attempts: bool
+) -> None:
+    if forget_attempts:
+        conn.execute(
+            "DELETE FROM claims WHERE handler = ? AND key = ? AND token = ?", (handler, key, token)
+        )
+    else:
+        conn.execute(
+            "UPDATE claims SET expires_at = 0 WHERE handler = ? AND key = ? AND token = ?",
+            (handler, key, token),
+        )
+
+
+def purge(conn: sqlite3.Connection, cutoff: float) -> int:
+    with transaction(conn):
+        done = conn.execute("DELETE FROM ledger WHERE completed_at < ?", (cutoff,)).rowcount
+        claims = conn.execute("DELETE FROM claims WHERE updated_at < ?", (cutoff,)).rowcount
+    return done + claims
