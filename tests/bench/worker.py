@@ -7,10 +7,12 @@ the same records with no worker around it. Every run is bounded by count and tim
 from __future__ import annotations
 
 import asyncio
+import gc
+import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -20,6 +22,7 @@ from handlers.builtin.noop import NoopHandler
 from handlers.config import LedgerSettings, WorkerSettings
 from handlers.types import Claim
 from handlers.worker.ledger import Ledger, create_ledger
+from pubrelay.runtime import tune_runtime
 from schemas.record import HEADER_DELIVERY_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE
 from tests.fixtures.samples import sample_publication_body
 
@@ -166,6 +169,21 @@ async def through_worker(
     finally:
         stop.set()
         await task
+
+
+@contextmanager
+def tuned_as_in_production() -> Iterator[None]:
+    """The process settings `pubrelay worker` runs with (``tune_runtime``: GC thresholds,
+    a frozen start-up heap, the GIL switch interval) for the runs inside, then restored:
+    the worker is measured as it runs, beside a baseline measured the same way."""
+    thresholds, interval = gc.get_threshold(), sys.getswitchinterval()
+    tune_runtime()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+        sys.setswitchinterval(interval)
 
 
 async def bench_worker_on(
