@@ -152,6 +152,7 @@ class SqliteLedger:
                 self.path, busy_timeout_s=self.timeout_s, schema=ledger_sql.SCHEMA
             )
             await self._reader.open(self.path, busy_timeout_s=self.timeout_s)
+            await self._writer.run(ledger_sql.check_json_functions)
             await self.purge()
 
     async def close(self) -> None:

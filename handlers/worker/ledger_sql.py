@@ -8,7 +8,8 @@ sharing the file, durable at its commit).
 Claims and completions are made a run at a time, not a row at a time: a run's claims
 read the state of all their keys in one statement and write their new claims in one
 more; its completions are one insert and one delete. The rows travel as one JSON
-parameter (``json_each``), so each statement's text is fixed and stays prepared. This
+parameter (``json_each``, ``json_extract``: SQLite's JSON functions, built in since 3.38 and
+compiled into most older builds), so each statement's text is fixed and stays prepared. This
 matters beyond the statements saved: the thread gives the GIL up around every SQLite
 call and, while the event loop is busy, may wait up to the interpreter's switch interval
 (``sys.getswitchinterval()``, 5 ms by default) to take it back, so the number of calls
@@ -31,6 +32,7 @@ from typing import Any, Final
 
 from bus.sqlite.db import transaction
 from handlers.types import Claim
+from schemas.errors import ConfigError
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS ledger (
@@ -62,15 +64,19 @@ _CLAIM_STATE: Final = """
 SELECT json_group_array(json_array(
     j.key,
     (SELECT 1 FROM ledger AS l
-     WHERE l.handler = j.value ->> 0 AND l.event_id = j.value ->> 1 AND l.completed_at >= ?),
+     WHERE l.handler = json_extract(j.value, '$[0]')
+       AND l.event_id = json_extract(j.value, '$[1]')
+       AND l.completed_at >= ?),
     c.token, c.expires_at, c.attempts))
 FROM json_each(?) AS j
-LEFT JOIN claims AS c ON c.handler = j.value ->> 0 AND c.key = j.value ->> 1
+LEFT JOIN claims AS c
+    ON c.handler = json_extract(j.value, '$[0]') AND c.key = json_extract(j.value, '$[1]')
 """
 
 _CLAIM_WRITE: Final = """
 INSERT INTO claims (handler, key, token, expires_at, attempts, updated_at)
-SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ?
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+       json_extract(value, '$[3]'), json_extract(value, '$[4]'), ?
 FROM json_each(?) WHERE true
 ON CONFLICT (handler, key) DO UPDATE SET
     token = excluded.token, expires_at = excluded.expires_at,
@@ -79,13 +85,13 @@ ON CONFLICT (handler, key) DO UPDATE SET
 
 _DONE_WRITE: Final = """
 INSERT INTO ledger (handler, event_id, completed_at)
-SELECT value ->> 0, value ->> 1, ? FROM json_each(?) WHERE true
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), ? FROM json_each(?) WHERE true
 ON CONFLICT (handler, event_id) DO UPDATE SET completed_at = excluded.completed_at
 """
 
 _DONE_DROP_CLAIMS: Final = """
-DELETE FROM claims
-WHERE (handler, key) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))
+DELETE FROM claims WHERE (handler, key) IN (
+    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))
 """
 
 Statement = Callable[[sqlite3.Connection, float], Any]
@@ -174,6 +180,19 @@ def _make_run(
             results[i] = Claim("claimed", attempts=attempts + 1)
     if writes:
         conn.execute(_CLAIM_WRITE, (now, json.dumps(writes)))
+
+
+def check_json_functions(conn: sqlite3.Connection) -> None:
+    """A clear error at start-up when this SQLite has no JSON functions (built without
+    JSON1; built in since 3.38): the group commit needs ``json_each``."""
+    try:
+        conn.execute("SELECT json_extract(value, '$[0]') FROM json_each('[[1]]')").fetchone()
+    except sqlite3.OperationalError as err:
+        raise ConfigError(
+            f"the SQLite ledger needs SQLite's JSON functions, which this SQLite "
+            f"{sqlite3.sqlite_version} lacks ({err}): use a Python whose sqlite3 has them "
+            "(SQLite 3.38 or later has them built in) or PUBRELAY_LEDGER__URL=redis://…"
+        ) from err
 
 
 def is_done(conn: sqlite3.Connection, handler: str, event_id: str, cutoff: float) -> bool:
