@@ -13,19 +13,20 @@ from datetime import UTC, datetime
 
 class _SecondCache:
     """The date and time to the second, formatted once per second (once per request
-    otherwise: ``docs/performance.md``)."""
+    otherwise: ``docs/performance.md``). One tuple, replaced whole, so a thread never pairs
+    one second with another's text."""
 
-    __slots__ = ("second", "text")
+    __slots__ = ("cached",)
 
     def __init__(self) -> None:
-        self.second = -1
-        self.text = ""
+        self.cached = (-1, "")
 
     def format(self, second: int) -> str:
-        if second != self.second:
-            self.text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-            self.second = second
-        return self.text
+        cached_second, text = self.cached
+        if second != cached_second:
+            text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self.cached = (second, text)
+        return text
 
 
 _headers_second = _SecondCache()

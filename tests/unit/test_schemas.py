@@ -31,6 +31,7 @@ from schemas.events import (
     parse_event,
 )
 from schemas.publication import Publication
+from schemas.timestamps import utc_now_iso, utc_now_log
 from schemas.voucher import AmountDiscount, OtherDiscount, Voucher, format_cents
 from tests.fixtures.samples import sample_publication_body, sample_publication_event
 
@@ -657,3 +658,14 @@ def test_sample_event_treats_a_naive_time_as_utc() -> None:
     naive = _sample(created_at=T0.replace(tzinfo=None))
     assert naive == _sample(created_at=T0)
     assert naive["data"]["publication"]["created_at"] == "2024-03-13T13:45:59.492Z"
+
+
+def test_header_and_log_times_are_now_in_their_formats() -> None:
+    before = datetime.now(UTC)
+    header, line = utc_now_iso(), utc_now_log()
+    after = datetime.now(UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", header), header
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line), line
+    for text in (header, line.replace("Z", "+00:00")):
+        when = datetime.fromisoformat(text)
+        assert before - timedelta(milliseconds=1) <= when <= after
