@@ -53,6 +53,13 @@ _BUSY_LARGE: Final = BodyRefused(
 )
 
 
+_UNREADABLE: Final = (ConnectionError, ValueError, web.RequestPayloadError)
+
+
+def _unreadable(err: Exception) -> BodyRefused:
+    return BodyRefused("bad_request", f"could not read the body: {err}")
+
+
 class BodyReader:
     """Reads request bodies for one application; counts the bodies being read."""
 
@@ -104,8 +111,8 @@ class BodyReader:
                 f"the body did not arrive within {self.timeout_s:g} s",
                 "body_read_timeout",
             )
-        except (ConnectionError, ValueError, web.RequestPayloadError) as err:
-            return BodyRefused("bad_request", f"could not read the body: {err}")
+        except _UNREADABLE as err:
+            return _unreadable(err)
         finally:
             self.reading -= 1
             if large:
@@ -121,8 +128,8 @@ class BodyReader:
             return None
         try:
             return content.read_nowait()
-        except (ConnectionError, ValueError, web.RequestPayloadError) as err:
-            return BodyRefused("bad_request", f"could not read the body: {err}")
+        except _UNREADABLE as err:
+            return _unreadable(err)
 
     def _take_large_slot(self) -> bool:
         if self.reading_large >= self.max_large_bodies:

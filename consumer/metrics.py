@@ -92,13 +92,27 @@ class WebhookMetrics:
             ["operation"],
             registry=registry,
         )
-        # Pre-create every series so dashboards and alerts see zeros, not gaps.
+        # Pre-create every series so dashboards and alerts see zeros, not gaps; the
+        # request's two are kept by outcome (labels() takes a lock and builds a key).
+        self._by_outcome: dict[str, tuple[Counter, Histogram]] = {}
         for outcome in OUTCOMES:
-            self.requests.labels(outcome)
-            self.request_seconds.labels(outcome)
+            self._outcome_series(outcome)
         for reason in QUARANTINE_REASONS:
             self.quarantined.labels(reason)
         for guard in GUARDS:
             self.refused.labels(guard)
         for operation in ("publish", "ping"):
             self.bus_errors.labels(operation)
+
+    def count_request(self, outcome: str, elapsed_s: float) -> None:
+        """One request answered with ``outcome`` after ``elapsed_s``."""
+        requests, seconds = self._by_outcome.get(outcome) or self._outcome_series(outcome)
+        requests.inc()
+        seconds.observe(elapsed_s)
+
+    def _outcome_series(self, outcome: str) -> tuple[Counter, Histogram]:
+        series = self._by_outcome[outcome] = (
+            self.requests.labels(outcome),
+            self.request_seconds.labels(outcome),
+        )
+        return series

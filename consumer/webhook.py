@@ -18,7 +18,6 @@ from typing import Final
 
 import structlog
 from aiohttp import web
-from prometheus_client import Counter, Histogram
 
 from bus.types import Bus
 from consumer.answers import (
@@ -137,7 +136,6 @@ class Intake:
         self.publish_timeout_s = publish_timeout_s
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
-        self._by_outcome: dict[str, tuple[Counter, Histogram]] = {}
         self.source = SourceCheck(
             webhook.allowed_networks,
             trust_forwarded_for=webhook.trust_forwarded_for,
@@ -172,14 +170,7 @@ class Intake:
             log.exception("webhook_request_failed", **line.fields())
             answer = INTERNAL_ERROR
         elapsed_s = time.perf_counter() - started
-        counted = self._by_outcome.get(answer.outcome)
-        if counted is None:  # once per outcome: labels() takes a lock and builds a key
-            counted = self._by_outcome[answer.outcome] = (
-                self.metrics.requests.labels(answer.outcome),
-                self.metrics.request_seconds.labels(answer.outcome),
-            )
-        counted[0].inc()
-        counted[1].observe(elapsed_s)
+        self.metrics.count_request(answer.outcome, elapsed_s)
         emit = log.info if answer.status < 500 else log.warning
         fields = line.fields(answer)
         if answer.status in (401, 403):  # the runbook reads who was refused from here

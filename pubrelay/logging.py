@@ -84,14 +84,13 @@ def mask_sensitive(
 ) -> MutableMapping[str, Any]:
     """structlog processor: mask e-mail addresses and secret-looking values."""
     for key, value in event_dict.items():
-        if type(value) in _PLAIN and (
+        if _is_secret_key(key):
+            event_dict[key] = "***"
+        elif type(value) in _PLAIN and (
             type(value) is not str
             or (value.isascii() and "@" not in value and len(value) <= MAX_MASKED_CHARS)
         ):
-            if _is_secret_key(key):  # most values: nothing to mask but a secret's
-                event_dict[key] = "***"
-        elif _is_secret_key(key):
-            event_dict[key] = "***"
+            continue  # most values: nothing to mask
         elif key in NOT_ADDRESS_KEYS and isinstance(value, str):
             event_dict[key] = value.encode("utf-8", "backslashreplace").decode("utf-8")
         else:
