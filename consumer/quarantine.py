@@ -42,16 +42,12 @@ from schemas.record import (
     ORIGIN_QUARANTINE_RELEASE,
     Headers,
     header,
+    header_text,
 )
 from schemas.timestamps import parse_timestamp
 from schemas.topics import quarantine_release_group, quarantine_topic, topic_for
 
 log = structlog.get_logger("pubrelay.consumer.quarantine")
-
-
-def _text(headers: Headers, name: str) -> str | None:
-    value = header(headers, name)
-    return value.decode("utf-8", "replace") if value is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +66,11 @@ class QuarantinedRecord:
         headers = message.headers
         return cls(
             message=message,
-            reason=_text(headers, HEADER_QUARANTINE_REASON),
-            detail=_text(headers, HEADER_QUARANTINE_DETAIL),
-            event_id=_text(headers, HEADER_EVENT_ID),
-            event_type=_text(headers, HEADER_EVENT_TYPE),
-            received_at=parse_timestamp(_text(headers, HEADER_RECEIVED_AT)),
+            reason=header_text(headers, HEADER_QUARANTINE_REASON),
+            detail=header_text(headers, HEADER_QUARANTINE_DETAIL),
+            event_id=header_text(headers, HEADER_EVENT_ID),
+            event_type=header_text(headers, HEADER_EVENT_TYPE),
+            received_at=parse_timestamp(header_text(headers, HEADER_RECEIVED_AT)),
         )
 
     @property

@@ -38,7 +38,7 @@ from structlog.typing import FilteringBoundLogger
 
 from handlers.config import load_section, section_env_prefix
 from schemas.errors import ConfigError
-from schemas.record import HEADER_DELIVERY_ID, Headers, header
+from schemas.record import HEADER_DELIVERY_ID, Headers, header_text
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -139,13 +139,11 @@ class Event:
 
     @property
     def delivery_id(self) -> str | None:
-        value = header(self.headers, HEADER_DELIVERY_ID)
-        return value.decode("utf-8", "replace") if value is not None else None
+        return header_text(self.headers, HEADER_DELIVERY_ID)
 
     def header(self, name: str) -> str | None:
         """A record header as text (``None`` when absent)."""
-        value = header(self.headers, name)
-        return value.decode("utf-8", "replace") if value is not None else None
+        return header_text(self.headers, name)
 
     def __repr__(self) -> str:
         return f"Event(id={self.id!r}, type={self.type!r}, attempt={self.attempt})"

@@ -33,3 +33,9 @@ def header(headers: Headers, name: str) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+def header_text(headers: Headers, name: str) -> str | None:
+    """Return the first header named ``name`` as UTF-8 text (bad bytes replaced) or ``None``."""
+    value = header(headers, name)
+    return value.decode("utf-8", "replace") if value is not None else None

@@ -18,7 +18,7 @@ from typing import Final
 from bus.types import Message
 from handlers.worker.error_text import error_message
 from schemas.masking import mask_emails
-from schemas.record import HEADER_EVENT_ID, HEADER_EVENT_TYPE, Headers, header
+from schemas.record import HEADER_EVENT_ID, HEADER_EVENT_TYPE, Headers, header_text
 from schemas.timestamps import parse_timestamp
 
 # The dead-letter headers added to the original record's headers.
@@ -81,11 +81,6 @@ def _without_dlq_headers(headers: Headers) -> Headers:
     return tuple((k, v) for k, v in headers if not k.startswith(DLQ_HEADER_PREFIX))
 
 
-def _text(headers: Headers, name: str) -> str | None:
-    value = header(headers, name)
-    return value.decode("utf-8", "replace") if value is not None else None
-
-
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """One record of a dead-letter topic, with its ``dlq-*`` facts decoded."""
@@ -103,17 +98,17 @@ class DeadLetter:
     @classmethod
     def from_message(cls, message: Message) -> DeadLetter:
         headers = message.headers
-        attempts = _text(headers, DLQ_ATTEMPTS)
+        attempts = header_text(headers, DLQ_ATTEMPTS)
         return cls(
             message=message,
-            event_id=_text(headers, HEADER_EVENT_ID),
-            event_type=_text(headers, HEADER_EVENT_TYPE),
-            error=_text(headers, DLQ_ERROR),
-            error_type=_text(headers, DLQ_ERROR_TYPE),
+            event_id=header_text(headers, HEADER_EVENT_ID),
+            event_type=header_text(headers, HEADER_EVENT_TYPE),
+            error=header_text(headers, DLQ_ERROR),
+            error_type=header_text(headers, DLQ_ERROR_TYPE),
             attempts=int(attempts) if attempts and attempts.isdigit() else None,
-            first_failed_at=parse_timestamp(_text(headers, DLQ_FIRST_FAILED_AT)),
-            last_failed_at=parse_timestamp(_text(headers, DLQ_LAST_FAILED_AT)),
-            source_topic=_text(headers, DLQ_SOURCE_TOPIC),
+            first_failed_at=parse_timestamp(header_text(headers, DLQ_FIRST_FAILED_AT)),
+            last_failed_at=parse_timestamp(header_text(headers, DLQ_LAST_FAILED_AT)),
+            source_topic=header_text(headers, DLQ_SOURCE_TOPIC),
         )
 
     @property

@@ -18,12 +18,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Unpack
 
 import structlog
 
 from bus.types import Message
-from handlers.worker.observer import Outcome
+from handlers.worker.observer import AttemptFacts
 from pubrelay.console.fields import read_fields
 from pubrelay.console.index import Attempt, Batch, Delivery, EventIndex, NewEvent
 from schemas.record import (
@@ -32,7 +32,7 @@ from schemas.record import (
     HEADER_EVENT_TYPE,
     HEADER_RECEIVED_AT,
     Headers,
-    header,
+    header_text,
 )
 from schemas.timestamps import parse_timestamp
 
@@ -67,8 +67,7 @@ class _Attempted:
 
 
 def _text(headers: Headers, name: str) -> str:
-    value = header(headers, name)
-    return value.decode("utf-8", "replace")[:200] if value else ""
+    return (header_text(headers, name) or "")[:200]
 
 
 def _received_at(headers: Headers, default: float) -> float:
@@ -100,19 +99,16 @@ class IndexRecorder:
     ) -> None:
         self._put(_Received(topic, headers, body, status, outcome, time.time()))
 
-    def attempted(
-        self,
-        handler: str,
-        message: Message,
-        *,
-        event_id: str | None,
-        outcome: Outcome,
-        attempt: int,
-        detail: str | None = None,
-    ) -> None:
-        if event_id:
+    def attempted(self, handler: str, message: Message, **facts: Unpack[AttemptFacts]) -> None:
+        if event_id := facts["event_id"]:
             entry = _Attempted(
-                handler, message, event_id, outcome, attempt, detail or "", time.time()
+                handler,
+                message,
+                event_id,
+                facts["outcome"],
+                facts["attempt"],
+                facts.get("detail") or "",
+                time.time(),
             )
             self._put(entry)
 

@@ -53,13 +53,7 @@ def backlog_poison(run: Run, sizes: Sizes) -> Row:
         wait_until(progressed, drain_s, step_s=0.5)
         drained_s = time.monotonic() - published
         lost = stack.finish(
-            row,
-            receiver.effects,
-            handler="http",
-            tag=tag,
-            accepted=set(),
-            settle_s=sizes.settle_s,
-            stored_at_most=acked,
+            row, receiver.effects, handler="http", tag=tag, settle_s=sizes.settle_s, published=acked
         )
         row.sent = acked
         row.peak_rss_mib = stack.peak_rss_mib

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 
 from tests.chaos.fakes import SlowSmtpServer, ThrottledHubSpot
-from tests.chaos.load import Deliveries, by_event, deliver
-from tests.chaos.report import Row, few
+from tests.chaos.load import Deliveries
+from tests.chaos.report import Row
 from tests.chaos.sizes import Sizes
-from tests.chaos.stack import Run, open_stack
+from tests.chaos.stack import Run, open_stack, run_with_fault
 
 PATIENT_RETRIES = {
     "PUBRELAY_WORKER__MAX_ATTEMPTS": "10",
@@ -36,51 +35,28 @@ def smtp_down(run: Run, sizes: Sizes) -> Row:
     tag = "smtpdown"
     with open_stack(row.scenario, run) as stack:
         smtp = SlowSmtpServer()
-        smtp.start()
-        try:
-            webhook = stack.start("webhook")
-            stack.start("worker", ["email"], {**smtp.env(), **PATIENT_RETRIES})
-            stack.warm_up(stack.webhook_url(webhook), lambda: by_event(smtp.effects()), tag)
+        with smtp.serving():
+            env = {**smtp.env(), **PATIENT_RETRIES}
+            webhook, _ = stack.start_flow("email", env, smtp.effects, tag)
             deliveries = Deliveries()
             stop_after_s = sizes.smtp_events / sizes.smtp_rate_per_s / 5
 
-            async def scenario() -> None:
-                sender = asyncio.create_task(
-                    deliver(
-                        stack.webhook_url(webhook),
-                        tag,
-                        range(sizes.smtp_events),
-                        rate_per_s=sizes.smtp_rate_per_s,
-                        deliveries=deliveries,
-                    )
-                )
+            async def stop_relay() -> None:
                 await asyncio.sleep(stop_after_s)
                 await asyncio.to_thread(smtp.stop)
                 await asyncio.sleep(sizes.smtp_down_s)
                 await asyncio.to_thread(smtp.start)
-                await sender
 
-            asyncio.run(scenario())
-            accepted = deliveries.accepted
-            row.accepted = len(accepted)
-
-            def mailbox() -> Counter[str]:
-                return by_event(smtp.effects())
-
-            lost = stack.finish(
-                row,
-                mailbox,
-                handler="email",
-                tag=tag,
-                accepted=accepted,
-                settle_s=sizes.settle_s,
-                stored_at_most=deliveries.tries,
+            run_with_fault(
+                stack.send(webhook, tag, sizes.smtp_events, sizes.smtp_rate_per_s, deliveries),
+                stop_relay,
             )
-        finally:
-            smtp.stop()
+            lost = stack.finish(
+                row, smtp.effects, deliveries, handler="email", tag=tag, settle_s=sizes.settle_s
+            )
         row.peak_rss_mib = stack.peak_rss_mib
         row.notes.insert(0, f"SMTP down {sizes.smtp_down_s:.0f} s after {stop_after_s:.0f} s")
-        _describe(row, mailbox(), lost)
+        row.note_repeated_and_lost(smtp.effects(), lost)
     return row
 
 
@@ -90,38 +66,16 @@ def hubspot_429(run: Run, sizes: Sizes) -> Row:
     with open_stack(row.scenario, run) as stack:
         hubspot = ThrottledHubSpot()
         hubspot.start(stack.loop)
-        webhook = stack.start("webhook")
-        stack.start(
-            "worker",
-            ["crm"],
-            {**hubspot.env(), **PATIENT_RETRIES, "PUBRELAY_WORKER__CONCURRENCY": "100"},
-        )
-        stack.warm_up(stack.webhook_url(webhook), lambda: by_event(hubspot.effects()), tag)
+        env = {**hubspot.env(), **PATIENT_RETRIES, "PUBRELAY_WORKER__CONCURRENCY": "100"}
+        webhook, _ = stack.start_flow("crm", env, hubspot.effects, tag)
         deliveries = Deliveries()
         hubspot.throttle_until = time.monotonic() + sizes.throttle_s
         asyncio.run(
-            deliver(
-                stack.webhook_url(webhook),
-                tag,
-                range(sizes.hubspot_events),
-                rate_per_s=sizes.hubspot_rate_per_s,
-                deliveries=deliveries,
-            )
+            stack.send(webhook, tag, sizes.hubspot_events, sizes.hubspot_rate_per_s, deliveries)
         )
-        accepted = deliveries.accepted
-        row.accepted = len(accepted)
-
-        def updates() -> Counter[str]:
-            return by_event(hubspot.effects())
 
         lost = stack.finish(
-            row,
-            updates,
-            handler="crm",
-            tag=tag,
-            accepted=accepted,
-            settle_s=sizes.settle_s,
-            stored_at_most=deliveries.tries,
+            row, hubspot.effects, deliveries, handler="crm", tag=tag, settle_s=sizes.settle_s
         )
         row.peak_rss_mib = stack.peak_rss_mib
         calls = len(hubspot.requests)
@@ -130,13 +84,5 @@ def hubspot_429(run: Run, sizes: Sizes) -> Row:
             f"429 to 4 calls in 5 for {sizes.throttle_s:.0f} s: {hubspot.throttled} of "
             f"{calls} calls throttled",
         )
-        _describe(row, updates(), lost)
+        row.note_repeated_and_lost(hubspot.effects(), lost)
     return row
-
-
-def _describe(row: Row, effects: dict[str, int], lost: list[str]) -> None:
-    repeated = sorted(e for e, n in effects.items() if n > 1)
-    if repeated:
-        row.notes.append(f"repeated: {few(repeated)}")
-    if lost:
-        row.notes.append(f"lost: {few(lost)}")

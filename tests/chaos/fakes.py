@@ -4,8 +4,9 @@ Each is a fixture of ``tests/fixtures/`` with one knob added, so the contract it
 stays the fixture's: :class:`PoisonReceiver` (the ``http`` handler's receiver, answering
 503 forever to chosen event ids), :class:`ThrottledHubSpot` (HubSpot answering 429 to
 four calls in five until a moment), :class:`SlowSmtpServer` (aiosmtpd delaying the reply
-to some DATA). The aiohttp ones run in :class:`LoopThread`, an event loop of their own in a
-thread, so the harness's own loop (the senders) never delays them.
+to some DATA). Each one's ``effects()`` counts what it received per event id. The aiohttp
+ones run in :class:`LoopThread`, an event loop of their own in a thread, so the harness's
+own loop (the senders) never delays them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,6 +24,7 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope, Session
 
+from tests.chaos.load import by_event
 from tests.fixtures.fake_hubspot import FakeHubSpot, serve
 from tests.fixtures.fake_receiver import PATH, FakeReceiver
 from tests.fixtures.smtp import HOST, SERVER_NAME, SmtpServer, _Controller, _CountingSMTP, _Handler
@@ -121,8 +124,8 @@ class ThrottledHubSpot(FakeHubSpot):
         self.url = loop.serve(self.app())
 
     def effects(self) -> Counter[str]:
-        """Contact updates HubSpot accepted, per address (each event has its own)."""
-        return Counter(email.lower() for r in list(self.upserts) for email in r.ids)
+        """Contact updates HubSpot accepted, per event (each event has its own address)."""
+        return by_event(Counter(email.lower() for r in list(self.upserts) for email in r.ids))
 
     def env(self) -> dict[str, str]:
         return {"PUBRELAY_CRM__TOKEN": self.token, "PUBRELAY_CRM__BASE_URL": self.url}
@@ -164,9 +167,10 @@ class SlowSmtpServer(SmtpServer):
         return 0.0
 
     def effects(self) -> Counter[str]:
-        """Messages in the mailbox, per recipient (each event has its own)."""
+        """Messages in the mailbox, per event (each event has its own recipient)."""
         with self._lock:
-            return Counter(to.lower() for m in self.mailbox for to in m.rcpt_tos)
+            per_recipient = Counter(to.lower() for m in self.mailbox for to in m.rcpt_tos)
+        return by_event(per_recipient)
 
     def env(self) -> dict[str, str]:
         return {
@@ -176,6 +180,15 @@ class SlowSmtpServer(SmtpServer):
             "PUBRELAY_EMAIL__CONNECTIONS": "8",
             "PUBRELAY_EMAIL__TIMEOUT_S": "30",
         }
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Started for the block, stopped when it ends (however it ends)."""
+        self.start()
+        try:
+            yield
+        finally:
+            self.stop()
 
     def start(self) -> None:
         if self.delay_s == 0.0:

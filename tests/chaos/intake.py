@@ -22,8 +22,8 @@ import aiohttp
 from consumer.signature import sign
 from tests.bench.attack import PeakRss
 from tests.chaos.fakes import PoisonReceiver
-from tests.chaos.load import SECRET, Deliveries, deliver
-from tests.chaos.report import Row, few
+from tests.chaos.load import SECRET, Deliveries
+from tests.chaos.report import Row
 from tests.chaos.sizes import Sizes
 from tests.chaos.stack import Run, open_stack
 
@@ -51,10 +51,8 @@ def intake_hostile(run: Run, sizes: Sizes) -> Row:
     with open_stack(row.scenario, run) as stack:
         receiver = PoisonReceiver()
         receiver.start(stack.loop)
-        webhook = stack.start("webhook")
-        stack.start("worker", ["http"], receiver.env())
+        webhook, _ = stack.start_flow("http", receiver.env(), receiver.effects, tag)
         url = stack.webhook_url(webhook)
-        stack.warm_up(url, receiver.effects, tag)
         seconds = sizes.hostile_events / sizes.hostile_rate_per_s
         attack_args = [str(webhook.port), str(seconds + 4)]
         attack_args += ["--bogus", str(sizes.bogus_clients)]
@@ -74,12 +72,8 @@ def intake_hostile(run: Run, sizes: Sizes) -> Row:
             async def scenario() -> None:
                 until = time.monotonic() + seconds
                 big = asyncio.create_task(post_oversize(url, until, oversize))
-                await deliver(
-                    url,
-                    tag,
-                    range(sizes.hostile_events),
-                    rate_per_s=sizes.hostile_rate_per_s,
-                    deliveries=deliveries,
+                await stack.send(
+                    webhook, tag, sizes.hostile_events, sizes.hostile_rate_per_s, deliveries
                 )
                 await big
 
@@ -91,16 +85,8 @@ def intake_hostile(run: Run, sizes: Sizes) -> Row:
             if attackers.poll() is None:
                 attackers.kill()
                 attackers.wait()
-        accepted = deliveries.accepted
-        row.accepted = len(accepted)
         lost = stack.finish(
-            row,
-            receiver.effects,
-            handler="http",
-            tag=tag,
-            accepted=accepted,
-            settle_s=sizes.settle_s,
-            stored_at_most=deliveries.tries,
+            row, receiver.effects, deliveries, handler="http", tag=tag, settle_s=sizes.settle_s
         )
         row.peak_rss_mib = stack.peak_rss_mib
         hostile_2xx = sum(n for k, n in {**attacked, **oversize}.items() if "_2" in k)
@@ -114,9 +100,5 @@ def intake_hostile(run: Run, sizes: Sizes) -> Row:
         )
         if hostile_2xx:
             row.error = f"{hostile_2xx} hostile requests got a 2xx"
-        repeated = sorted(e for e, n in receiver.effects().items() if n > 1)
-        if repeated:
-            row.notes.append(f"repeated: {few(repeated)}")
-        if lost:
-            row.notes.append(f"lost: {few(lost)}")
+        row.note_repeated_and_lost(receiver.effects(), lost)
     return row

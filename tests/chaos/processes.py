@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 
 from aiokafka.partitioner import murmur2
 
 from tests.chaos.fakes import PoisonReceiver, SlowSmtpServer
-from tests.chaos.load import CUSTOMERS, Deliveries, by_event, deliver, event_id
+from tests.chaos.load import CUSTOMERS, Deliveries, event_id
 from tests.chaos.report import Row, few
 from tests.chaos.sizes import Sizes
-from tests.chaos.stack import PARTITIONS, Run, open_stack
+from tests.chaos.stack import PARTITIONS, Run, open_stack, run_with_fault
 
 CRASH_WINDOW_S = 1.0
 KILL_MAX_ATTEMPTS = 5
@@ -42,33 +41,22 @@ def broker_kill(run: Run, sizes: Sizes) -> Row:
     with open_stack(row.scenario, run) as stack:
         receiver = PoisonReceiver()
         receiver.start(stack.loop)
-        webhook = stack.start("webhook")
-        stack.start("worker", ["http"], receiver.env())
-        stack.warm_up(stack.webhook_url(webhook), receiver.effects, tag)
+        webhook, _ = stack.start_flow("http", receiver.env(), receiver.effects, tag)
         deliveries = Deliveries()
         kill_after_s = sizes.broker_events / sizes.broker_rate_per_s / 8
 
-        async def scenario() -> set[str]:
-            sender = asyncio.create_task(
-                deliver(
-                    stack.webhook_url(webhook),
-                    tag,
-                    range(sizes.broker_events),
-                    rate_per_s=sizes.broker_rate_per_s,
-                    deliveries=deliveries,
-                )
-            )
+        async def kill_broker() -> set[str]:
             await asyncio.sleep(kill_after_s)
             stack.broker.kill()
             unforwarded = deliveries.accepted - set(receiver.effects())
             await asyncio.sleep(sizes.broker_down_s)
             await asyncio.to_thread(stack.broker.start)
-            await sender
             return unforwarded
 
-        unforwarded = asyncio.run(scenario())
-        accepted = deliveries.accepted
-        row.accepted = len(accepted)
+        unforwarded = run_with_fault(
+            stack.send(webhook, tag, sizes.broker_events, sizes.broker_rate_per_s, deliveries),
+            kill_broker,
+        )
         # Tansu keeps its log in memory: what it held when killed is gone (a Kafka cluster
         # keeps it on disk and on replicas). Events accepted before the kill and not yet
         # forwarded then cannot reach the worker; they are counted apart, not as lost.
@@ -95,11 +83,10 @@ def broker_kill(run: Run, sizes: Sizes) -> Row:
         lost = stack.finish(
             row,
             receiver.effects,
+            deliveries,
             tag=tag,
             handler="http",
-            accepted=accepted,
             settle_s=sizes.settle_s,
-            stored_at_most=deliveries.tries,
             excused=wiped,
             explain=tansu_artefacts,
         )
@@ -146,42 +133,25 @@ def worker_kill(run: Run, sizes: Sizes) -> Row:
         receiver = PoisonReceiver(poison={poison})
         receiver.start(stack.loop)
         env = {**receiver.env(), "PUBRELAY_WORKER__MAX_ATTEMPTS": str(KILL_MAX_ATTEMPTS)}
-        webhook = stack.start("webhook")
-        worker = stack.start("worker", ["http"], env)
-        stack.warm_up(stack.webhook_url(webhook), receiver.effects, tag)
+        webhook, (worker,) = stack.start_flow("http", env, receiver.effects, tag)
         deliveries = Deliveries()
         duration_s = sizes.kill_events / sizes.kill_rate_per_s
         kills: list[float] = []
 
-        async def scenario() -> None:
+        async def kill_worker() -> None:
             nonlocal worker
-            sender = asyncio.create_task(
-                deliver(
-                    stack.webhook_url(webhook),
-                    tag,
-                    range(sizes.kill_events),
-                    rate_per_s=sizes.kill_rate_per_s,
-                    deliveries=deliveries,
-                )
-            )
             for _ in range(3):
                 await asyncio.sleep(duration_s / 4)
                 worker.kill()
                 kills.append(time.monotonic())
                 worker = await asyncio.to_thread(stack.start, "worker", ["http"], env)
-            await sender
 
-        asyncio.run(scenario())
-        accepted = deliveries.accepted
-        row.accepted = len(accepted)
+        run_with_fault(
+            stack.send(webhook, tag, sizes.kill_events, sizes.kill_rate_per_s, deliveries),
+            kill_worker,
+        )
         lost = stack.finish(
-            row,
-            receiver.effects,
-            handler="http",
-            tag=tag,
-            accepted=accepted,
-            settle_s=sizes.settle_s,
-            stored_at_most=deliveries.tries,
+            row, receiver.effects, deliveries, handler="http", tag=tag, settle_s=sizes.settle_s
         )
         row.peak_rss_mib = stack.peak_rss_mib
         letters = [d for d in stack.dead_letters("http") if d.event_id == poison]
@@ -236,30 +206,17 @@ def rebalance(run: Run, sizes: Sizes) -> Row:
     tag = "rebalance"
     with open_stack("rebalance", run) as stack:
         smtp = SlowSmtpServer(delay_s=sizes.revoke_timeout_s + sizes.smtp_delay_s, slow_every=4)
-        smtp.start()
-        try:
+        with smtp.serving():
             env = {
                 **smtp.env(),
                 "PUBRELAY_WORKER__REVOKE_TIMEOUT_S": str(sizes.revoke_timeout_s),
                 "PUBRELAY_EMAIL__CONNECTIONS": "32",  # slow replies hold a connection each
             }
-            webhook = stack.start("webhook")
-            stack.start("worker", ["email"], env)
-            stack.start("worker", ["email"], env)
-            stack.warm_up(stack.webhook_url(webhook), lambda: by_event(smtp.effects()), tag)
+            webhook, _ = stack.start_flow("email", env, smtp.effects, tag, workers=2)
             deliveries = Deliveries()
             duration_s = sizes.rebalance_events / sizes.rebalance_rate_per_s
 
-            async def scenario() -> None:
-                sender = asyncio.create_task(
-                    deliver(
-                        stack.webhook_url(webhook),
-                        tag,
-                        range(sizes.rebalance_events),
-                        rate_per_s=sizes.rebalance_rate_per_s,
-                        deliveries=deliveries,
-                    )
-                )
+            async def join_and_leave() -> None:
                 await asyncio.sleep(duration_s / 5)
                 third = await asyncio.to_thread(stack.start, "worker", ["email"], env)
                 deadline = time.monotonic() + JOIN_TIMEOUT_S
@@ -269,35 +226,21 @@ def rebalance(run: Run, sizes: Sizes) -> Row:
                     await asyncio.sleep(0.5)
                 await asyncio.sleep(sizes.revoke_timeout_s + sizes.smtp_delay_s)
                 await asyncio.to_thread(third.terminate, 30.0)
-                await sender
 
-            asyncio.run(scenario())
-            accepted = deliveries.accepted
-            row.accepted = len(accepted)
-
-            def mailbox() -> Counter[str]:
-                return by_event(smtp.effects())
-
-            lost = stack.finish(
-                row,
-                mailbox,
-                handler="email",
-                tag=tag,
-                accepted=accepted,
-                settle_s=sizes.settle_s,
-                stored_at_most=deliveries.tries,
+            run_with_fault(
+                stack.send(
+                    webhook, tag, sizes.rebalance_events, sizes.rebalance_rate_per_s, deliveries
+                ),
+                join_and_leave,
             )
-        finally:
-            smtp.stop()
+            lost = stack.finish(
+                row, smtp.effects, deliveries, handler="email", tag=tag, settle_s=sizes.settle_s
+            )
         row.peak_rss_mib = stack.peak_rss_mib
         row.notes.insert(
             0,
             f"revoke timeout {sizes.revoke_timeout_s:.0f} s; {smtp.delayed} DATA replies "
             f"delayed {smtp.delay_s:.0f} s; a third worker joined and left (SIGTERM)",
         )
-        repeated = sorted(e for e, n in mailbox().items() if n > 1)
-        if repeated:
-            row.notes.append(f"repeated: {few(repeated)}")
-        if lost:
-            row.notes.append(f"lost: {few(lost)}")
+        row.note_repeated_and_lost(smtp.effects(), lost)
     return row

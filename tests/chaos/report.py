@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -65,6 +65,14 @@ class Row:
         lost = set(expected) - set(effects) - set(dead)
         self.lost = len(lost)
         return sorted(lost)
+
+    def note_repeated_and_lost(self, effects: Mapping[str, int], lost: Sequence[str]) -> None:
+        """Add to the notes a few of the events with more than one effect, and of ``lost``."""
+        repeated = sorted(e for e, n in effects.items() if n > 1)
+        if repeated:
+            self.notes.append(f"repeated: {few(repeated)}")
+        if lost:
+            self.notes.append(f"lost: {few(lost)}")
 
     def cells(self) -> list[str]:
         note = "; ".join(self.notes)

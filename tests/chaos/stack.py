@@ -12,11 +12,11 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -39,6 +39,8 @@ from tests.chaos.load import (
 from tests.chaos.report import Row
 from tests.fixtures.kafka import TansuBroker, kafka_bus_settings, make_kafka_bus
 from tests.fixtures.process import PubrelayProcess, free_port
+
+T = TypeVar("T")
 
 PARTITIONS: Final = 6
 READ_IDLE_S: Final = 3.0
@@ -128,6 +130,19 @@ class Stack:
     def webhook_url(self, process: PubrelayProcess) -> str:
         return process.url + WEBHOOK_PATH
 
+    async def send(
+        self,
+        webhook: PubrelayProcess,
+        tag: str,
+        events: int,
+        rate_per_s: float,
+        deliveries: Deliveries,
+    ) -> None:
+        """Deliver events ``0`` to ``events - 1`` of ``tag`` to ``webhook`` at ``rate_per_s``
+        as Voucherify does (:func:`~tests.chaos.load.deliver`), noting in ``deliveries``."""
+        url = self.webhook_url(webhook)
+        await deliver(url, tag, range(events), rate_per_s=rate_per_s, deliveries=deliveries)
+
     def _sample_rss(self) -> None:
         while not self._sampling.wait(0.1):
             for process in list(self.processes):
@@ -137,6 +152,22 @@ class Stack:
                 ):
                     with suppress(OSError):
                         self.peak_rss_mib = max(self.peak_rss_mib, rss_mib(process.proc.pid))
+
+    def start_flow(
+        self,
+        handler: str,
+        env: dict[str, str],
+        effects: Callable[[], Counter[str]],
+        tag: str,
+        *,
+        workers: int = 1,
+    ) -> tuple[PubrelayProcess, list[PubrelayProcess]]:
+        """``pubrelay webhook`` and ``workers`` ``pubrelay worker`` running ``handler`` with
+        ``env``, warmed up (:meth:`warm_up`); the webhook and the workers."""
+        webhook = self.start("webhook")
+        started = [self.start("worker", [handler], env) for _ in range(workers)]
+        self.warm_up(self.webhook_url(webhook), effects, tag)
+        return webhook, started
 
     def warm_up(self, url: str, effects: Callable[[], Counter[str]], tag: str) -> None:
         """Deliver one event of its own and wait until its effect shows: the workers have
@@ -149,24 +180,30 @@ class Stack:
         self,
         row: Row,
         effects: Callable[[], Counter[str]],
+        sent: Deliveries | None = None,
         *,
         tag: str,
         handler: str,
-        accepted: set[str],
         settle_s: float,
-        stored_at_most: int,
+        published: int = 0,
         excused: frozenset[str] = frozenset(),
         explain: Callable[[set[str]], set[str]] | None = None,
     ) -> list[str]:
         """Wait (bounded) until every accepted or stored event has its effect or dead
-        letter, then fill the row; the lost event ids. ``excused`` events are not counted;
-        ``explain``, asked when effects stall, names missing ones that cannot come (they
-        are kept in :attr:`explained`, not counted)."""
+        letter, then fill the row; the lost event ids. ``sent``: what the sender delivered
+        (its 2xx count goes in the row; the topic holds at most one record per try);
+        ``published``, without a sender: how many records the topic holds. ``excused``
+        events are not counted; ``explain``, asked when effects stall, names missing ones
+        that cannot come (they are kept in :attr:`explained`, not counted)."""
         counted = f"{tag}_ev"
+        accepted = sent.accepted if sent is not None else set()
+        if sent is not None:
+            row.accepted = len(accepted)
 
         def observed() -> Counter[str]:
             return Counter({e: n for e, n in effects().items() if e.startswith(counted)})
 
+        stored_at_most = sent.tries if sent is not None else published
         stored = self.stored_event_ids(expect=stored_at_most, timeout_s=120)
         stored = Counter({e: n for e, n in stored.items() if e.startswith(counted)})
         row.stored = len(stored)
@@ -299,6 +336,19 @@ class Stack:
     async def _publish_one(self, bus: KafkaBus, tag: str, n: int) -> None:
         value, key, headers = record(tag, n)
         await bus.publish(self.event_topic, value, key=key, headers=headers)
+
+
+def run_with_fault(sending: Coroutine[Any, Any, None], fault: Callable[[], Awaitable[T]]) -> T:
+    """Run ``sending`` (a :meth:`Stack.send`) with ``fault()`` beside it from the start; what
+    ``fault`` returned, once both are done."""
+
+    async def both() -> T:
+        sender = asyncio.create_task(sending)
+        result = await fault()
+        await sender
+        return result
+
+    return asyncio.run(both())
 
 
 @contextmanager
