@@ -28,10 +28,9 @@ import structlog
 
 from bus.pending import read_pending
 from bus.types import Bus, Message, Subscription, TopicPartition
-from consumer.routing import Quarantined, Routed, classify
+from consumer.routing import Quarantined, Routed, classify, routed_headers
 from schemas.errors import TopicMissing
 from schemas.record import (
-    HEADER_DELIVERY_ID,
     HEADER_EVENT_ID,
     HEADER_EVENT_TYPE,
     HEADER_ORIGIN,
@@ -145,11 +144,11 @@ def released_headers(record: QuarantinedRecord, routed: Routed) -> Headers:
     """The headers the intake writes for a routed event, from the quarantined record."""
     original = record.message.headers
     return (
-        (HEADER_EVENT_ID, routed.event_id.encode()),
-        (HEADER_EVENT_TYPE, routed.event_type.encode()),
-        (HEADER_DELIVERY_ID, routed.delivery_id.encode()),
-        (HEADER_RECEIVED_AT, header(original, HEADER_RECEIVED_AT) or b""),
-        (HEADER_SIGNATURE, header(original, HEADER_SIGNATURE) or b""),
+        *routed_headers(
+            routed,
+            received_at=header(original, HEADER_RECEIVED_AT) or b"",
+            signature=header(original, HEADER_SIGNATURE) or b"",
+        ),
         (HEADER_ORIGIN, ORIGIN_QUARANTINE_RELEASE.encode()),
     )
 

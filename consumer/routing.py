@@ -14,6 +14,16 @@ from typing import Final
 import msgspec
 
 from schemas.envelope import LeanEnvelope, decode_lean
+from schemas.record import (
+    HEADER_DELIVERY_ID,
+    HEADER_EVENT_CREATED_AT,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_PUBLICATION_ID,
+    HEADER_RECEIVED_AT,
+    HEADER_SIGNATURE,
+    Headers,
+)
 from schemas.timestamps import parse_timestamp
 from schemas.topics import INTERNAL_TOPICS
 
@@ -89,6 +99,7 @@ class Routed:
     event_type: str
     key: str
     created_at: str | None
+    publication_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,4 +174,27 @@ def classify(
         event_type=event.type,
         key=envelope.customer_id or event.entity_id or event.id,
         created_at=event.created_at,
+        publication_id=_publication_id(envelope),
     )
+
+
+def _publication_id(envelope: LeanEnvelope) -> str | None:
+    publication = envelope.data.publication if envelope.data is not None else None
+    return publication.id if publication is not None and publication.id else None
+
+
+def routed_headers(routed: Routed, *, received_at: bytes, signature: bytes) -> Headers:
+    """The headers of a routed event's record (the intake's, and a quarantine release's
+    before its ``origin``)."""
+    headers = [
+        (HEADER_EVENT_ID, routed.event_id.encode()),
+        (HEADER_EVENT_TYPE, routed.event_type.encode()),
+        (HEADER_DELIVERY_ID, routed.delivery_id.encode()),
+        (HEADER_RECEIVED_AT, received_at),
+        (HEADER_SIGNATURE, signature),
+    ]
+    if routed.created_at:
+        headers.append((HEADER_EVENT_CREATED_AT, routed.created_at.encode()))
+    if routed.publication_id:
+        headers.append((HEADER_PUBLICATION_ID, routed.publication_id.encode()))
+    return tuple(headers)

@@ -33,7 +33,7 @@ from consumer.body import BodyReader, BodyRefused
 from consumer.config import WebhookSettings
 from consumer.metrics import WebhookMetrics
 from consumer.observer import IntakeObserver
-from consumer.routing import Quarantined, Routed, classify
+from consumer.routing import Quarantined, Routed, classify, routed_headers
 from consumer.signature import Verdict, Verifier
 from consumer.source import Source, SourceCheck, client_fields
 from schemas.errors import BusError, BusUnavailable, RecordTooLarge, TopicMissing
@@ -272,12 +272,10 @@ class Intake:
         received_at = utc_now_iso().encode()
         if isinstance(decision, Quarantined):
             return self._quarantine_record(decision, request, received_at)
-        headers = (
-            (HEADER_EVENT_ID, decision.event_id.encode()),
-            (HEADER_EVENT_TYPE, decision.event_type.encode()),
-            (HEADER_DELIVERY_ID, decision.delivery_id.encode()),
-            (HEADER_RECEIVED_AT, received_at),
-            (HEADER_SIGNATURE, _raw_header(request, HEADER_SIGNATURE)),
+        headers = routed_headers(
+            decision,
+            received_at=received_at,
+            signature=_raw_header(request, HEADER_SIGNATURE),
         )
         topic = topic_for(self.topic_prefix, decision.event_type)
         return Record(topic, decision.key.encode(), headers, received_at, routed=decision)

@@ -82,7 +82,8 @@ class WorkerSettings(BaseModel):
         default=60.0,
         ge=0,
         description=(
-            "bound for one handler call (0 = none); a timeout is retried like a transient failure"
+            "bound for one handler call (0 = none), kept to within 0.1 s; a timeout is retried "
+            "like a transient failure"
         ),
     )
     concurrency: int = Field(

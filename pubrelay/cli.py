@@ -26,7 +26,9 @@ from schemas.errors import PubrelayError
 T = TypeVar("T")
 
 
-def _event_loop_runner() -> asyncio.Runner:
+def event_loop_runner() -> asyncio.Runner:
+    """The runner every command runs in: uvloop's event loop where it is installed (a
+    dependency on Linux and macOS), else asyncio's."""
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up, absent on some platforms
     except ImportError:  # pragma: no cover
@@ -35,7 +37,7 @@ def _event_loop_runner() -> asyncio.Runner:
 
 
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
-    with _event_loop_runner() as runner:
+    with event_loop_runner() as runner:
         return runner.run(coro)
 
 

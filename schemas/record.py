@@ -13,6 +13,11 @@ HEADER_EVENT_ID: Final = "event-id"
 HEADER_EVENT_TYPE: Final = "event-type"
 HEADER_DELIVERY_ID: Final = "delivery-id"
 HEADER_RECEIVED_AT: Final = "received-at"
+HEADER_EVENT_CREATED_AT: Final = "event-created-at"
+HEADER_PUBLICATION_ID: Final = "publication-id"
+"""The body's ``event.created_at`` and ``data.publication.id``, written beside the event id
+and type when the body has them: the worker identifies a record from its headers and reads
+the body only when one is missing (records written before these headers existed)."""
 HEADER_SIGNATURE: Final = "x-voucherify-signature"
 HEADER_QUARANTINE_REASON: Final = "quarantine-reason"
 HEADER_QUARANTINE_DETAIL: Final = "quarantine-detail"

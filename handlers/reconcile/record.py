@@ -26,9 +26,11 @@ from handlers.builtin.voucherify_api import ListedPublication
 from schemas.events import CUSTOMER_PUBLICATION_SUCCEEDED
 from schemas.record import (
     HEADER_DELIVERY_ID,
+    HEADER_EVENT_CREATED_AT,
     HEADER_EVENT_ID,
     HEADER_EVENT_TYPE,
     HEADER_ORIGIN,
+    HEADER_PUBLICATION_ID,
     HEADER_RECEIVED_AT,
     ORIGIN_RECONCILIATION,
     Headers,
@@ -85,6 +87,7 @@ def build_record(pub: ListedPublication, *, topic_prefix: str) -> InjectedRecord
     else:
         publication["vouchers"] = list(pub.codes)
     event_id = event_id_for(pub.id)
+    created_at = _iso(pub.created_at)
     customer = raw.get("customer") if isinstance(raw.get("customer"), dict) else None
     envelope = {
         "id": event_id,
@@ -100,7 +103,7 @@ def build_record(pub: ListedPublication, *, topic_prefix: str) -> InjectedRecord
         "event": {
             "id": event_id,
             "type": CUSTOMER_PUBLICATION_SUCCEEDED,
-            "created_at": _iso(pub.created_at),
+            "created_at": created_at,
             "entity_id": pub.id,
             "group_id": None,
             "event_source": {"channel": ORIGIN_RECONCILIATION},
@@ -113,6 +116,8 @@ def build_record(pub: ListedPublication, *, topic_prefix: str) -> InjectedRecord
         (HEADER_DELIVERY_ID, event_id.encode()),
         (HEADER_RECEIVED_AT, utc_now_iso().encode()),
         (HEADER_ORIGIN, ORIGIN_RECONCILIATION.encode()),
+        (HEADER_EVENT_CREATED_AT, created_at.encode()),
+        (HEADER_PUBLICATION_ID, pub.id.encode()),
     )
     key = (pub.customer_id or pub.id).encode()
     return InjectedRecord(

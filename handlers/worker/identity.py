@@ -13,7 +13,12 @@ from bus.types import Message
 from handlers.types import Event
 from schemas.envelope import decode_lean
 from schemas.events import CUSTOMER_PUBLICATION_SUCCEEDED
-from schemas.record import HEADER_EVENT_ID, HEADER_EVENT_TYPE, header
+from schemas.record import (
+    HEADER_EVENT_CREATED_AT,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_PUBLICATION_ID,
+)
 from schemas.timestamps import parse_timestamp
 
 
@@ -34,27 +39,59 @@ class Unidentified(Exception):
 
 
 def identify(message: Message) -> Identity:
-    """The event's id and type from the headers, else from the body; its creation time."""
+    """The event's id and type from the headers, else from the body; its creation time.
+
+    The intake writes everything this needs as headers (:mod:`schemas.record`); the body is
+    read only for a record that lacks one of them (written by an older pubrelay, or by
+    hand), which spares the worker a JSON parse per record and handler.
+    """
+    headers = dict(reversed(message.headers))  # the first of a name, as header() reads
+    event_id = headers.get(HEADER_EVENT_ID)
+    event_type = headers.get(HEADER_EVENT_TYPE)
+    created_at = headers.get(HEADER_EVENT_CREATED_AT)
+    publication_id = headers.get(HEADER_PUBLICATION_ID)
+    if event_id and event_type and created_at:
+        type_text = event_type.decode("utf-8", "replace")
+        if publication_id or type_text != CUSTOMER_PUBLICATION_SUCCEEDED:
+            return _identity(
+                event_id.decode("utf-8", "replace"),
+                type_text,
+                created_at.decode("utf-8", "replace"),
+                publication_id.decode("utf-8", "replace") if publication_id else None,
+            )
+    return _from_body(message.value, event_id, event_type)
+
+
+def _from_body(value: bytes, event_id: bytes | None, event_type: bytes | None) -> Identity:
     try:
-        lean = decode_lean(message.value)
+        lean = decode_lean(value)
     except msgspec.DecodeError:
         lean = None
     body = lean.event if lean is not None else None
-    event_id = _header_or_body(
-        header(message.headers, HEADER_EVENT_ID),
-        body.id if body is not None else None,
-        "the record has no event id (no event-id header, no event.id)",
-    )
-    event_type = _header_or_body(
-        header(message.headers, HEADER_EVENT_TYPE),
-        body.type if body is not None else None,
-        "the record has no event type (no event-type header)",
-    )
     publication = lean.data.publication if lean is not None and lean.data is not None else None
+    return _identity(
+        _header_or_body(
+            event_id,
+            body.id if body is not None else None,
+            "the record has no event id (no event-id header, no event.id)",
+        ),
+        _header_or_body(
+            event_type,
+            body.type if body is not None else None,
+            "the record has no event type (no event-type header)",
+        ),
+        body.created_at if body is not None else None,
+        publication.id if publication is not None else None,
+    )
+
+
+def _identity(
+    event_id: str, event_type: str, created_at: str | None, publication_id: str | None
+) -> Identity:
     key = event_id
-    if event_type == CUSTOMER_PUBLICATION_SUCCEEDED and publication is not None and publication.id:
-        key = f"{CUSTOMER_PUBLICATION_SUCCEEDED}:{publication.id}"
-    return Identity(event_id, event_type, body.created_at if body is not None else None, key)
+    if event_type == CUSTOMER_PUBLICATION_SUCCEEDED and publication_id:
+        key = f"{CUSTOMER_PUBLICATION_SUCCEEDED}:{publication_id}"
+    return Identity(event_id, event_type, created_at, key)
 
 
 def _header_or_body(from_header: bytes | None, from_body: str | None, missing: str) -> str:

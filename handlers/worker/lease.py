@@ -23,13 +23,41 @@ from handlers.worker.ledger import Ledger
 _RENEWALS_PER_TTL: Final = 3
 _SAFETY: Final = 0.8
 """Our own deadline is this share of the claim's lifetime after its last renewal: it ends
-the call before the claim can expire in the ledger, despite latency and clock drift."""
+the call before the claim can expire in the ledger, despite latency, clock drift and the
+tick below."""
+_TICK_MAX_S: Final = 0.1
+_TICK_SHARE: Final = 0.05
+"""The ticker looks at the running calls every ``min(0.1 s, 5% of the claim's lifetime)``."""
 
 
 class ClaimLost(Exception):
     """The call was stopped because its claim could not be kept (retried: transient)."""
 
     retriable = True
+
+
+class _Call:
+    """One call the lease runs: its bound, deadlines and renewer."""
+
+    __slots__ = ("bound", "call_deadline", "deadline", "key", "renew_at", "renewer", "token")
+
+    def __init__(
+        self,
+        key: str,
+        token: str,
+        bound: asyncio.Timeout,
+        *,
+        call_deadline: float,
+        deadline: float,
+        renew_at: float,
+    ) -> None:
+        self.key = key
+        self.token = token
+        self.bound = bound
+        self.call_deadline = call_deadline
+        self.deadline = deadline  # the sooner of the call's and the claim's
+        self.renew_at = renew_at
+        self.renewer: asyncio.Task[None] | None = None
 
 
 class Lease:
@@ -42,6 +70,9 @@ class Lease:
         self.handler = handler
         self.ttl_s = ttl_s
         self.log = log
+        self._tick_s = min(_TICK_MAX_S, ttl_s * _TICK_SHARE)
+        self._calls: set[_Call] = set()
+        self._ticker: asyncio.TimerHandle | None = None
 
     async def run(
         self,
@@ -57,8 +88,10 @@ class Lease:
         (the call is then cancelled, or not started), ``TimeoutError`` when the call took
         longer than ``timeout_s`` (None: no bound).
 
-        One timer bounds the call for both (the sooner of the two deadlines): a call costs
-        the event loop two timers, not three (docs/performance.md).
+        No timer per call: one ticker looks at every running call (:meth:`_tick`), ends
+        those past their deadline (the sooner of ``timeout_s`` and the claim's) and starts
+        renewing those that run long, so a call ends at most one tick after its deadline
+        (docs/performance.md, "The worker, second pass").
         """
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -69,30 +102,42 @@ class Lease:
                 raise self._lost(key)
             now = loop.time()
         call_deadline = now + timeout_s if timeout_s else math.inf
-        bound = asyncio.timeout_at(min(call_deadline, claimed_at + self.ttl_s * _SAFETY))
-        renewer: asyncio.Task[None] | None = None
-
-        def start_renewing() -> None:
-            nonlocal renewer
-            renewer = asyncio.create_task(
-                self._keep(key, token, bound, call_deadline), name="claim-renew"
-            )
-
-        # Most calls end long before the first renewal: no task for them, a timer only.
-        timer = loop.call_at(claimed_at + self.ttl_s / _RENEWALS_PER_TTL, start_renewing)
+        running = _Call(
+            key,
+            token,
+            asyncio.timeout(None),
+            call_deadline=call_deadline,
+            deadline=min(call_deadline, claimed_at + self.ttl_s * _SAFETY),
+            renew_at=claimed_at + self.ttl_s / _RENEWALS_PER_TTL,
+        )
+        self._calls.add(running)
+        if self._ticker is None:
+            self._ticker = loop.call_later(self._tick_s, self._tick, loop)
         try:
-            async with bound:
+            async with running.bound:
                 await call()
         except TimeoutError:
-            if not bound.expired():
+            if not running.bound.expired():
                 raise  # the handler's own
-            if call_deadline <= (bound.when() or 0.0):
+            if call_deadline <= running.deadline:
                 raise TimeoutError(f"the handler call took more than {timeout_s} s") from None
             raise self._lost(key) from None
         finally:
-            timer.cancel()
-            if renewer is not None:
-                renewer.cancel()
+            self._calls.discard(running)
+            if running.renewer is not None:
+                running.renewer.cancel()
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        """End the calls past their deadline, start renewing the long ones; again in a tick
+        while any call runs."""
+        now = loop.time()
+        for running in self._calls:
+            if now >= running.deadline:
+                if running.bound.when() is None:
+                    running.bound.reschedule(now)  # cancels the call: a TimeoutError in run()
+            elif running.renewer is None and now >= running.renew_at:
+                running.renewer = loop.create_task(self._keep(running), name="claim-renew")
+        self._ticker = loop.call_later(self._tick_s, self._tick, loop) if self._calls else None
 
     def _lost(self, key: str) -> ClaimLost:
         return ClaimLost(
@@ -100,23 +145,25 @@ class Lease:
             "stopped so that no other worker runs it at the same time"
         )
 
-    async def _keep(
-        self, key: str, token: str, bound: asyncio.Timeout, call_deadline: float
-    ) -> None:
-        """Renew every third of the lifetime; end the call when the claim is gone."""
+    async def _keep(self, running: _Call) -> None:
+        """Renew every third of the lifetime, moving the call's deadline; end the call when
+        the claim is gone."""
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
             try:
-                kept = await self.ledger.renew(self.handler, key, token, ttl_s=self.ttl_s)
+                kept = await self.ledger.renew(
+                    self.handler, running.key, running.token, ttl_s=self.ttl_s
+                )
             except Exception as err:  # the store's own errors: try again until our deadline
-                self._report(key, err)
+                self._report(running.key, err)
             else:
                 if not kept:
-                    self.log.error("event_claim_lost", event_id=key)
-                    bound.reschedule(loop.time())
+                    self.log.error("event_claim_lost", event_id=running.key)
+                    running.deadline = started
+                    running.bound.reschedule(loop.time())
                     return
-                bound.reschedule(min(call_deadline, started + self.ttl_s * _SAFETY))
+                running.deadline = min(running.call_deadline, started + self.ttl_s * _SAFETY)
             await asyncio.sleep(self.ttl_s / _RENEWALS_PER_TTL)
 
     async def _renew_once(self, key: str, token: str) -> bool:

@@ -30,7 +30,6 @@ unless set: what the suite runs (tests/e2e/test_bench_short.py).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -52,7 +51,7 @@ from tests.bench.processes import server
 from tests.bench.results import record
 from tests.bench.retention import bench_retention
 from tests.bench.summary import summary_lines
-from tests.bench.worker import bench_worker_on, tuned_as_in_production
+from tests.bench.worker import bench_worker_on, run_as_in_production
 from tests.bench.wrk import LoadResult, run_wrk
 from tests.fixtures.app import EXAMPLE
 from tests.fixtures.kafka import TansuBroker, kafka_bus_settings, make_kafka_bus
@@ -146,8 +145,7 @@ def bench_worker(tmp: Path) -> None:
         await bus.start()
         return bus
 
-    with tuned_as_in_production():
-        record_worker("sqlite", asyncio.run(bench_worker_on("sqlite", sqlite_bus, tmp, count)))
+    record_worker("sqlite", run_as_in_production(bench_worker_on("sqlite", sqlite_bus, tmp, count)))
     broker = TansuBroker(tmp / "tansu-worker.log")
     broker.start()
     try:
@@ -157,9 +155,9 @@ def bench_worker(tmp: Path) -> None:
             await bus.start()
             return bus
 
-        with tuned_as_in_production():
-            rates = asyncio.run(bench_worker_on("kafka", kafka_bus, tmp, count))
-        record_worker("kafka", rates)
+        record_worker(
+            "kafka", run_as_in_production(bench_worker_on("kafka", kafka_bus, tmp, count))
+        )
     finally:
         broker.stop()
 

@@ -40,7 +40,13 @@ from bus.sqlite.db import create_private_file
 from bus.sqlite.schema import SCHEMA, encode_headers
 from consumer.signature import sign
 from handlers.config import WorkerSettings
-from schemas.record import HEADER_DELIVERY_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE
+from schemas.record import (
+    HEADER_DELIVERY_ID,
+    HEADER_EVENT_CREATED_AT,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_PUBLICATION_ID,
+)
 from schemas.topics import DEFAULT_TOPIC_PREFIX, consumer_group, topic_for
 from tests.bench.processes import rss_mb, server
 from tests.bench.results import record
@@ -253,19 +259,21 @@ def _body_template() -> tuple[bytes, bytes]:
 def fill_backlog(path: Path, count: int) -> None:
     """``count`` records of one topic, none consumed, written with ``executemany``."""
     template, publication = _body_template()
+    created_at = json.loads(template)["event"]["created_at"].encode()
     pub_digits = len(publication) - len(b"pub_")
     topic = topic_for(DEFAULT_TOPIC_PREFIX, EVENT_TYPE)
     now_ms = int(time.time() * 1000)
 
     def row(n: int) -> tuple[str, bytes, bytes, bytes, int]:
         ident = b"%012d" % n
-        body = template.replace(b"000000000000", ident).replace(
-            publication, b"pub_%0*x" % (pub_digits, n)
-        )
-        headers = (
+        publication_id = b"pub_%0*x" % (pub_digits, n)
+        body = template.replace(b"000000000000", ident).replace(publication, publication_id)
+        headers = (  # as the intake writes them (consumer/routing.py, routed_headers)
             (HEADER_EVENT_ID, b"ev_" + ident),
             (HEADER_EVENT_TYPE, EVENT_TYPE.encode()),
             (HEADER_DELIVERY_ID, b"whs_" + ident),
+            (HEADER_EVENT_CREATED_AT, created_at),
+            (HEADER_PUBLICATION_ID, publication_id),
         )
         return topic, b"cust_%d" % (n % 500), body, encode_headers(headers), now_ms
 

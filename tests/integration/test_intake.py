@@ -63,6 +63,11 @@ async def test_signed_event_is_stored_with_key_headers_and_exact_bytes(
     assert received_at is not None
     assert datetime.fromisoformat(received_at.decode()) > datetime.now(UTC) - timedelta(minutes=1)
     assert header(record.headers, "x-voucherify-signature") == sign(SECRET, body).encode()
+    envelope = json.loads(body)  # what the worker reads without parsing the body
+    assert header(record.headers, "event-created-at") == envelope["event"]["created_at"].encode()
+    assert (
+        header(record.headers, "publication-id") == envelope["data"]["publication"]["id"].encode()
+    )
 
 
 async def test_pretty_printed_body_signed_over_its_compact_form_is_accepted(

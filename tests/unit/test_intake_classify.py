@@ -20,6 +20,7 @@ def test_envelope_routes_on_event_type_with_customer_key() -> None:
         event_type="customer.publication.succeeded",
         key="c_9",
         created_at="2024-03-13T13:45:59.515Z",
+        publication_id="pub_DpHmhx5uTanbM0mnndFrODi1U3MEX6rF",  # the official example's
     )
 
 

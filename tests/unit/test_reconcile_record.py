@@ -55,6 +55,9 @@ def test_a_single_code_item_becomes_the_event_the_intake_would_have_published() 
     assert header(record.headers, "origin") == b"reconciliation"
     assert header(record.headers, "event-id") == record.event_id.encode()
     assert header(record.headers, "x-voucherify-signature") is None
+    assert header(record.headers, "publication-id") == str(item["id"]).encode()
+    body_created_at = json.loads(record.value)["event"]["created_at"]
+    assert header(record.headers, "event-created-at") == body_created_at.encode()
 
 
 def test_a_multi_code_item_names_its_first_code_and_lists_them_all() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import structlog
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 
+from bus.types import Message
+from consumer.routing import Routed, classify, routed_headers
 from handlers.builtin.noop import create as create_noop
 from handlers.config import LedgerSettings, WorkerSettings
 from handlers.types import (
@@ -18,11 +21,16 @@ from handlers.types import (
     check_handler_name,
 )
 from handlers.worker.dead_letters import dead_letter_headers
+from handlers.worker.identity import identify
 from handlers.worker.retry import is_transient
 from handlers.worker.runner import handler_topics
 from schemas.errors import BusUnavailable, ConfigError, HandlerError, RetryLater, SkipEvent
+from schemas.record import HEADER_EVENT_CREATED_AT, HEADER_PUBLICATION_ID, Headers
 from schemas.topics import consumer_group, dlq_topic, retry_topic
+from tests.fixtures.app import event_body
 from tests.fixtures.worker import event_record
+
+NEW_HEADERS = (HEADER_EVENT_CREATED_AT, HEADER_PUBLICATION_ID)
 
 
 class SmtpSection(BaseModel):
@@ -276,3 +284,38 @@ def test_dead_letter_error_text_masks_customer_addresses() -> None:
 
     text = _error_text(ValueError("input_value='jane.doe@example.com' is not valid"))
     assert text == "ValueError: input_value='j***@example.com' is not valid"
+
+
+def _message(body: bytes, headers: Headers) -> Message:
+    return Message("voucherify.customer.publication.succeeded", 0, 7, b"cust_1", body, headers, 0)
+
+
+@pytest.mark.parametrize("event_type", ["customer.publication.succeeded", "voucher.published"])
+def test_a_record_is_identified_from_the_intake_headers_as_from_its_body(event_type: str) -> None:
+    body = event_body(event_id="evcus_9", delivery_id="whs_9", event_type=event_type)
+    routed = classify(body, max_depth=32)
+    assert isinstance(routed, Routed)
+    headers = routed_headers(routed, received_at=b"2026-12-02T10:00:00Z", signature=b"")
+    written_before = tuple(h for h in headers if h[0] not in NEW_HEADERS)
+
+    from_headers = identify(_message(b"not json: the body is not read", headers))
+    from_body = identify(_message(body, written_before))
+
+    assert from_headers == from_body
+    assert from_body.event_id == "evcus_9"
+    assert from_body.created_at is not None
+    if event_type == "customer.publication.succeeded":
+        assert from_body.key == f"{event_type}:{json.loads(body)['data']['publication']['id']}"
+
+
+def test_a_record_missing_a_header_is_identified_from_its_body() -> None:
+    body = event_body(event_id="evcus_10")
+    routed = classify(body, max_depth=32)
+    assert isinstance(routed, Routed)
+    headers = routed_headers(routed, received_at=b"", signature=b"")
+    without_publication = tuple(h for h in headers if h[0] != HEADER_PUBLICATION_ID)
+
+    ident = identify(_message(body, without_publication))
+
+    assert ident.key == identify(_message(body, headers)).key
+    assert ident.key.endswith(json.loads(body)["data"]["publication"]["id"])
