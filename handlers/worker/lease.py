@@ -73,6 +73,7 @@ class Lease:
         self._tick_s = min(_TICK_MAX_S, ttl_s * _TICK_SHARE)
         self._calls: set[_Call] = set()
         self._ticker: asyncio.TimerHandle | None = None
+        self._ticker_loop: asyncio.AbstractEventLoop | None = None
 
     async def run(
         self,
@@ -111,7 +112,8 @@ class Lease:
             renew_at=claimed_at + self.ttl_s / _RENEWALS_PER_TTL,
         )
         self._calls.add(running)
-        if self._ticker is None:
+        if self._ticker is None or self._ticker_loop is not loop:
+            self._ticker_loop = loop  # a lease outliving its loop starts over in the next
             self._ticker = loop.call_later(self._tick_s, self._tick, loop)
         try:
             async with running.bound:
@@ -129,7 +131,8 @@ class Lease:
 
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         """End the calls past their deadline, start renewing the long ones; again in a tick
-        while any call runs."""
+        while any call runs (scheduled first: nothing here may leave calls unwatched)."""
+        self._ticker = loop.call_later(self._tick_s, self._tick, loop) if self._calls else None
         now = loop.time()
         for running in self._calls:
             if now >= running.deadline:
@@ -137,7 +140,6 @@ class Lease:
                     running.bound.reschedule(now)  # cancels the call: a TimeoutError in run()
             elif running.renewer is None and now >= running.renew_at:
                 running.renewer = loop.create_task(self._keep(running), name="claim-renew")
-        self._ticker = loop.call_later(self._tick_s, self._tick, loop) if self._calls else None
 
     def _lost(self, key: str) -> ClaimLost:
         return ClaimLost(

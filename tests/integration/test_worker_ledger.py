@@ -346,6 +346,32 @@ async def test_a_call_over_its_bound_is_stopped_and_a_handlers_own_timeout_kept(
         await ledger.close()
 
 
+async def test_a_call_longer_than_its_claim_keeps_it_by_renewing(tmp_path: Path) -> None:
+    """The lease's ticker starts renewing a call past a third of the claim's lifetime: well
+    after the first lifetime, another worker still finds the event held, and the call ends
+    on its own (no ClaimLost)."""
+    path = tmp_path / "l.sqlite3"
+    mine, theirs = SqliteLedger(path, retention_s=3600), SqliteLedger(path, retention_s=3600)
+    await mine.open()
+    await theirs.open()
+    seen: list[str] = []
+
+    async def long_call() -> None:
+        await asyncio.sleep(2.0)  # past the claim's 1.5 s lifetime
+        seen.append((await theirs.claim("crm", "ev_1", "b", ttl_s=30)).state)
+        await asyncio.sleep(0.3)
+
+    try:
+        assert (await mine.claim("crm", "ev_1", "a", ttl_s=1.5)).state == "claimed"
+        lease = Lease(mine, "crm", ttl_s=1.5, log=structlog.get_logger())
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(lease.run("ev_1", "a", loop.time(), long_call, timeout_s=60), 20)
+        assert seen == ["held"]
+    finally:
+        await mine.close()
+        await theirs.close()
+
+
 async def test_a_release_after_a_dead_letter_forgets_the_attempts(
     ledger_factory: LedgerFactory,
 ) -> None:
