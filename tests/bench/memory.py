@@ -38,15 +38,9 @@ from aiosmtpd.controller import Controller
 
 from bus.sqlite.db import create_private_file
 from bus.sqlite.schema import SCHEMA, encode_headers
+from consumer.routing import Routed, routed_headers
 from consumer.signature import sign
 from handlers.config import WorkerSettings
-from schemas.record import (
-    HEADER_DELIVERY_ID,
-    HEADER_EVENT_CREATED_AT,
-    HEADER_EVENT_ID,
-    HEADER_EVENT_TYPE,
-    HEADER_PUBLICATION_ID,
-)
 from schemas.topics import DEFAULT_TOPIC_PREFIX, consumer_group, topic_for
 from tests.bench.processes import rss_mb, server
 from tests.bench.results import record
@@ -259,23 +253,28 @@ def _body_template() -> tuple[bytes, bytes]:
 def fill_backlog(path: Path, count: int) -> None:
     """``count`` records of one topic, none consumed, written with ``executemany``."""
     template, publication = _body_template()
-    created_at = json.loads(template)["event"]["created_at"].encode()
+    created_at = json.loads(template)["event"]["created_at"]
     pub_digits = len(publication) - len(b"pub_")
     topic = topic_for(DEFAULT_TOPIC_PREFIX, EVENT_TYPE)
     now_ms = int(time.time() * 1000)
 
     def row(n: int) -> tuple[str, bytes, bytes, bytes, int]:
-        ident = b"%012d" % n
-        publication_id = b"pub_%0*x" % (pub_digits, n)
-        body = template.replace(b"000000000000", ident).replace(publication, publication_id)
-        headers = (  # as the intake writes them (consumer/routing.py, routed_headers)
-            (HEADER_EVENT_ID, b"ev_" + ident),
-            (HEADER_EVENT_TYPE, EVENT_TYPE.encode()),
-            (HEADER_DELIVERY_ID, b"whs_" + ident),
-            (HEADER_EVENT_CREATED_AT, created_at),
-            (HEADER_PUBLICATION_ID, publication_id),
+        ident = f"{n:012d}"
+        publication_id = f"pub_{n:0{pub_digits}x}"
+        body = template.replace(b"000000000000", ident.encode()).replace(
+            publication, publication_id.encode()
         )
-        return topic, b"cust_%d" % (n % 500), body, encode_headers(headers), now_ms
+        # The intake's headers (no parse per record: the body's ids are known here).
+        routed = Routed(
+            delivery_id=f"whs_{ident}",
+            event_id=f"ev_{ident}",
+            event_type=EVENT_TYPE,
+            key=f"cust_{n % 500}",
+            created_at=created_at,
+            publication_id=publication_id,
+        )
+        headers = routed_headers(routed, received_at=b"", signature=b"")
+        return topic, routed.key.encode(), body, encode_headers(headers), now_ms
 
     create_private_file(path)
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
