@@ -1,13 +1,32 @@
-"""The transport: one ``Bus`` protocol, a Kafka implementation and the embedded SQLite log."""
+"""The transport: one ``Bus`` protocol, a Kafka implementation and the embedded SQLite log.
+
+The package's names load on first use (:func:`__getattr__`): a process that needs one of
+its modules loads no more than that one. The ledger's writer process
+(:mod:`handlers.worker.ledger_writer`) imports only :mod:`bus.sqlite.connection`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from bus.config import BusSettings
-from bus.types import Bus, Message, Subscription, TopicPartition
+if TYPE_CHECKING:
+    from bus.config import BusSettings
+    from bus.types import Bus, Message, Subscription, TopicPartition
 
 __all__ = ["Bus", "BusSettings", "Message", "Subscription", "TopicPartition", "create_bus"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BusSettings":
+        from bus.config import BusSettings  # noqa: PLC0415 - loaded on first use
+
+        return BusSettings
+    if name in {"Bus", "Message", "Subscription", "TopicPartition"}:
+        from bus import types  # noqa: PLC0415 - loaded on first use
+
+        return getattr(types, name)
+    raise AttributeError(f"module 'bus' has no attribute {name!r}")
 
 
 def create_bus(settings: BusSettings, sqlite_path: Path) -> Bus:

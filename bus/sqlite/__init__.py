@@ -3,10 +3,25 @@
 ``log`` (:class:`SqliteBus`: publishing, group commit, scheduling retention) ·
 ``retention`` (what may be deleted, in small chunks) · ``subscription`` (consumer-group
 members) · ``owner`` (one consuming process per file) · ``schema`` (the file's tables) ·
-``db`` (connections, transactions and their threads, private files; shared with the
-idempotency ledger).
+``connection`` (how a connection is opened, transactions: the standard library only, for
+the ledger's writer process) · ``db`` (connections on threads of their own, private files;
+shared with the idempotency ledger). ``SqliteBus`` loads on first use, like the names of
+:mod:`bus`.
 """
 
-from bus.sqlite.log import SqliteBus
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bus.sqlite.log import SqliteBus
 
 __all__ = ["SqliteBus"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SqliteBus":
+        from bus.sqlite.log import SqliteBus  # noqa: PLC0415 - loaded on first use
+
+        return SqliteBus
+    raise AttributeError(f"module 'bus.sqlite' has no attribute {name!r}")

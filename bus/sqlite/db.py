@@ -1,12 +1,10 @@
 """SQLite plumbing shared by the embedded bus and the idempotency ledger.
 
-Every connection is opened the same way: WAL journal with ``synchronous=FULL`` (a commit
-is on disk when it returns), a busy timeout for waiting on another writer, and autocommit
-mode so transactions are explicit. Each connection lives on a single thread of its own
-(:class:`ConnectionThread`), so the event loop never waits on the disk or on a lock, and
-statements on one connection never interleave. Writes go in ``BEGIN IMMEDIATE``
-transactions (:func:`transaction`): the write lock is taken up front, and any failure
-rolls the whole transaction back.
+Every connection is opened the same way (:mod:`bus.sqlite.connection`: WAL, ``synchronous=
+FULL``, explicit ``BEGIN IMMEDIATE`` transactions). Each connection lives on a single thread
+of its own (:class:`ConnectionThread`), so the event loop never waits on the disk or on a
+lock, and statements on one connection never interleave. The ledger's writes are the
+exception: they are made in a process of their own (:mod:`handlers.worker.ledger_writer`).
 
 The files hold customers' data: :func:`create_private_file` creates a database file with
 mode 0600 before SQLite opens it (SQLite gives its ``-wal`` and ``-shm`` files the
@@ -16,16 +14,17 @@ database file's mode), in a directory created with mode 0700.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sqlite3
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
 import structlog
+
+from bus.sqlite.connection import connect
 
 log = structlog.get_logger("pubrelay.files")
 
@@ -55,30 +54,6 @@ def warn_if_not_private(path: Path) -> None:
             mode=format(mode, "04o"),
             wanted="0600",
         )
-
-
-def connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
-    """A connection in WAL mode with ``synchronous=FULL``, usable from any one thread."""
-    conn = sqlite3.connect(
-        path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-    )
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    return conn
-
-
-@contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``; ``ROLLBACK`` when anything in it (the commit
-    included) fails, and the failure propagates."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
 
 
 class ConnectionThread:

@@ -35,7 +35,8 @@ from typing import Final
 
 import structlog
 
-from bus.sqlite.db import ConnectionThread, create_private_file, transaction
+from bus.sqlite.connection import transaction
+from bus.sqlite.db import ConnectionThread, create_private_file
 from bus.sqlite.retention import DEFAULT_CHUNK_ROWS, MAX_PASS_INTERVAL_S, RetentionPass
 from bus.sqlite.schema import SCHEMA, encode_headers
 from bus.sqlite.subscription import SqliteSubscription

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Final
 
-from bus.sqlite.db import transaction
+from bus.sqlite.connection import transaction
 from schemas.topics import DLQ_TOPIC_PREFIX, QUARANTINE_TOPIC
 
 DEFAULT_CHUNK_ROWS: Final = 500

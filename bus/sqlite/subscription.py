@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
-from bus.sqlite.db import ConnectionThread, transaction
+from bus.sqlite.connection import transaction
+from bus.sqlite.db import ConnectionThread
 from bus.sqlite.schema import decode_headers
 from bus.types import Message, TopicPartition
 from schemas.errors import BusUnavailable

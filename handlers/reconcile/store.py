@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
-from bus.sqlite.db import ConnectionThread, create_private_file, transaction
+from bus.sqlite.connection import transaction
+from bus.sqlite.db import ConnectionThread, create_private_file
 from handlers.config import LedgerSettings
 from handlers.reconcile.config import ReconcileSettings
 

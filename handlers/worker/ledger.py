@@ -20,7 +20,8 @@ the event loop, one group commit); docs/reliability.md has its measured size.
 Two implementations:
 
 * :class:`SqliteLedger` (default): one file in the data directory, opened like the
-  embedded bus's (:mod:`bus.sqlite.db`: WAL journal, ``synchronous=FULL``); concurrent
+  embedded bus's (:mod:`bus.sqlite.connection`: WAL journal, ``synchronous=FULL``) and
+  written by a process of its own (:mod:`handlers.worker.ledger_writer`); concurrent
   claims, releases and completions share one transaction (group commit, a few statements:
   :mod:`handlers.worker.ledger_sql`), and SQLite's write lock makes each claim atomic
   across the processes sharing the file.
@@ -37,7 +38,7 @@ treats any of them as "ledger unavailable" and backs off without calling the han
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import math
 import time
 from pathlib import Path
@@ -49,6 +50,8 @@ from bus.sqlite.db import ConnectionThread, create_private_file
 from handlers.config import DEFAULT_CLAIM_TTL_S, LedgerSettings
 from handlers.types import Claim
 from handlers.worker import ledger_sql
+from handlers.worker.ledger_process import WriterExited, WriterProcess
+from handlers.worker.ledger_writer import Purge, Write
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -124,8 +127,20 @@ class _Pending:
         self.future = future
 
 
+_REQUEST_MAX_OPS: Final = 64
+"""Writes per request to the writer process at most: it groups waiting requests into
+transactions of up to ``ledger_writer.GROUP_MAX_OPS`` writes, so a fetch's worth of claims
+made in one loop turn commits in a few transactions whose answers come back one by one."""
+
+
 class SqliteLedger:
-    """A :class:`Ledger` in one SQLite file: a row per completed pair, a row per claim."""
+    """A :class:`Ledger` in one SQLite file: a row per completed pair, a row per claim.
+
+    Writes are made by a process of its own (:mod:`handlers.worker.ledger_writer`,
+    :class:`~handlers.worker.ledger_process.WriterProcess`): the writes of one event loop
+    turn are sent together at its end, without waiting for the answers to earlier ones.
+    :meth:`is_done` reads on a thread of this process.
+    """
 
     def __init__(
         self,
@@ -140,30 +155,31 @@ class SqliteLedger:
         self.timeout_s = timeout_s
         self.claim_ttl_s = claim_ttl_s
         self._reader = ConnectionThread("ledger-read")
-        self._writer = ConnectionThread("ledger-write")
+        self._writer: WriterProcess | None = None
         self._pending: list[_Pending] = []
-        self._flusher: asyncio.Task[None] | None = None
         self._next_purge = 0.0
 
+    @property
+    def writer_pid(self) -> int | None:
+        """The process id of the writer process while it runs."""
+        return self._writer.pid if self._writer is not None else None
+
     async def open(self) -> None:
-        if not self._writer.is_open:
+        if self._writer is None:
             create_private_file(self.path)  # mode 0600: it names customers' events
-            await self._writer.open(
-                self.path, busy_timeout_s=self.timeout_s, schema=ledger_sql.SCHEMA
-            )
+            writer = WriterProcess(self.path, busy_timeout_s=self.timeout_s)
+            await writer.start()  # creates the tables; ConfigError without JSON functions
+            self._writer = writer
             await self._reader.open(self.path, busy_timeout_s=self.timeout_s)
-            await self._writer.run(ledger_sql.check_json_functions)
             await self.purge()
 
     async def close(self) -> None:
-        # Writes still pending are made before the connections close.
-        while self._pending or (self._flusher is not None and not self._flusher.done()):
-            if self._flusher is None or self._flusher.done():
-                self._flusher = asyncio.create_task(self._flush(), name="ledger-flush")
-            with contextlib.suppress(Exception):
-                await self._flusher
+        # Writes still pending are sent, and answered, before the process ends.
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._send(writer)
+            await writer.close()
         await self._reader.close()
-        await self._writer.close()
 
     async def is_done(self, handler: str, event_id: str) -> bool:
         cutoff = time.time() - self.retention_s
@@ -176,70 +192,73 @@ class SqliteLedger:
         self, handler: str, key: str, token: str, *, ttl_s: float | None = None
     ) -> Claim:
         ttl = self.claim_ttl_s if ttl_s is None else ttl_s
-        claim: Claim = await self._write(ledger_sql.ClaimOp(handler, key, token, ttl))
-        return claim
+        state, attempts, wait_s = await self._write(ledger_sql.ClaimOp(handler, key, token, ttl))
+        return Claim(state, attempts=attempts, wait_s=wait_s)
 
     async def renew(
         self, handler: str, key: str, token: str, *, ttl_s: float | None = None
     ) -> bool:
         ttl = self.claim_ttl_s if ttl_s is None else ttl_s
-        kept: bool = await self._write(
-            lambda conn, now: ledger_sql.renew(
-                conn, now, handler=handler, key=key, token=token, ttl_s=ttl
-            )
-        )
+        kept: bool = await self._write(ledger_sql.RenewOp(handler, key, token, ttl))
         return kept
 
     async def release(
         self, handler: str, key: str, token: str, *, forget_attempts: bool = False
     ) -> None:
-        await self._write(
-            lambda conn, now: ledger_sql.release(conn, handler, key, token, forget_attempts)
-        )
+        await self._write(ledger_sql.ReleaseOp(handler, key, token, forget_attempts))
 
     async def _write(self, op: ledger_sql.Op) -> Any:
+        if self._writer is None:
+            raise WriterExited("the ledger is closed")
         entry = _Pending(op, asyncio.get_running_loop().create_future())
         self._pending.append(entry)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="ledger-flush")
-        # A caller cancelled while waiting leaves its write queued: it is made all the same
+        if len(self._pending) == 1:  # the first of this loop turn: send them at its end
+            asyncio.get_running_loop().call_soon(self._send, self._writer)
+        # A caller cancelled while waiting leaves its write sent: it is made all the same
         # (what ``asyncio.shield`` gave, without a second future per write).
         return await entry.future
 
-    async def _flush(self) -> None:
-        # Every write that arrives while a commit (or the purge) runs joins the next
-        # commit. The flusher only ends with nothing pending and no await between that check
-        # and its end: ``_write`` starts a new flusher only once this one is done.
-        while True:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    results = await self._writer.run(
-                        ledger_sql.write_batch, [e.op for e in batch], self.retention_s
-                    )
-                except Exception as err:  # the store's own errors, handed to each caller
-                    for entry in batch:
-                        if not entry.future.done():
-                            entry.future.set_exception(err)
-                            entry.future.exception()  # retrieved: a cancelled caller won't warn
-                else:
-                    for entry, result in zip(batch, results, strict=True):
-                        if not entry.future.done():
-                            entry.future.set_result(result)
-            if time.monotonic() < self._next_purge:
-                return
-            try:
-                await self.purge()
-            except Exception as err:  # the purge is housekeeping: retried at the next interval
-                log.warning("ledger_purge_failed", error_type=type(err).__name__, error=str(err))
+    def _send(self, writer: WriterProcess) -> None:
+        """Send the pending writes (and the purge when it is due)."""
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), _REQUEST_MAX_OPS):
+            entries = pending[start : start + _REQUEST_MAX_OPS]
+            answer = writer.request(Write([e.op for e in entries], self.retention_s))
+            answer.add_done_callback(functools.partial(_answered, entries))
+        if pending and time.monotonic() >= self._next_purge:
+            self._next_purge = time.monotonic() + min(_PURGE_EVERY_S, self.retention_s)
+            writer.request(Purge(time.time() - self.retention_s)).add_done_callback(_purged)
 
     async def purge(self) -> int:
         """Forget entries older than the retention; return how many were removed."""
+        if self._writer is None:
+            raise WriterExited("the ledger is closed")
         self._next_purge = time.monotonic() + min(_PURGE_EVERY_S, self.retention_s)
-        removed = await self._writer.run(ledger_sql.purge, time.time() - self.retention_s)
+        removed: int = await self._writer.request(Purge(time.time() - self.retention_s))
         if removed:
             log.info("ledger_purged", entries=removed)
         return removed
+
+
+def _answered(entries: list[_Pending], answer: asyncio.Future[list[Any]]) -> None:
+    """Hand a request's answer to each of its writes' callers."""
+    if (err := answer.exception()) is not None:  # the store's error, for each caller
+        for entry in entries:
+            if not entry.future.done():
+                entry.future.set_exception(err)
+                entry.future.exception()  # retrieved: a cancelled caller won't warn
+        return
+    for entry, result in zip(entries, answer.result(), strict=True):
+        if not entry.future.done():
+            entry.future.set_result(result)
+
+
+def _purged(answer: asyncio.Future[int]) -> None:
+    """The purge is housekeeping: a failure is logged and tried again at the next interval."""
+    if (err := answer.exception()) is not None:
+        log.warning("ledger_purge_failed", error_type=type(err).__name__, error=str(err))
+    elif removed := answer.result():
+        log.info("ledger_purged", entries=removed)
 
 
 # KEYS: the done key, the claim key. ARGV: token, claim ttl ms, retention ms.

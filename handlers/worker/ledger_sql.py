@@ -1,20 +1,19 @@
 """The SQLite ledger's tables and statements: one group commit in a few statements.
 
 :class:`~handlers.worker.ledger.SqliteLedger` queues the claims, completions, renewals and
-releases that arrive together and hands them to :func:`write_batch` on its writer thread,
-which makes them in one ``BEGIN IMMEDIATE`` transaction (atomic across the processes
-sharing the file, durable at its commit).
+releases that arrive together and sends them to its writer process
+(:mod:`handlers.worker.ledger_writer`), which makes them with :func:`write_batch` in one
+``BEGIN IMMEDIATE`` transaction (atomic across the processes sharing the file, durable at
+its commit). Operations and results are tuples: they cross to that process pickled, and it
+imports the standard library and this module only.
 
 Claims and completions are made a run at a time, not a row at a time: a run's claims
 read the state of all their keys in one statement and write their new claims in one
 more; its completions are one insert and one delete. The rows travel as one JSON
 parameter (``json_each``, ``json_extract``: SQLite's JSON functions, built in since 3.38 and
-compiled into most older builds), so each statement's text is fixed and stays prepared. This
-matters beyond the statements saved: the thread gives the GIL up around every SQLite
-call and, while the event loop is busy, may wait up to the interpreter's switch interval
-(``sys.getswitchinterval()``, 5 ms by default) to take it back, so the number of calls
-per transaction, not the number of rows, sets the writer's pace
-(docs/performance.md, "The worker and its ledger").
+compiled into most older builds), so each statement's text is fixed and stays prepared and
+a transaction of hundreds of writes is a handful of SQLite calls (docs/performance.md, "The
+worker and its ledger").
 
 A run never holds two operations on the same key: the batch keeps its order, and a key
 seen again (say a release and a new claim of the same event) starts a new run after the
@@ -27,11 +26,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
-from bus.sqlite.db import transaction
-from handlers.types import Claim
+from bus.sqlite.connection import transaction
 from schemas.errors import ConfigError
 
 SCHEMA: Final = """
@@ -53,8 +50,6 @@ CREATE TABLE IF NOT EXISTS claims (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS claims_updated_at ON claims (updated_at);
 """
-
-DONE: Final = Claim("done")
 
 _RUN_MAX: Final = 500
 """Operations per run at most (bounds one statement's JSON parameter)."""
@@ -94,38 +89,54 @@ DELETE FROM claims WHERE (handler, key) IN (
     SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))
 """
 
-Statement = Callable[[sqlite3.Connection, float], Any]
-"""A write made alone in its turn: ``fn(connection, now)``, its result handed back."""
+
+class ClaimOp(NamedTuple):
+    """Take ``key`` for ``token`` for ``ttl_s`` seconds (see :meth:`Ledger.claim`); its result
+    is a :data:`ClaimState`."""
+
+    handler: str
+    key: str
+    token: str
+    ttl_s: float
 
 
-class ClaimOp:
-    """Take ``key`` for ``token`` for ``ttl_s`` seconds (see :meth:`Ledger.claim`)."""
-
-    __slots__ = ("handler", "key", "token", "ttl_s")
-
-    def __init__(self, handler: str, key: str, token: str, ttl_s: float) -> None:
-        self.handler = handler
-        self.key = key
-        self.token = token
-        self.ttl_s = ttl_s
-
-
-class DoneOp:
+class DoneOp(NamedTuple):
     """Record ``key``'s effect as completed and drop its claim."""
 
-    __slots__ = ("handler", "key")
-
-    def __init__(self, handler: str, key: str) -> None:
-        self.handler = handler
-        self.key = key
+    handler: str
+    key: str
 
 
-Op = ClaimOp | DoneOp | Statement
+class RenewOp(NamedTuple):
+    """Extend ``token``'s claim on ``key``; its result: whether ``token`` still held it."""
+
+    handler: str
+    key: str
+    token: str
+    ttl_s: float
+
+
+class ReleaseOp(NamedTuple):
+    """End ``token``'s claim on ``key``; the attempts stay counted unless ``forget``."""
+
+    handler: str
+    key: str
+    token: str
+    forget: bool
+
+
+Op = ClaimOp | DoneOp | RenewOp | ReleaseOp
+
+ClaimState = tuple[str, int, float]
+"""A claim's answer: ``("done" | "held" | "claimed", attempts, seconds until it expires)``
+(:class:`handlers.types.Claim`'s fields)."""
+
+_DONE: Final[ClaimState] = ("done", 0, 0.0)
 
 
 def write_batch(conn: sqlite3.Connection, ops: list[Op], retention_s: float) -> list[Any]:
     """Make ``ops`` in one transaction, in order; each one's result (a claim's
-    :class:`~handlers.types.Claim`, else the statement's result or None)."""
+    :data:`ClaimState`, a renewal's bool, else None)."""
     results: list[Any] = [None] * len(ops)
     with transaction(conn):
         now = time.time()
@@ -143,7 +154,7 @@ def write_batch(conn: sqlite3.Connection, ops: list[Op], retention_s: float) -> 
             else:
                 _make_run(conn, now, cutoff, run, results)
                 run, keys = [], set()
-                results[i] = op(conn, now)
+                results[i] = _single(conn, now, op)
         _make_run(conn, now, cutoff, run, results)
     return results
 
@@ -172,12 +183,12 @@ def _make_run(
         i, op = claims[index]
         attempts = held_attempts or 0
         if is_done:
-            results[i] = DONE
+            results[i] = _DONE
         elif holder is not None and holder != op.token and expires_at > now:
-            results[i] = Claim("held", attempts=attempts, wait_s=expires_at - now)
+            results[i] = ("held", attempts, expires_at - now)
         else:
             writes.append((op.handler, op.key, op.token, now + op.ttl_s, attempts + 1))
-            results[i] = Claim("claimed", attempts=attempts + 1)
+            results[i] = ("claimed", attempts + 1, 0.0)
     if writes:
         conn.execute(_CLAIM_WRITE, (now, json.dumps(writes)))
 
@@ -203,29 +214,26 @@ def is_done(conn: sqlite3.Connection, handler: str, event_id: str, cutoff: float
     return row is not None
 
 
-def renew(
-    conn: sqlite3.Connection, now: float, *, handler: str, key: str, token: str, ttl_s: float
-) -> bool:
-    cursor = conn.execute(
-        "UPDATE claims SET expires_at = ?, updated_at = ? "
-        "WHERE handler = ? AND key = ? AND token = ?",
-        (now + ttl_s, now, handler, key, token),
-    )
-    return cursor.rowcount == 1
-
-
-def release(
-    conn: sqlite3.Connection, handler: str, key: str, token: str, forget_attempts: bool
-) -> None:
-    if forget_attempts:
+def _single(conn: sqlite3.Connection, now: float, op: RenewOp | ReleaseOp) -> bool | None:
+    """A renewal or a release, made alone in its turn (they are rare)."""
+    if isinstance(op, RenewOp):
+        cursor = conn.execute(
+            "UPDATE claims SET expires_at = ?, updated_at = ? "
+            "WHERE handler = ? AND key = ? AND token = ?",
+            (now + op.ttl_s, now, op.handler, op.key, op.token),
+        )
+        return cursor.rowcount == 1
+    if op.forget:
         conn.execute(
-            "DELETE FROM claims WHERE handler = ? AND key = ? AND token = ?", (handler, key, token)
+            "DELETE FROM claims WHERE handler = ? AND key = ? AND token = ?",
+            (op.handler, op.key, op.token),
         )
     else:
         conn.execute(
             "UPDATE claims SET expires_at = 0 WHERE handler = ? AND key = ? AND token = ?",
-            (handler, key, token),
+            (op.handler, op.key, op.token),
         )
+    return None
 
 
 def purge(conn: sqlite3.Connection, cutoff: float) -> int:

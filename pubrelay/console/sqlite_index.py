@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from bus.sqlite.db import ConnectionThread, create_private_file, transaction
+from bus.sqlite.connection import transaction
+from bus.sqlite.db import ConnectionThread, create_private_file
 from pubrelay.console.fields import EventFields
 from pubrelay.console.index import (
     MAX_STORED_BODY_BYTES,

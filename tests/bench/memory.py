@@ -16,7 +16,8 @@ at 10/25/50/75/100% drained. The rule for "flat": the peak is at most 20 MB abov
 at 10% drained (the worker's caches are warm by then; what grows after it grows with the
 backlog).
 
-RSS is ``VmRSS`` of ``/proc/<pid>/status``, sampled every 0.5 s, in MB (10^6 bytes).
+RSS is ``VmRSS`` of ``/proc/<pid>/status``, summed over the process and its children (the
+worker's ledger writer), sampled every 0.5 s, in MB (10^6 bytes).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ before it is measured, stopped by its own PID; and its resident memory, read fro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -48,12 +49,30 @@ def server(
 
 
 def rss_mb(pid: int) -> float:
-    """The process's resident memory (``VmRSS``) in MB (10^6 bytes); 0 once it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024 / 1e6
-    return 0.0
+    """The resident memory (``VmRSS``) of the process and its descendants (`pubrelay
+    worker`'s ledger writer) in MB (10^6 bytes); 0 once the process is gone."""
+    total = 0
+    for each in [pid, *_descendants(pid)]:
+        try:
+            status = Path(f"/proc/{each}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total / 1e6
+
+
+def _descendants(pid: int) -> list[int]:
+    """The ids of the process's children, theirs, and so on (from ``/proc``)."""
+    found: list[int] = []
+    parents = [pid]
+    while parents:
+        children = []
+        for parent in parents:
+            for task in Path(f"/proc/{parent}/task").glob("*/children"):
+                with contextlib.suppress(OSError):
+                    children += [int(c) for c in task.read_text().split()]
+        found += children
+        parents = children
+    return found

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Final
 
-from bus.sqlite.db import connect
+from bus.sqlite.connection import connect
 from bus.sqlite.retention import RetentionPass
 from bus.sqlite.schema import SCHEMA, encode_headers
 from tests.bench.results import record

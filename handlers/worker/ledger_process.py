@@ -1,0 +1,153 @@
+"""The worker's end of the SQLite ledger's writer process (:mod:`handlers.worker.ledger_writer`).
+
+:class:`WriterProcess` starts the process, sends it requests without waiting for earlier
+answers, and hands each answer to its request's future, in order.
+
+* **Ends.** When the process ends unexpectedly, every request waiting for an answer fails
+  with :class:`WriterExited` (its write may or may not have been committed: the worker
+  retries it, and a claim taken again by the same token or a completion recorded twice is
+  harmless); ``ledger_writer_exited`` is logged, and the next request starts a new process
+  and fails meanwhile, so the worker backs off and tries again.
+* **Close** closes the process's input: it answers what it read, then ends. The wait is
+  bounded; after it the process is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from handlers.worker.ledger_writer import HEADER, Open, Request, encode
+
+log = structlog.get_logger("pubrelay.handlers.ledger")
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+"""The directory holding the ``handlers`` package: the process imports from it."""
+
+
+class WriterExited(OSError):
+    """The ledger's writer process ended before answering (the write's outcome is unknown)."""
+
+
+class WriterProcess:
+    """One writer process for the ledger file at ``path`` (see the module docstring)."""
+
+    def __init__(self, path: Path, *, busy_timeout_s: float) -> None:
+        self.path = path
+        self.busy_timeout_s = busy_timeout_s
+        self._proc: asyncio.subprocess.Process | None = None
+        self._answers: asyncio.Task[None] | None = None
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._starting: asyncio.Task[None] | None = None
+        self._opened: asyncio.subprocess.Process | None = None
+        self._closing = False
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's id."""
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self) -> None:
+        """Start the process and open the file; the opening's error is raised."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "handlers.worker.ledger_writer",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        self._proc = proc
+        self._answers = asyncio.create_task(self._read(proc), name="ledger-writer-answers")
+        try:
+            await self.request(Open(str(self.path), self.busy_timeout_s))
+        except BaseException:
+            await self._end(timeout_s=self.busy_timeout_s)
+            raise
+        self._opened = proc
+
+    def request(self, request: Request) -> asyncio.Future[Any]:
+        """Send ``request``; its future gets the answer (or the error it raised)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.stdin.is_closing():
+            future.set_exception(WriterExited("the ledger's writer process is not running"))
+            self._start_again()
+            return future
+        self._waiting.append(future)
+        proc.stdin.write(encode(request))
+        return future
+
+    async def close(self) -> None:
+        """Let the process answer what it was sent, then end it (killed after a bound)."""
+        self._closing = True
+        if self._starting is not None:
+            with contextlib.suppress(Exception):
+                await self._starting
+        await self._end(timeout_s=max(10.0, 2 * self.busy_timeout_s))
+
+    async def _end(self, *, timeout_s: float) -> None:
+        proc, answers = self._proc, self._answers
+        if proc is None or answers is None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(answers), timeout_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await answers
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        """Hand each answer to the oldest waiting request, until the process ends."""
+        assert proc.stdout is not None
+        try:
+            while True:
+                (length,) = HEADER.unpack(await proc.stdout.readexactly(HEADER.size))
+                data = await proc.stdout.readexactly(length)
+                ok, value = pickle.loads(data)  # noqa: S301 - our own process, over its own pipe
+                future = self._waiting.popleft()
+                if future.done():  # its caller gave up waiting
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+        except asyncio.IncompleteReadError:
+            pass  # the process ended (closed by us, or not)
+        finally:
+            code = await proc.wait()
+            if self._proc is proc:
+                self._proc = None
+            waiting, self._waiting = self._waiting, deque()
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(
+                        WriterExited(f"the ledger's writer process ended (exit code {code})")
+                    )
+            if self._opened is proc and not self._closing:
+                log.error("ledger_writer_exited", exit_code=code, unanswered=len(waiting))
+
+    def _start_again(self) -> None:
+        if self._closing or (self._starting is not None and not self._starting.done()):
+            return
+        self._starting = asyncio.create_task(self._restart(), name="ledger-writer-start")
+
+    async def _restart(self) -> None:
+        try:
+            await self.start()
+        except Exception as err:  # the next request tries again (the worker backs off)
+            log.error("ledger_writer_start_failed", error_type=type(err).__name__, error=str(err))
+        else:
+            log.info("ledger_writer_started", pid=self.pid)

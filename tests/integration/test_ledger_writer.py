@@ -1,0 +1,137 @@
+"""The SQLite ledger's writer process: replaced when it dies, deaf to Ctrl-C, gone with
+the worker (handlers/worker/ledger_writer.py, ledger_process.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import structlog
+from prometheus_client import CollectorRegistry
+
+from bus.types import Bus
+from handlers.worker.ledger import SqliteLedger
+from handlers.worker.ledger_process import WriterExited
+from handlers.worker.service import Worker
+from tests.fixtures.worker import (
+    ScriptedHandler,
+    eventually,
+    fast_worker_settings,
+    ledger_key,
+    publish_event,
+    running,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def ended(pid: int) -> bool:
+    """Whether process ``pid`` is gone or a zombie (ended, not yet reaped)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+async def test_a_killed_writer_is_replaced_and_every_event_is_handled_once(
+    bus: Bus, topic_prefix: str, tmp_path: Path
+) -> None:
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3", retention_s=3600)
+    await ledger.open()
+    killed: list[int] = []
+
+    async def kill_the_writer_at_the_50th(event: object) -> None:
+        if len(handler.calls) == 50 and not killed and (pid := ledger.writer_pid):
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)  # while the other lanes claim and complete
+
+    handler = ScriptedHandler(script=kill_the_writer_at_the_50th)
+    worker = Worker(
+        [handler],
+        bus=bus,
+        ledger=ledger,
+        settings=fast_worker_settings(group_prefix=topic_prefix),
+        topic_prefix=topic_prefix,
+        metrics_registry=CollectorRegistry(),
+    )
+    events = [f"ev_{n}" for n in range(150)]
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(worker):
+                for n, event_id in enumerate(events):
+                    await publish_event(
+                        bus, topic_prefix, event_id=event_id, customer_id=f"c{n % 40}"
+                    )
+                await eventually(
+                    lambda: set(handler.effects) == set(events), timeout_s=20, what="every effect"
+                )
+        assert killed, "the writer was never killed"
+        assert max(handler.calls.values()) == 1, "an effect ran twice"
+        assert ledger.writer_pid not in (None, killed[0])
+        for event_id in events:
+            assert await ledger.is_done("recorder", ledger_key(event_id))
+        [exited] = [e for e in logs if e["event"] == "ledger_writer_exited"]
+        assert exited["exit_code"] == -signal.SIGKILL
+        assert any(e["event"] == "ledger_writer_started" for e in logs)
+    finally:
+        await ledger.close()
+
+
+def running_writer(ledger: SqliteLedger) -> int:
+    pid = ledger.writer_pid
+    assert pid is not None
+    return pid
+
+
+async def test_a_write_while_the_writer_is_gone_fails_clearly_and_the_next_one_lands(
+    ledger: SqliteLedger,
+) -> None:
+    os.kill(running_writer(ledger), signal.SIGKILL)
+    await eventually(lambda: ledger.writer_pid is None, timeout_s=5, what="the exit noticed")
+    with pytest.raises(WriterExited, match="writer process is not running"):
+        await ledger.mark_done("email", "ev_1")  # the worker backs off and tries again
+    await eventually(lambda: ledger.writer_pid is not None, timeout_s=10, what="a new writer")
+    await ledger.mark_done("email", "ev_2")
+    assert await ledger.is_done("email", "ev_2")
+
+
+async def test_the_writer_ignores_ctrl_c(ledger: SqliteLedger) -> None:
+    """Ctrl-C reaches the whole process group; the worker's shutdown still writes."""
+    pid = running_writer(ledger)
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    await ledger.mark_done("email", "ev_1")
+    assert ledger.writer_pid == pid
+    assert await ledger.is_done("email", "ev_1")
+    await ledger.close()
+    assert ended(pid)
+
+
+async def test_the_writer_ends_with_a_worker_killed_outright(tmp_path: Path) -> None:
+    script = (
+        "import asyncio, sys\n"
+        "from handlers.worker.ledger import SqliteLedger\n"
+        "async def main():\n"
+        f"    ledger = SqliteLedger(__import__('pathlib').Path({str(tmp_path / 'l.sqlite3')!r}),"
+        " retention_s=60)\n"
+        "    await ledger.open()\n"
+        "    print(ledger.writer_pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert worker.stdout is not None
+        writer_pid = int(await asyncio.wait_for(worker.stdout.readline(), 20))
+        assert not ended(writer_pid)
+    finally:
+        worker.kill()
+        await asyncio.wait_for(worker.wait(), 10)
+    await eventually(lambda: ended(writer_pid), timeout_s=10, what="the writer's exit")
