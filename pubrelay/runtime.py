@@ -74,8 +74,9 @@ SWITCH_INTERVAL_S: Final = 0.0005
 def tune_runtime() -> None:
     """Fewer gen-0 collections and a frozen start-up heap remove the 35-45 ms full
     collections that dominated p99 under load; a shorter GIL switch interval lets the
-    SQLite writer threads (bus and ledger) take the GIL back within 0.5 ms of a commit
-    rather than 5 ms while the event loop is busy (docs/performance.md)."""
+    SQLite threads (the bus's writer and reader, the ledger's reads) take the GIL back
+    within 0.5 ms of a call rather than 5 ms while the event loop is busy
+    (docs/performance.md)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)

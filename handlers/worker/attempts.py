@@ -107,7 +107,7 @@ class EventProcessor:
         self._retry = retry
         self._event_types = handler.event_types
         self._slots = asyncio.Semaphore(settings.concurrency)
-        self._active_ids: dict[str, asyncio.Event] = {}
+        self._active_ids: dict[str, asyncio.Event | None] = {}
         self._tokens = itertools.count(1)
         self._token_prefix = f"{_PROCESS_TOKEN}:{secrets.token_hex(3)}"  # this processor's
         self._lease = Lease(ledger, self.name, ttl_s=ledger.claim_ttl_s, log=log)
@@ -135,15 +135,20 @@ class EventProcessor:
         if self._event_types and ident.event_type not in self._event_types:
             self._m_ignored.inc()
             return True
-        # Two deliveries of one event in different lanes (no key): one after the other.
-        while (other := self._active_ids.get(ident.event_id)) is not None:
-            await other.wait()
-        mine = self._active_ids[ident.event_id] = asyncio.Event()
+        # Two deliveries of one event in different lanes (no key): one after the other. The
+        # second one makes the event it waits on (rare: none is made per delivery).
+        active = self._active_ids
+        while ident.event_id in active:
+            waited = active[ident.event_id]
+            if waited is None:
+                waited = active[ident.event_id] = asyncio.Event()
+            await waited.wait()
+        active[ident.event_id] = None
         try:
             return await self._unless_done(item, ident)
         finally:
-            del self._active_ids[ident.event_id]
-            mine.set()
+            if (waiting := active.pop(ident.event_id)) is not None:
+                waiting.set()
 
     async def _unless_done(self, item: FetchedRecord, ident: Identity) -> bool | SteppedAside:
         """The attempts, each under a claim, unless the handler already completed this event."""

@@ -186,26 +186,26 @@ class SqliteLedger:
         return await self._reader.run(ledger_sql.is_done, handler, event_id, cutoff)
 
     async def mark_done(self, handler: str, event_id: str) -> None:
-        await self._write(ledger_sql.DoneOp(handler, event_id))
+        await self._write((ledger_sql.DONE, handler, event_id, "", 0.0))
 
     async def claim(
         self, handler: str, key: str, token: str, *, ttl_s: float | None = None
     ) -> Claim:
         ttl = self.claim_ttl_s if ttl_s is None else ttl_s
-        state, attempts, wait_s = await self._write(ledger_sql.ClaimOp(handler, key, token, ttl))
+        state, attempts, wait_s = await self._write((ledger_sql.CLAIM, handler, key, token, ttl))
         return Claim(state, attempts=attempts, wait_s=wait_s)
 
     async def renew(
         self, handler: str, key: str, token: str, *, ttl_s: float | None = None
     ) -> bool:
         ttl = self.claim_ttl_s if ttl_s is None else ttl_s
-        kept: bool = await self._write(ledger_sql.RenewOp(handler, key, token, ttl))
+        kept: bool = await self._write((ledger_sql.RENEW, handler, key, token, ttl))
         return kept
 
     async def release(
         self, handler: str, key: str, token: str, *, forget_attempts: bool = False
     ) -> None:
-        await self._write(ledger_sql.ReleaseOp(handler, key, token, forget_attempts))
+        await self._write((ledger_sql.RELEASE, handler, key, token, float(forget_attempts)))
 
     async def _write(self, op: ledger_sql.Op) -> Any:
         if self._writer is None:
@@ -221,10 +221,13 @@ class SqliteLedger:
     def _send(self, writer: WriterProcess) -> None:
         """Send the pending writes (and the purge when it is due)."""
         pending, self._pending = self._pending, []
-        for start in range(0, len(pending), _REQUEST_MAX_OPS):
-            entries = pending[start : start + _REQUEST_MAX_OPS]
-            answer = writer.request(Write([e.op for e in entries], self.retention_s))
-            answer.add_done_callback(functools.partial(_answered, entries))
+        groups = [
+            pending[start : start + _REQUEST_MAX_OPS]
+            for start in range(0, len(pending), _REQUEST_MAX_OPS)
+        ]
+        answers = writer.send([Write([e.op for e in group], self.retention_s) for group in groups])
+        for group, answer in zip(groups, answers, strict=True):
+            answer.add_done_callback(functools.partial(_answered, group))
         if pending and time.monotonic() >= self._next_purge:
             self._next_purge = time.monotonic() + min(_PURGE_EVERY_S, self.retention_s)
             writer.request(Purge(time.time() - self.retention_s)).add_done_callback(_purged)

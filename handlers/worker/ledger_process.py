@@ -78,15 +78,22 @@ class WriterProcess:
 
     def request(self, request: Request) -> asyncio.Future[Any]:
         """Send ``request``; its future gets the answer (or the error it raised)."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        [future] = self.send([request])
+        return future
+
+    def send(self, requests: list[Request]) -> list[asyncio.Future[Any]]:
+        """Send ``requests`` in one write; a future per request, in order."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in requests]
         proc = self._proc
         if proc is None or proc.stdin is None or proc.stdin.is_closing():
-            future.set_exception(WriterExited("the ledger's writer process is not running"))
+            for future in futures:
+                future.set_exception(WriterExited("the ledger's writer process is not running"))
             self._start_again()
-            return future
-        self._waiting.append(future)
-        proc.stdin.write(encode(request))
-        return future
+            return futures
+        self._waiting.extend(futures)
+        proc.stdin.write(b"".join(encode(request) for request in requests))
+        return futures
 
     async def close(self) -> None:
         """Let the process answer what it was sent, then end it (killed after a bound)."""

@@ -18,10 +18,12 @@ from handlers.worker.replay import list_dead_letters, replay
 from handlers.worker.service import Worker, run_worker
 from schemas.errors import HandlerError, PluginError, RetryLater, SkipEvent
 from schemas.record import header
-from schemas.topics import dlq_topic, retry_topic
+from schemas.topics import dlq_topic, retry_topic, topic_for
 from tests.fixtures.worker import (
+    EVENT_TYPE,
     BusFactory,
     ScriptedHandler,
+    event_record,
     eventually,
     fast_worker_settings,
     ledger_key,
@@ -505,3 +507,32 @@ async def test_a_retry_out_of_order_lets_the_customer_s_later_events_go_first(
     assert [a for e, a in handler.attempts if e == "ev_a1"] == [1, 2]
     assert outcome(registry, "recorder", "retried") == 1
     assert outcome(registry, "recorder", "handled") == 2
+
+
+async def test_deliveries_of_one_event_without_a_key_run_one_after_the_other(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    """Records without a key each get a lane of their own: three deliveries of one event
+    wait for each other in the worker, so the slow first call is the only one, the others
+    are duplicates, and none waited on the ledger's claim (a wait polls every 0.5 s)."""
+    first_call_may_end = asyncio.Event()
+
+    async def slow(event: Event) -> None:
+        await first_call_may_end.wait()
+
+    handler = ScriptedHandler(script=slow)
+    worker = make_worker([handler], bus, ledger, registry, topic_prefix)
+    async with running(worker):
+        for _ in range(3):
+            value, _key, headers = event_record(event_id="ev_nokey", customer_id="c1")
+            await bus.publish(topic_for(topic_prefix, EVENT_TYPE), value, key=None, headers=headers)
+        await eventually(lambda: handler.calls["ev_nokey"] == 1, what="the first call")
+        await asyncio.sleep(0.3)  # the two other deliveries fetched, waiting on the first
+        assert handler.calls["ev_nokey"] == 1
+        first_call_may_end.set()
+        await eventually(
+            lambda: outcome(registry, "recorder", "duplicate") == 2, what="two duplicates"
+        )
+    assert handler.calls["ev_nokey"] == 1
+    assert outcome(registry, "recorder", "handled") == 1
+    assert metric(registry, "pubrelay_handler_claim_waits_total", handler="recorder") == 0
