@@ -144,24 +144,20 @@ class EventProcessor:
                 waited = active[ident.event_id] = asyncio.Event()
             await waited.wait()
         active[ident.event_id] = None
-        try:
-            return await self._unless_done(item, ident)
-        finally:
-            if (waiting := active.pop(ident.event_id)) is not None:
-                waiting.set()
-
-    async def _unless_done(self, item: FetchedRecord, ident: Identity) -> bool | SteppedAside:
-        """The attempts, each under a claim, unless the handler already completed this event."""
         token = f"{self._token_prefix}:{next(self._tokens)}"
         try:
             return await self._attempts(item, ident, token)
         except BaseException:  # cancelled (shutdown bound): let the next owner start at once
             await self._release(ident, token)
             raise
+        finally:
+            if (waiting := active.pop(ident.event_id)) is not None:
+                waiting.set()
 
     async def _attempts(
         self, item: FetchedRecord, ident: Identity, token: str
     ) -> bool | SteppedAside:
+        """The attempts, each under a claim, unless the handler already completed this event."""
         loop = asyncio.get_running_loop()
         event = to_event(item.message, ident)
         first_failed_at: str | None = None
