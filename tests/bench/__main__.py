@@ -18,14 +18,13 @@ before and after chunking; see retention.py), memory and backlog (RSS of `pubrel
 under a steady load vs its idle RSS, and of `pubrelay worker` draining a backlog of a
 million records; see memory.py).
 Environment: BENCH_SECONDS (per load run, default 8), BENCH_CONNECTIONS (default 64),
-BENCH_WORKER_EVENTS (default 5000), BENCH_E2E_RATE (the e2e section's open-loop
-deliveries per second, default 200), BENCH_E2E_EVENTS (its closed-loop run, default 2000),
-BENCH_ATTACK_RATE (legitimate deliveries per second in the attack section, default 200),
-BENCH_RETENTION_ROWS (default 2000000), BENCH_RETENTION_VALUE_BYTES (default 512),
-BENCH_MEMORY_RATE (default 200), BENCH_BACKLOG_EVENTS (default 1000000),
+BENCH_WORKER_EVENTS (default 30000: about 2 s per worker run), BENCH_E2E_RATE (the e2e
+section's open-loop deliveries per second, default 200), BENCH_E2E_EVENTS (its closed-loop
+run, default 2000), BENCH_ATTACK_RATE (legitimate deliveries per second in the attack
+section, default 200), BENCH_RETENTION_ROWS (default 2000000), BENCH_RETENTION_VALUE_BYTES
+(default 512), BENCH_MEMORY_RATE (default 200), BENCH_BACKLOG_EVENTS (default 1000000),
 BENCH_BACKLOG_MAX_S (default 600). ``--short`` sets them all tiny (SHORT_SIZES below)
-unless set: what the suite runs (tests/e2e/test_bench_short.py).
-"""
+unless set: what the suite runs (tests/e2e/test_bench_short.py)."""
 
 from __future__ import annotations
 
@@ -59,7 +58,7 @@ from tests.fixtures.process import free_port, pubrelay_bin
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
-WORKER_EVENTS = int(os.environ.get("BENCH_WORKER_EVENTS", "5000"))
+WORKER_EVENTS = int(os.environ.get("BENCH_WORKER_EVENTS", "30000"))
 E2E_EVENTS = int(os.environ.get("BENCH_E2E_EVENTS", "2000"))
 ATTACK_RATE = float(os.environ.get("BENCH_ATTACK_RATE", "200"))
 INTAKE_P99_TARGET_MS = 25.0  # issue 13's targets
