@@ -133,6 +133,10 @@ class WriterProcess:
                     future.set_exception(value)
         except asyncio.IncompleteReadError:
             pass  # the process ended (closed by us, or not)
+        except Exception as err:  # an answer we cannot read: a new process starts afresh
+            log.error("ledger_writer_unreadable", error_type=type(err).__name__, error=str(err))
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
         finally:
             code = await proc.wait()
             if self._proc is proc:

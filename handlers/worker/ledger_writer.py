@@ -54,6 +54,10 @@ transaction is made (larger groups made the worker's loop wait longer for each).
 
 _READ_SIZE: Final = 1 << 20
 
+_READ_MAX_REQUESTS: Final = 16
+"""Requests read before serving them, at most (while more keep arriving): a few
+transactions' worth, so answers never wait for a stream of requests to pause."""
+
 
 class Open(NamedTuple):
     """Connect to ``path`` (created by the worker with mode 0600), create the tables."""
@@ -163,15 +167,20 @@ def _read_requests(fd: int, buffer: bytearray) -> list[Request] | None:
     """The complete requests available (waiting for at least one); None at end of input."""
     requests: list[Request] = []
     while True:
-        while len(buffer) >= HEADER.size:
-            (length,) = HEADER.unpack_from(buffer)
-            end = HEADER.size + length
+        start = 0
+        while len(buffer) - start >= HEADER.size:
+            (length,) = HEADER.unpack_from(buffer, start)
+            end = start + HEADER.size + length
             if len(buffer) < end:
                 break
-            requests.append(pickle.loads(buffer[HEADER.size : end]))  # noqa: S301 - see above
-            del buffer[:end]
-        if requests and not select.select([fd], [], [], 0)[0]:
-            return requests  # nothing more waiting: serve these now
+            data = buffer[start + HEADER.size : end]
+            requests.append(pickle.loads(data))  # noqa: S301 - the worker's own pipe (see above)
+            start = end
+        del buffer[:start]  # once per read, not once per request
+        if requests and (
+            len(requests) >= _READ_MAX_REQUESTS or not select.select([fd], [], [], 0)[0]
+        ):
+            return requests  # nothing more waiting (or enough): serve these now
         chunk = os.read(fd, _READ_SIZE)
         if not chunk:
             return requests or None
