@@ -20,9 +20,10 @@ pickle; both ends are pubrelay's own, over a pipe no one else holds.
   other while the worker's loop goes on; each answer is sent as soon as its commit returns.
   One transaction's failure fails each request in it.
 * **Lifetime.** It ends when its input closes: the worker closing the ledger, or the worker
-  gone (killed included), after answering what it read. SIGINT and SIGTERM are ignored: a
-  Ctrl-C reaches the whole process group, and the worker's shutdown still needs to record
-  its last completions here.
+  gone (killed included), after making every write it was sent (a completion the worker
+  sent before a SIGKILL is recorded) and answering them while someone reads. SIGINT and
+  SIGTERM are ignored: a Ctrl-C reaches the whole process group, and the worker's shutdown
+  still needs to record its last completions here.
 
 It imports the standard library, :mod:`bus.sqlite.connection` and
 :mod:`handlers.worker.ledger_sql` only (about 16 MB; open in about 70 ms).
@@ -187,27 +188,34 @@ def _read_requests(fd: int, buffer: bytearray) -> list[Request] | None:
         buffer += chunk
 
 
-def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
-    """Answer requests from ``stdin`` on ``stdout`` until ``stdin`` ends."""
+def serve(stdin: BinaryIO, stdout: BinaryIO) -> bool:
+    """Answer requests from ``stdin`` on ``stdout`` until ``stdin`` ends; True when no one
+    was reading ``stdout`` any more (the worker gone: what it sent is made all the same)."""
+    gone = False
 
     def out(data: bytes) -> None:
-        stdout.write(data)
-        stdout.flush()
+        nonlocal gone
+        if gone:
+            return
+        try:
+            stdout.write(data)
+            stdout.flush()
+        except BrokenPipeError:
+            gone = True
 
     writer = _Writer(out)
     fd = stdin.fileno()
     buffer = bytearray()
     while (requests := _read_requests(fd, buffer)) is not None:
         writer.serve(requests)
+    return gone
 
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        serve(sys.stdin.buffer, sys.stdout.buffer)
-    except BrokenPipeError:  # the worker is gone: no one to answer (what was made is made)
-        os._exit(0)
+    if serve(sys.stdin.buffer, sys.stdout.buffer):
+        os._exit(0)  # answers left in the buffer have no reader: do not flush them at exit
 
 
 if __name__ == "__main__":

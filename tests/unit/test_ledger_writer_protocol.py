@@ -3,8 +3,10 @@ requests split across reads, answered in order, one per request, errors as answe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -78,3 +80,26 @@ def test_a_request_that_fails_is_answered_with_its_error_and_the_next_ones_are_s
     assert [ok for ok, _ in got] == [False, True, True]
     assert "not opened" in str(got[0][1])
     assert got[2][1] == [("claimed", 1, 0.0)]
+
+
+def test_writes_sent_before_the_worker_died_are_all_made(tmp_path: Path) -> None:
+    """The worker killed: no one reads the answers, and every write it sent still lands."""
+    path = tmp_path / "l.sqlite3"
+    keys = [f"k{n}" for n in range(600)]
+    stream = [encode(Open(str(path), 5.0))] + [
+        encode(Write([(ledger_sql.DONE, "email", key, "", 0.0) for key in keys[i : i + 60]], 3600))
+        for i in range(0, len(keys), 60)
+    ]
+    request_read, request_write = os.pipe()
+    answer_read, answer_write = os.pipe()
+    os.close(answer_read)  # the worker is gone
+    os.write(request_write, b"".join(stream))
+    os.close(request_write)
+    # Unbuffered: nothing left to flush at close (the process itself exits without flushing).
+    with (
+        open(request_read, "rb", buffering=0) as stdin,
+        open(answer_write, "wb", buffering=0) as stdout,
+    ):
+        assert serve(stdin, stdout) is True
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (600,)
