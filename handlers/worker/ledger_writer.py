@@ -2,9 +2,9 @@
 
 Why a process: a writer thread shares the interpreter lock with the worker's event loop.
 It gives the lock up around every SQLite call and, while the loop runs Python, waits to
-take it back, so its commits took 3 to 4 times as long as alone and the loop waited for them;
-what the thread did in Python (encoding a group's rows, reading the answers) was the loop's
-time too. A process commits on the other core, at the speed it has alone
+take it back, so its commits took 2 to 4 times as long as alone and the loop waited for
+them; what the thread did in Python (encoding a group's rows, reading the answers) was the
+loop's time too. A process commits on the other core, at the speed it has alone
 (docs/performance.md, "The ledger's writer process").
 
 It owns the file's one write connection (opened as every connection is:
@@ -25,8 +25,9 @@ pickle; both ends are pubrelay's own, over a pipe no one else holds.
   SIGTERM are ignored: a Ctrl-C reaches the whole process group, and the worker's shutdown
   still needs to record its last completions here.
 
-It imports the standard library, :mod:`bus.sqlite.connection` and
-:mod:`handlers.worker.ledger_sql` only (about 16 MB; open in about 70 ms).
+It imports the standard library, :mod:`bus.sqlite.connection`,
+:mod:`handlers.worker.ledger_sql` and :mod:`schemas.errors` only (about 16 MB; open in
+about 70 ms).
 """
 
 from __future__ import annotations
