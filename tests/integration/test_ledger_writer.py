@@ -16,12 +16,11 @@ from prometheus_client import CollectorRegistry
 from bus.types import Bus
 from handlers.worker.ledger import SqliteLedger
 from handlers.worker.ledger_process import WriterExited
-from handlers.worker.service import Worker
 from tests.fixtures.worker import (
     ScriptedHandler,
     eventually,
-    fast_worker_settings,
     ledger_key,
+    make_worker,
     publish_event,
     running,
 )
@@ -51,14 +50,7 @@ async def test_a_killed_writer_is_replaced_and_every_event_is_handled_once(
             os.kill(pid, signal.SIGKILL)  # while the other lanes claim and complete
 
     handler = ScriptedHandler(script=kill_the_writer_at_the_50th)
-    worker = Worker(
-        [handler],
-        bus=bus,
-        ledger=ledger,
-        settings=fast_worker_settings(group_prefix=topic_prefix),
-        topic_prefix=topic_prefix,
-        metrics_registry=CollectorRegistry(),
-    )
+    worker = make_worker(handler, bus, ledger, CollectorRegistry(), topic_prefix)
     events = [f"ev_{n}" for n in range(150)]
     try:
         with structlog.testing.capture_logs() as logs:

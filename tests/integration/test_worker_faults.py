@@ -34,6 +34,7 @@ from tests.fixtures.worker import (
     ScriptedHandler,
     eventually,
     fast_worker_settings,
+    make_worker,
     metric,
     outcome,
     publish_event,
@@ -48,24 +49,6 @@ def _serialisable(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict
     """Fail a log call the way the production JSON renderer (msgspec) would."""
     _json.encode(event_dict)
     return event_dict
-
-
-def make_worker(
-    handler: ScriptedHandler,
-    bus: Bus,
-    ledger: Ledger,
-    registry: CollectorRegistry,
-    prefix: str,
-    **settings: Any,
-) -> Worker:
-    return Worker(
-        [handler],
-        bus=bus,
-        ledger=ledger,
-        settings=fast_worker_settings(group_prefix=prefix, **settings),
-        topic_prefix=prefix,
-        metrics_registry=registry,
-    )
 
 
 async def assert_nothing_redelivered(bus: Bus, ledger: Ledger, prefix: str) -> None:

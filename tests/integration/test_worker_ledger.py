@@ -18,14 +18,13 @@ from bus.types import Bus
 from handlers.config import LedgerSettings
 from handlers.worker.lease import ClaimLost, Lease
 from handlers.worker.ledger import Ledger, RedisLedger, SqliteLedger, create_ledger
-from handlers.worker.service import Worker
 from tests.fixtures.redis import free_port, start_redis, stop_redis
 from tests.fixtures.samples import sample_publication_event
 from tests.fixtures.worker import (
     ScriptedHandler,
     eventually,
-    fast_worker_settings,
     ledger_key,
+    make_worker,
     metric,
     outcome,
     publish_event,
@@ -153,14 +152,7 @@ async def test_the_worker_deduplicates_through_the_redis_ledger(
     await ledger.open()
     handler = ScriptedHandler()
     registry = CollectorRegistry()
-    worker = Worker(
-        [handler],
-        bus=bus,
-        ledger=ledger,
-        settings=fast_worker_settings(group_prefix=topic_prefix),
-        topic_prefix=topic_prefix,
-        metrics_registry=registry,
-    )
+    worker = make_worker(handler, bus, ledger, registry, topic_prefix)
     try:
         async with running(worker):
             for n in range(10):
@@ -183,14 +175,7 @@ async def test_while_the_ledger_is_down_no_handler_runs_and_the_worker_waits_for
     await ledger.open()
     handler = ScriptedHandler()
     registry = CollectorRegistry()
-    worker = Worker(
-        [handler],
-        bus=bus,
-        ledger=ledger,
-        settings=fast_worker_settings(group_prefix=topic_prefix),
-        topic_prefix=topic_prefix,
-        metrics_registry=registry,
-    )
+    worker = make_worker(handler, bus, ledger, registry, topic_prefix)
     server = None
     try:
         async with running(worker):
@@ -403,14 +388,7 @@ async def test_the_webhook_event_and_the_reconciled_event_of_one_publication_act
         envelope["data"]["publication"]["id"] = publication_id
         return json.dumps(envelope).encode()
 
-    worker = Worker(
-        [handler],
-        bus=bus,
-        ledger=ledger,
-        settings=fast_worker_settings(group_prefix=topic_prefix),
-        topic_prefix=topic_prefix,
-        metrics_registry=registry,
-    )
+    worker = make_worker(handler, bus, ledger, registry, topic_prefix)
     async with running(worker):
         for event_id, publication_id in [
             ("evcus_1", "pub_1"),

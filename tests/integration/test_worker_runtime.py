@@ -15,7 +15,7 @@ from handlers.config import HandlersSettings, LedgerSettings
 from handlers.types import Event
 from handlers.worker.ledger import Ledger
 from handlers.worker.replay import list_dead_letters, replay
-from handlers.worker.service import Worker, run_worker
+from handlers.worker.service import run_worker
 from schemas.errors import HandlerError, PluginError, RetryLater, SkipEvent
 from schemas.record import header
 from schemas.topics import dlq_topic, retry_topic, topic_for
@@ -27,30 +27,13 @@ from tests.fixtures.worker import (
     eventually,
     fast_worker_settings,
     ledger_key,
+    make_worker,
     metric,
     outcome,
     publish_event,
     read_all,
     running,
 )
-
-
-def make_worker(
-    handlers: list[ScriptedHandler],
-    bus: Bus,
-    ledger: Ledger,
-    registry: CollectorRegistry,
-    prefix: str,
-    **settings: object,
-) -> Worker:
-    return Worker(
-        handlers,
-        bus=bus,
-        ledger=ledger,
-        settings=fast_worker_settings(group_prefix=prefix, **settings),
-        topic_prefix=prefix,
-        metrics_registry=registry,
-    )
 
 
 async def test_each_effect_happens_once_despite_redelivered_duplicates(
