@@ -1,5 +1,5 @@
 """The SQLite ledger's writer process: replaced when it dies, deaf to Ctrl-C, gone with
-the worker (handlers/worker/ledger_writer.py, ledger_process.py)."""
+the worker (handlers/worker/ledger_writer.py, bus/sqlite/writer_process.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
+from bus.sqlite.writer_process import WriterExited
 from bus.types import Bus
 from handlers.worker.ledger import SqliteLedger
-from handlers.worker.ledger_process import WriterExited
+from tests.fixtures.process import ROOT, ended
 from tests.fixtures.worker import (
     ScriptedHandler,
     eventually,
@@ -24,17 +25,6 @@ from tests.fixtures.worker import (
     publish_event,
     running,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def ended(pid: int) -> bool:
-    """Whether process ``pid`` is gone or a zombie (ended, not yet reaped)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in status
 
 
 async def test_a_killed_writer_is_replaced_and_every_event_is_handled_once(
