@@ -1,28 +1,28 @@
 """The webhook's own HTTP/1.1 layer, in front of aiohttp.
 
 Why: aiohttp's request and response machinery costs ~45 µs of server CPU per request,
-where ``httptools`` (llhttp, the parser aiohttp wraps too) behind a bare protocol costs
-~9 µs; that difference is most of what kept the intake under half the speed of a bare
-aiohttp handler (docs/performance.md, "What the remaining targets need").
+where ``httptools`` (llhttp, the parser aiohttp wraps too) behind a bare protocol costs ~9
+µs; that difference is most of what kept the intake under half the speed of a bare aiohttp
+handler (docs/performance.md, "What the remaining targets need").
 
 What it serves, and what it hands over. Each connection starts here. A request is served
 here only in the one shape Voucherify sends: ``POST <webhook path>`` over HTTP/1.0 or 1.1,
 one ``Content-Length`` (at most ``LARGE_BODY_BYTES``, within ``max_body_bytes``), no
 ``Transfer-Encoding``, ``Expect`` or ``Upgrade``, headers within the configured limits,
-and its body complete within ``body_read_timeout_s``. Anything else (other routes, the
-console, chunked or large bodies, a body still arriving at its deadline, a malformed or
-oversized head) hands the connection to aiohttp from that request's first byte on: the
-bytes not yet served go to an aiohttp request handler that takes the transport over, and
-aiohttp's own guards apply (413, 408, lingering, the body caps). A connection never comes
-back. Requests are delimited by ``Content-Length`` only, so the bytes handed over start
-exactly where aiohttp's parser expects a request: the two parsers never disagree on where
-one ends.
+and its body arrived whole with its head. Anything else (other routes, the console,
+chunked or large bodies, a body still arriving, a malformed or oversized head) hands the
+connection to aiohttp from that request's first byte on: the bytes not yet served go to an
+aiohttp request handler that takes the transport over, and aiohttp's own guards apply
+(413, 408, lingering, the body caps). A connection never comes back. Requests are
+delimited by ``Content-Length`` only, so the bytes handed over start exactly where
+aiohttp's parser expects a request: the two parsers never disagree on where one ends.
 
-Bounds: a head must complete within ``keepalive_timeout_s`` of the connection's opening
-or its previous answer (then the connection is closed), and fit in ``max_headers`` lines
-of ``max_header_bytes`` each; a connection holds one request's bytes plus what arrives
-while it is answered (reading pauses past that). One request per connection at a time,
-answered in order (pipelining).
+Bounds: a head must complete within ``keepalive_timeout_s`` of the connection's opening or
+its previous answer (then the connection is closed), and fit in ``max_headers`` lines of
+``max_header_bytes`` each; a request whose body has not arrived whole with its head is
+handed over (aiohttp reads it with its deadline and its caps); a connection holds one
+request's bytes plus what arrives while it is answered (reading pauses past that). One
+request per connection at a time, answered in order (pipelining).
 """
 
 from __future__ import annotations
@@ -99,7 +99,6 @@ class WebhookServer:
         self.aiohttp_server = aiohttp_server
         self.path = path.encode("ascii")
         self.keepalive_timeout_s = http.keepalive_timeout_s
-        self.body_timeout_s = http.body_read_timeout_s
         self.max_body = min(http.max_body_bytes, LARGE_BODY_BYTES)
         self.max_headers = http.max_headers
         self.max_field = http.max_header_bytes
@@ -160,10 +159,9 @@ class Connection(asyncio.Protocol):
         self._parser: Any = None
         self._remote: str | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._body_timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._closed = False
-        self._head: tuple[int, CIMultiDict[str], int, bool] | None = None  # a body arriving
+        self._scanned = 0  # bytes of the buffer already searched for the head's end
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -188,7 +186,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._cancel_timers()
+        self._cancel_idle_timer()
         self.server.connections.discard(self)
 
     # -- serving ------------------------------------------------------------------------
@@ -197,29 +195,28 @@ class Connection(asyncio.Protocol):
         """Serve the next whole request in the buffer, or hand the connection over."""
         server = self.server
         buffer = self._buffer
-        if self._head is None:
-            head_end = buffer.find(_HEAD_END, 0, server.max_head)
-            if head_end < 0:
-                if len(buffer) >= server.max_head:
-                    self._hand_over()  # aiohttp refuses the head
-                return
-            parsed = self._parse_head(bytes(buffer[: head_end + 4]))
-            if parsed is None:
-                self._hand_over()
-                return
-            self._head = (head_end + 4, *parsed)
-        head_size, fields, length, keep_alive = self._head
+        # From where the last look ended: a head sent a byte at a time is scanned once.
+        head_end = buffer.find(_HEAD_END, max(0, self._scanned - 3), server.max_head)
+        if head_end < 0:
+            self._scanned = len(buffer)
+            if len(buffer) >= server.max_head:
+                self._hand_over()  # aiohttp refuses the head
+            return
+        self._scanned = 0
+        head_size = head_end + 4
+        parsed = self._parse_head(bytes(buffer[:head_size]))
+        if parsed is None:
+            self._hand_over()
+            return
+        fields, length, keep_alive = parsed
         end = head_size + length
-        if len(buffer) < end:  # the body is still arriving
-            if self._body_timer is None:
-                self._cancel_idle_timer()
-                loop = asyncio.get_running_loop()
-                self._body_timer = loop.call_later(server.body_timeout_s, self._hand_over)
+        if len(buffer) < end:
+            # The body is still arriving: aiohttp's guarded way (its deadline, its caps).
+            self._hand_over()
             return
         body = bytes(buffer[head_size:end])
         del buffer[:end]
-        self._head = None
-        self._cancel_timers()
+        self._cancel_idle_timer()
         try:
             self._parser.feed_data(body)  # completes the message: the parser's next one starts
         except httptools.HttpParserError:
@@ -293,7 +290,7 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._closed or transport.is_closing():
             return
-        self._cancel_timers()
+        self._cancel_idle_timer()
         self.server.connections.discard(self)
         data = bytes(self._buffer)
         self._buffer.clear()
@@ -321,12 +318,6 @@ class Connection(asyncio.Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-
-    def _cancel_timers(self) -> None:
-        self._cancel_idle_timer()
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
 
     def close_if_idle(self) -> None:
         """Close the connection unless a request is being answered."""
