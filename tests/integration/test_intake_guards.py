@@ -16,10 +16,9 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from bus.sqlite import SqliteBus
-from consumer.app import INTAKE, runner_options
+from consumer.app import runner_options
 from consumer.config import HttpSettings
-from consumer.http1 import WebhookServer
-from tests.fixtures.app import event_body, read_topic, signed_headers
+from tests.fixtures.app import Front, event_body, read_topic, signed_headers
 
 URL = "/webhooks/voucherify"
 TOPIC = "voucherify.customer.publication.succeeded"
@@ -30,32 +29,6 @@ LINGERING_S = 1.0  # production's 5 s, shortened to keep the suite fast
 
 MakeApp = Callable[..., tuple[web.Application, CollectorRegistry]]
 ServerFactory = Callable[..., Awaitable[TestServer]]
-
-
-class Front:
-    """The app behind the webhook's own HTTP layer (consumer/http1.py), as production
-    serves it: aiohttp gets every connection that layer hands over."""
-
-    def __init__(self, app: web.Application, http: HttpSettings, lingering_s: float) -> None:
-        self.app = app
-        self.http = http
-        self.lingering_s = lingering_s
-        self.port: int | None = None
-
-    async def start(self) -> None:
-        self.runner = web.AppRunner(
-            self.app, access_log=None, **runner_options(self.http, lingering_s=self.lingering_s)
-        )
-        await self.runner.setup()
-        assert self.runner.server is not None
-        self.front = WebhookServer(self.app[INTAKE], self.runner.server, path=URL, http=self.http)
-        self.listener = await asyncio.get_running_loop().create_server(self.front, "127.0.0.1", 0)
-        self.port = self.listener.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        self.listener.close()
-        await self.front.shutdown(1.0)
-        await self.runner.cleanup()
 
 
 @dataclass
@@ -95,7 +68,7 @@ async def serve(
         app, registry = make_app(sqlite_bus, http=http)
         settings = HttpSettings.model_validate(http)
         if request.param == "front":
-            front = Front(app, settings, LINGERING_S)
+            front = Front(app, settings, lingering_s=LINGERING_S)
             await front.start()
             fronts.append(front)
             return Served(front, registry, settings)
