@@ -3,7 +3,7 @@
 Why: aiohttp's request and response machinery costs ~45 µs of server CPU per request,
 where ``httptools`` (llhttp, the parser aiohttp wraps too) behind a bare protocol costs ~9
 µs; that difference is most of what kept the intake under half the speed of a bare aiohttp
-handler (docs/performance.md, "What the remaining targets need").
+handler (docs/performance.md, "The webhook's own HTTP layer").
 
 What it serves, and what it hands over. Each connection starts here. A request is served
 here only in the one shape Voucherify sends: ``POST <webhook path>`` over HTTP/1.0 or 1.1,

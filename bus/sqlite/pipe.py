@@ -6,7 +6,7 @@ started by :class:`bus.sqlite.writer_process.WriterProcess`. Why a process: a wr
 shares the interpreter lock with the event loop. It gives the lock up around every SQLite
 call and, while the loop runs Python, waits to take it back; each hand-over costs both
 threads, and the loop pays for the thread's Python too (docs/performance.md, "The
-ledger's writer process" and "The bus's writer process").
+ledger's writer process" and "The webhook's own HTTP layer").
 
 The process reads requests on its standard input and answers each one on its standard
 output, in the order they came. Each message is a 4-byte big-endian length and a pickle;

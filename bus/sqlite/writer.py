@@ -3,9 +3,9 @@
 It owns the bus file's one write connection (opened as every connection is:
 :mod:`bus.sqlite.connection`) and answers :class:`bus.sqlite.log.SqliteBus`'s requests over
 a pipe (:mod:`bus.sqlite.pipe`: the framing, the loop, the lifetime, and why a process).
-The intake's process spends a third less CPU per request than with the writer on a
-thread, and answers more requests at a lower p99 (docs/performance.md, "The bus's writer
-process").
+On a thread, its SQLite work and its hand-overs of the interpreter lock were a third of
+the intake's time once the HTTP layer no longer hid them (docs/performance.md, "The
+webhook's own HTTP layer").
 
 * Requests: :class:`Open` (connect, create the tables), :class:`Append` (records),
   :class:`Retain` (one step of a retention pass), :class:`Ping`.
