@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 
 _HEAD_END: Final = b"\r\n\r\n"
 _SERVER: Final = b"Server: pubrelay\r\n"
+_MAX_ANSWERS: Final = 256
+"""Distinct answers kept built (there are a few dozen: the outcomes, the quarantine reasons)."""
 _REASONS: Final = {
     202: b"Accepted",
     400: b"Bad Request",
@@ -107,16 +109,27 @@ class WebhookServer:
         self.tasks: set[asyncio.Task[None]] = set()
         self._date = b""
         self._date_at = 0
-        self._answers: dict[tuple[Answer, bool], tuple[bytes, bytes]] = {}
+        self._answers: dict[tuple[object, ...], tuple[bytes, bytes]] = {}
 
     def __call__(self) -> Connection:
         return Connection(self)
 
     def answer_bytes(self, answer: Answer, keep_alive: bool) -> bytes:
-        """The answer as written: its head and body are built once per distinct answer."""
-        parts = self._answers.get((answer, keep_alive))
+        """The answer as written: its head and body are built once per distinct answer
+        (what is written of it: an answer's ``error`` is logged, not sent)."""
+        key = (
+            answer.status,
+            answer.outcome,
+            answer.reason,
+            answer.message,
+            answer.retry_after,
+            answer.close or not keep_alive,
+        )
+        parts = self._answers.get(key)
         if parts is None:
-            parts = self._answers[(answer, keep_alive)] = _answer_parts(answer, keep_alive)
+            if len(self._answers) >= _MAX_ANSWERS:
+                self._answers.clear()
+            parts = self._answers[key] = _answer_parts(answer, keep_alive)
         now = int(time.time())
         if now != self._date_at:
             self._date_at = now
