@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import email.utils
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
@@ -341,6 +340,3 @@ class Connection(asyncio.Protocol):
         if self._transport is not None:
             with contextlib.suppress(Exception):
                 self._transport.abort()
-
-
-ProtocolFactory = Callable[[], asyncio.Protocol]
