@@ -8,14 +8,13 @@ import contextlib
 import os
 import signal
 import sqlite3
-import sys
 from pathlib import Path
 
 import structlog
 
 from bus.sqlite import SqliteBus
 from schemas.errors import BusUnavailable
-from tests.fixtures.process import ROOT, ended
+from tests.fixtures.process import child_ends_with_its_parent, ended
 from tests.fixtures.worker import eventually
 
 TOPIC = "p.events"
@@ -96,14 +95,4 @@ async def test_the_writer_ends_with_a_process_killed_outright(tmp_path: Path) ->
         "    await asyncio.sleep(60)\n"
         "asyncio.run(main())\n"
     )
-    owner = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, cwd=ROOT, stdout=asyncio.subprocess.PIPE
-    )
-    try:
-        assert owner.stdout is not None
-        writer_pid = int(await asyncio.wait_for(owner.stdout.readline(), 20))
-        assert not ended(writer_pid)
-    finally:
-        owner.kill()
-        await asyncio.wait_for(owner.wait(), 10)
-    await eventually(lambda: ended(writer_pid), timeout_s=10, what="the writer's exit")
+    await child_ends_with_its_parent(script)

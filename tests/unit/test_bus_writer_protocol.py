@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import sqlite3
 import threading
 import time
@@ -14,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from bus.sqlite import pipe
-from bus.sqlite.pipe import HEADER, encode
+from bus.sqlite.pipe import encode
 from bus.sqlite.retention import RetentionPass
 from bus.sqlite.schema import encode_headers
 from bus.sqlite.writer import Append, Open, Ping, Retain, Row, _Writer
+from tests.fixtures.process import decode_answers
 
 
 def served(stream: list[bytes]) -> list[tuple[bool, Any]]:
@@ -32,13 +32,7 @@ def served(stream: list[bytes]) -> list[tuple[bool, Any]]:
         server.join(10)
         assert not server.is_alive()
     with open(answer_read, "rb") as out:
-        data = out.read()
-    answers = []
-    while data:
-        (length,) = HEADER.unpack_from(data)
-        answers.append(pickle.loads(data[HEADER.size : HEADER.size + length]))
-        data = data[HEADER.size + length :]
-    return answers
+        return decode_answers(out.read())
 
 
 def row(value: bytes) -> Row:
