@@ -127,23 +127,22 @@ class _Writer:
 
     def serve(self, requests: list[Request]) -> None:  # pipe.Server
         """Answer ``requests`` in order; consecutive appends share one transaction (up to
-        :data:`GROUP_MAX_ROWS` records): the group commit."""
-        answers: list[bytes] = []
+        :data:`GROUP_MAX_ROWS` records): the group commit. Each transaction's answers go
+        as soon as it is committed."""
         group: list[Append] = []
         rows = 0
         for request in requests:
             if isinstance(request, Append):
                 if group and rows + len(request.rows) > GROUP_MAX_ROWS:
-                    answers += self._append(group)
+                    self._out(b"".join(self._append(group)))
                     group, rows = [], 0
                 group.append(request)
                 rows += len(request.rows)
                 continue
-            answers += self._append(group)
+            self._out(b"".join([*self._append(group), self._answer(request)]))
             group, rows = [], 0
-            answers.append(self._answer(request))
-        answers += self._append(group)
-        self._out(b"".join(answers))
+        if group:
+            self._out(b"".join(self._append(group)))
 
     def _append(self, group: list[Append]) -> list[bytes]:
         if not group:
