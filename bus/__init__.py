@@ -1,8 +1,9 @@
 """The transport: one ``Bus`` protocol, a Kafka implementation and the embedded SQLite log.
 
 The package's names load on first use (:func:`__getattr__`): a process that needs one of
-its modules loads no more than that one. The ledger's writer process
-(:mod:`handlers.worker.ledger_writer`) imports only :mod:`bus.sqlite.connection`.
+its modules loads no more than that one: the writer processes of the embedded bus
+(:mod:`bus.sqlite.writer`) and of the ledger (:mod:`handlers.worker.ledger_writer`) import a
+few small modules of :mod:`bus.sqlite`.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ class Answer:
 
     def response(self) -> web.Response:
         response = web.Response(
-            body=_json_body(self.outcome, self.reason, self.message),
+            body=json_body(self.outcome, self.reason, self.message),
             status=self.status,
             headers={"Content-Type": "application/json; charset=utf-8"},
         )
@@ -58,7 +58,7 @@ class Answer:
 
 
 @functools.lru_cache(maxsize=256)
-def _json_body(outcome: str, reason: str | None, message: str | None) -> bytes:
+def json_body(outcome: str, reason: str | None, message: str | None) -> bytes:
     """The JSON body of an answer; built once per distinct answer (a small, fixed set)."""
     body = {"status": outcome}
     if reason is not None:

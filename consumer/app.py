@@ -22,6 +22,10 @@ from consumer.observer import IntakeObserver
 from consumer.signature import Verifier
 from consumer.webhook import Intake
 
+INTAKE: Final = web.AppKey("intake", Intake)
+"""The webhook application's :class:`Intake` (its own HTTP layer serves it too:
+:mod:`consumer.http1`)."""
+
 CONSOLE_PREFIX: Final = "/console/"
 """Where the operator console is mounted (``pubrelay/console/app.py``)."""
 
@@ -59,6 +63,7 @@ def create_app(
         observer=observer,
     )
     app = web.Application(client_max_size=http.max_body_bytes)
+    app[INTAKE] = intake
     app.router.add_post(webhook.path, intake.receive)
     _add_ops_routes(app, bus, registry, metrics.bus_errors.labels("ping"))
     if console is not None:

@@ -14,10 +14,11 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import structlog
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from bus.types import Bus
 from consumer.answers import (
@@ -109,6 +110,16 @@ class RequestLine:
         return fields
 
 
+class RequestView(Protocol):
+    """What the intake reads of a request: aiohttp's, or the webhook's own HTTP layer's."""
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def remote(self) -> str | None: ...
+
+
 class Intake:
     """The webhook endpoint and its dependencies (one per application)."""
 
@@ -169,6 +180,26 @@ class Intake:
         except Exception:  # a bug must still answer, count and log
             log.exception("webhook_request_failed", **line.fields())
             answer = INTERNAL_ERROR
+        self._done(request, line, answer, started)
+        return answer.response()
+
+    async def receive_whole(self, request: RequestView, body: bytes) -> Answer:
+        """The same for a request whose body was received whole by the webhook's own HTTP
+        layer (:mod:`consumer.http1`), which writes the answer."""
+        started = time.perf_counter()
+        line = RequestLine(_request_id(request))
+        try:
+            answer = self._check_source(request) or await self._answer_body(request, body, line)
+        except Exception:  # a bug must still answer, count and log
+            log.exception("webhook_request_failed", **line.fields())
+            answer = INTERNAL_ERROR
+        self._done(request, line, answer, started)
+        return answer
+
+    def _done(
+        self, request: RequestView, line: RequestLine, answer: Answer, started: float
+    ) -> None:
+        """Count and log the request once, and tell the observer."""
         elapsed_s = time.perf_counter() - started
         self.metrics.count_request(answer.outcome, elapsed_s)
         emit = log.info if answer.status < 500 else log.warning
@@ -190,7 +221,6 @@ class Intake:
                 status=answer.status,
                 outcome=answer.outcome,
             )
-        return answer.response()
 
     async def _answer(self, request: web.Request, line: RequestLine) -> Answer:
         """The steps in order; the first that refuses the request answers it."""
@@ -199,6 +229,10 @@ class Intake:
         body = await self._read_body(request)
         if isinstance(body, Answer):
             return body
+        return await self._answer_body(request, body, line)
+
+    async def _answer_body(self, request: RequestView, body: bytes, line: RequestLine) -> Answer:
+        """The steps after the body was read."""
         if (refused := self._check_signature(request, body)) is not None:
             return refused
         # classify() drops the decoded envelope before it returns: what stays alive across
@@ -207,7 +241,7 @@ class Intake:
         line.record, line.body = record, body
         return await self._publish(record, body, request, line)
 
-    def _check_source(self, request: web.Request) -> Answer | None:
+    def _check_source(self, request: RequestView) -> Answer | None:
         """403 unless the client's address is in the allowlist (when one is set)."""
         if not self.source.enabled:
             return None
@@ -244,7 +278,7 @@ class Intake:
             )
         return Answer(400, "bad_request", body.detail)
 
-    def _check_signature(self, request: web.Request, body: bytes) -> Answer | None:
+    def _check_signature(self, request: RequestView, body: bytes) -> Answer | None:
         """401 unless the body carries a valid signature (or unsigned requests are allowed)."""
         if self.settings.allow_unsigned:
             return None
@@ -262,7 +296,7 @@ class Intake:
             error=NOT_NORMALISED if verdict is Verdict.NOT_NORMALISED else None,
         )
 
-    def _build_record(self, request: web.Request, body: bytes) -> Record:
+    def _build_record(self, request: RequestView, body: bytes) -> Record:
         """Classify the verified body and build its record: routed, or quarantined."""
         decision = classify(
             body,
@@ -283,7 +317,7 @@ class Intake:
     def _quarantine_record(
         self,
         decision: Quarantined,
-        request: web.Request,
+        request: RequestView,
         received_at: bytes,
         routed: Routed | None = None,
     ) -> Record:
@@ -313,7 +347,7 @@ class Intake:
         )
 
     async def _publish(
-        self, record: Record, body: bytes, request: web.Request, line: RequestLine
+        self, record: Record, body: bytes, request: RequestView, line: RequestLine
     ) -> Answer:
         """Publish the record; 202 once the bus acknowledged it, 503 when it did not,
         413 when the bus refuses it for its size (it always will: no retry can help).
@@ -348,7 +382,7 @@ class Intake:
         return ACCEPTED
 
     def _no_topic_record(
-        self, routed: Routed, err: TopicMissing, request: web.Request, received_at: bytes
+        self, routed: Routed, err: TopicMissing, request: RequestView, received_at: bytes
     ) -> Record:
         """The quarantine record of an event whose topic may not be created."""
         no_topic = Quarantined(
@@ -387,13 +421,13 @@ _ID_PREFIX: Final = os.urandom(8).hex()
 _next_id = itertools.count(1).__next__
 
 
-def _request_id(request: web.Request) -> str:
+def _request_id(request: RequestView) -> str:
     """The caller's ``X-Request-Id`` when it is a sane token, otherwise a new one."""
     given = request.headers.get("X-Request-Id", "")
     return given if _REQUEST_ID.fullmatch(given) else f"{_ID_PREFIX}{_next_id():016x}"
 
 
-def _raw_header(request: web.Request, name: str) -> bytes:
+def _raw_header(request: RequestView, name: str) -> bytes:
     """A header's value as the bytes received (aiohttp decodes them as UTF-8 with
     surrogate escapes; encoding back the same way cannot fail)."""
     return request.headers.get(name, "").encode("utf-8", "surrogateescape")

@@ -25,7 +25,8 @@ from prometheus_client.process_collector import ProcessCollector
 from bus import create_bus
 from bus.sqlite.owner import consuming
 from bus.types import Bus
-from consumer.app import create_app, create_ops_app, runner_options
+from consumer.app import INTAKE, create_app, create_ops_app, runner_options
+from consumer.http1 import WebhookServer
 from handlers.worker.service import open_worker
 from pubrelay.console_runtime import open_console
 from pubrelay.console_token import console_url
@@ -182,9 +183,8 @@ async def run(
         await web_runner.setup()
         stack.push_async_callback(web_runner.cleanup)
         # No SO_REUSEPORT: a second process on the same port must fail, not share it.
-        site = web.TCPSite(web_runner, settings.http.host, settings.http.port)
         try:
-            await site.start()
+            await _listen(settings, app, web_runner, stack, webhook=webhook)
         except OSError as err:
             log.error(
                 "listen_failed", host=settings.http.host, port=settings.http.port, error=str(err)
@@ -210,6 +210,34 @@ async def run(
         log.info("stopping")
     log.info("stopped")
     return code
+
+
+async def _listen(
+    settings: Settings,
+    app: web.Application,
+    web_runner: web.AppRunner,
+    stack: AsyncExitStack,
+    *,
+    webhook: bool,
+) -> None:
+    """Listen on the HTTP port (an ``OSError`` when that fails). The webhook process serves
+    its webhook requests on its own HTTP layer (:mod:`consumer.http1`), which hands every
+    other connection to aiohttp; a worker-only process listens with aiohttp alone."""
+    assert web_runner.server is not None
+    http = settings.http
+    if not webhook:
+        await web.TCPSite(web_runner, http.host, http.port).start()
+        return
+    front = WebhookServer(app[INTAKE], web_runner.server, path=settings.webhook.path, http=http)
+    listener = await asyncio.get_running_loop().create_server(
+        front, http.host, http.port, backlog=128
+    )
+
+    async def stop_listening() -> None:
+        listener.close()
+        await front.shutdown(http.shutdown_timeout_s)
+
+    stack.push_async_callback(stop_listening)
 
 
 async def _wait(stop: asyncio.Event, worker_task: asyncio.Task[None] | None) -> int:

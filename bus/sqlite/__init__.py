@@ -1,12 +1,13 @@
 """The embedded bus: a log of topics in one SQLite file.
 
-``log`` (:class:`SqliteBus`: publishing, group commit, scheduling retention) ·
-``retention`` (what may be deleted, in small chunks) · ``subscription`` (consumer-group
-members) · ``owner`` (one consuming process per file) · ``schema`` (the file's tables) ·
-``connection`` (how a connection is opened, transactions: the standard library only, for
-the ledger's writer process) · ``db`` (connections on threads of their own, private files;
-shared with the idempotency ledger). ``SqliteBus`` loads on first use, like the names of
-:mod:`bus`.
+``log`` (:class:`SqliteBus`: publishing, scheduling retention) · ``writer`` (the bus's
+writer process: the group commit, retention steps) · ``pipe`` and ``writer_process`` (a
+writer process's two ends, shared with the idempotency ledger's) · ``retention`` (what
+may be deleted, in small chunks) · ``subscription`` (consumer-group members) · ``owner``
+(one consuming process per file) · ``schema`` (the file's tables) · ``connection`` (how
+a connection is opened, transactions: the standard library only, for the writer
+processes) · ``db`` (connections on threads of their own, private files; shared with the
+ledger). ``SqliteBus`` loads on first use, like the names of :mod:`bus`.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ for waiting on another writer, and autocommit mode so transactions are explicit.
 in ``BEGIN IMMEDIATE`` transactions (:func:`transaction`): the write lock is taken up
 front, and any failure rolls the whole transaction back.
 
-The standard library only: the ledger's writer process (:mod:`handlers.worker.ledger_writer`)
-imports this and no more of the bus.
+The standard library only, for the writer processes (:mod:`bus.sqlite.writer`,
+:mod:`handlers.worker.ledger_writer`).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Every connection is opened the same way (:mod:`bus.sqlite.connection`: WAL, ``synchronous=
 FULL``, explicit ``BEGIN IMMEDIATE`` transactions). Each connection lives on a single thread
 of its own (:class:`ConnectionThread`), so the event loop never waits on the disk or on a
-lock, and statements on one connection never interleave. The ledger's writes are the
-exception: they are made in a process of their own (:mod:`handlers.worker.ledger_writer`).
+lock, and statements on one connection never interleave. Writes are the exception: the
+bus's and the ledger's are made in a process of their own each (:mod:`bus.sqlite.writer`,
+:mod:`handlers.worker.ledger_writer`).
 
 The files hold customers' data: :func:`create_private_file` creates a database file with
 mode 0600 before SQLite opens it (SQLite gives its ``-wal`` and ``-shm`` files the

@@ -5,9 +5,18 @@ transaction holding its record is committed. Concurrent publishes share one comm
 (group commit), so throughput does not pay one fsync per request (see
 ``docs/performance.md``).
 
+The writes are made by a process of the bus's own (:mod:`bus.sqlite.writer`): each event
+loop turn's records are sent as one batch without waiting for earlier batches' answers (at
+most :data:`_MAX_IN_FLIGHT` of them); the process commits the batches waiting when a
+transaction starts together.
+
 Exactly-once answers: a publish that times out is withdrawn if the writer has not yet
 claimed it, so a caller told "not stored" finds nothing stored. Only a record whose
-commit was already under way when the timeout fired is awaited a little longer.
+commit was already under way when the timeout fired is awaited a little longer. The one
+exception is the writer process dying (killed) during a commit: the records of that batch
+are answered "not stored" (``BusUnavailable``) although the commit may have landed, so the
+sender's retry stores them a second time, and the worker's ledger makes the second one a
+duplicate; the next batch starts a new process.
 
 Retention (``retention_s``): a record older than that is deleted once every consumer
 group that reads its topic has committed past it, so nothing unhandled is lost; records
@@ -26,7 +35,6 @@ import asyncio
 import contextlib
 import functools
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,25 +43,24 @@ from typing import Final
 
 import structlog
 
-from bus.sqlite.connection import transaction
-from bus.sqlite.db import ConnectionThread, create_private_file
+from bus.sqlite.db import create_private_file
 from bus.sqlite.retention import DEFAULT_CHUNK_ROWS, MAX_PASS_INTERVAL_S, RetentionPass
-from bus.sqlite.schema import SCHEMA, encode_headers
+from bus.sqlite.schema import encode_headers
 from bus.sqlite.subscription import SqliteSubscription
+from bus.sqlite.writer import Append, Open, Ping, Retain
+from bus.sqlite.writer_process import WriterProcess
 from bus.types import RevokeCallback, Subscription
 from schemas.errors import BusUnavailable
 from schemas.record import Headers
 
 log = structlog.get_logger("pubrelay.bus.sqlite")
 
-_ROWS_PER_INSERT: Final = 100  # 500 parameters, well under SQLite's limit
+_BATCH_RECORDS: Final = 8
+"""Records sent as soon as this many wait, without waiting for the end of the loop turn."""
 
-
-@functools.cache
-def _insert_sql(rows: int) -> str:
-    values = ", ".join(["(?, ?, ?, ?, ?)"] * rows)
-    return f"INSERT INTO log (topic, key, value, headers, ts_ms) VALUES {values}"  # noqa: S608
-
+_MAX_IN_FLIGHT: Final = 16
+"""Batches sent to the writer process and not yet answered, at most: the records of the
+next loop turns go while earlier ones commit (the process groups those waiting)."""
 
 _PENDING: Final = 0
 _CLAIMED: Final = 1
@@ -68,6 +75,7 @@ class _Entry:
     headers: Headers
     ts_ms: int
     future: asyncio.Future[None]
+    deadline: float  # time.monotonic(): the writer process leaves the record out after it
     state: int = _PENDING
     timer: asyncio.TimerHandle | None = None
 
@@ -91,24 +99,37 @@ class SqliteBus:
         self.retention_chunk_rows = retention_chunk_rows
         self.poll_interval_s = poll_interval_s
         self._busy_timeout_s = busy_timeout_s
-        self._db = ConnectionThread("sqlite-bus-writer")
-        self._state_lock = threading.Lock()
+        self._process: WriterProcess | None = None
         self._pending: list[_Entry] = []
         self._wake = asyncio.Event()
         self._published = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._in_flight: set[asyncio.Future[list[int]]] = set()
         self._next_retention = 0.0  # monotonic time the next retention pass starts
         self._retention: RetentionPass | None = None
         self._closing = False
 
+    @property
+    def writer_pid(self) -> int | None:
+        """The process id of the writer process while it runs."""
+        return self._process.pid if self._process is not None else None
+
     async def start(self) -> None:
         if self._writer is not None:
             return
+        process = WriterProcess(
+            "bus.sqlite.writer",
+            Open(str(self.path), self._busy_timeout_s),
+            name="bus_writer",
+            log=log,
+            close_timeout_s=max(10.0, 2 * self._busy_timeout_s),
+        )
         try:
             create_private_file(self.path)
-            await self._db.open(self.path, busy_timeout_s=self._busy_timeout_s, schema=SCHEMA)
+            await process.start()
         except (OSError, sqlite3.Error) as err:
             raise BusUnavailable(f"cannot open the embedded bus at {self.path}: {err}") from err
+        self._process = process
         self._writer = asyncio.create_task(self._write_loop(), name="sqlite-bus-writer")
 
     async def close(self) -> None:
@@ -123,7 +144,9 @@ class SqliteBus:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._writer
             self._writer = None
-        await self._db.close()
+        if self._process is not None:
+            process, self._process = self._process, None
+            await process.close()
 
     # -- publishing -----------------------------------------------------------------
 
@@ -139,10 +162,22 @@ class SqliteBus:
         if self._writer is None or self._closing:
             raise BusUnavailable("the embedded bus is not started")
         loop = asyncio.get_running_loop()
-        entry = _Entry(topic, key, value, headers, int(time.time() * 1000), loop.create_future())
-        self._pending.append(entry)
-        self._wake.set()
         timeout = self.publish_timeout_s if timeout_s is None else timeout_s
+        entry = _Entry(
+            topic,
+            key,
+            value,
+            headers,
+            int(time.time() * 1000),
+            loop.create_future(),
+            time.monotonic() + timeout,
+        )
+        self._pending.append(entry)
+        if len(self._pending) >= _BATCH_RECORDS and len(self._in_flight) < _MAX_IN_FLIGHT:
+            batch, self._pending = self._pending, []
+            self._commit(batch)  # sent now: commits overlap the loop's next requests
+        else:
+            self._wake.set()
         # One timer per record rather than wait_for + shield (a task's worth of futures
         # and callbacks per request: docs/performance.md). A caller that is cancelled
         # cancels only its wait: a record the writer takes is still committed.
@@ -153,15 +188,13 @@ class SqliteBus:
             entry.timer.cancel()
 
     def _timed_out(self, entry: _Entry, timeout: float) -> None:
-        """The publish deadline passed: withdraw the record if the writer has not taken
-        it; if its commit is under way, that commit decides, within one more timeout."""
+        """The publish deadline passed: withdraw the record if it was not sent to the writer
+        yet; if it was, the writer's answer decides (it leaves out a record whose deadline
+        passed before it held the write lock), within one more timeout."""
         if entry.future.done():
             return
-        with self._state_lock:
-            withdrawn = entry.state == _PENDING
-            if withdrawn:
-                entry.state = _WITHDRAWN
-        if withdrawn:
+        if entry.state == _PENDING:
+            entry.state = _WITHDRAWN
             entry.future.set_exception(
                 BusUnavailable(f"the embedded bus did not commit within {timeout:.1f}s")
             )
@@ -171,51 +204,60 @@ class SqliteBus:
 
     async def _write_loop(self) -> None:
         while True:
-            if self._pending:
+            if self._pending and len(self._in_flight) < _MAX_IN_FLIGHT:
                 batch, self._pending = self._pending, []
-                await self._commit(batch)
-            elif self._closing:
+                self._commit(batch)
+            elif self._closing and not self._pending:
+                if self._in_flight:
+                    await asyncio.wait(set(self._in_flight))
                 return
-            elif self._retention_due():
+            elif self._retention_due() and not self._pending:
                 await self._retention_step()  # one short transaction; publishes go first
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._until_retention_s())
                 self._wake.clear()
 
-    async def _commit(self, batch: list[_Entry]) -> None:
-        try:
-            await self._db.run(self._write_batch, batch)
-        except Exception as err:  # any failure fails this batch, not the loop
-            log.warning("bus_write_failed", error=str(err), records=len(batch))
-            failure = BusUnavailable(f"the embedded bus could not commit: {err}")
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(failure)
-                    # Retrieved here so an abandoned future does not warn.
-                    entry.future.exception()
-        else:
-            for entry in batch:
-                if entry.state == _CLAIMED and not entry.future.done():
-                    entry.future.set_result(None)
-            self._published.set()
-            self._published = asyncio.Event()
+    def _commit(self, batch: list[_Entry]) -> None:
+        """Send ``batch`` to the writer process; its answer settles the publishes."""
+        live = [e for e in batch if e.state == _PENDING]  # not withdrawn meanwhile
+        if not live:
+            return
+        for entry in live:
+            entry.state = _CLAIMED
+        rows = [(e.topic, e.key, e.value, encode_headers(e.headers), e.ts_ms) for e in live]
+        if self._process is None:
+            self._settle(live, None, BusUnavailable("the embedded bus is closed"))
+            return
+        answer = self._process.request(Append(rows, [e.deadline for e in live]))
+        self._in_flight.add(answer)
+        answer.add_done_callback(functools.partial(self._answered, live))
 
-    def _write_batch(self, conn: sqlite3.Connection, batch: list[_Entry]) -> None:
-        with transaction(conn):
-            with self._state_lock:
-                live = [e for e in batch if e.state == _PENDING]
-                for entry in live:
-                    entry.state = _CLAIMED
-            # One multi-row statement per chunk: sqlite3 releases and re-takes the GIL
-            # around every step, and under load each re-take waits for the event loop's
-            # thread (the switch interval), so per-row steps made commits ten times slower.
-            for start in range(0, len(live), _ROWS_PER_INSERT):
-                chunk = live[start : start + _ROWS_PER_INSERT]
-                params: list[object] = []
-                for e in chunk:
-                    params += (e.topic, e.key, e.value, encode_headers(e.headers), e.ts_ms)
-                conn.execute(_insert_sql(len(chunk)), params)
+    def _answered(self, live: list[_Entry], answer: asyncio.Future[list[int]]) -> None:
+        self._in_flight.discard(answer)
+        self._wake.set()  # a batch waiting for room goes now
+        err = asyncio.CancelledError() if answer.cancelled() else answer.exception()
+        if err is not None:
+            log.warning("bus_write_failed", error=str(err), records=len(live))
+            self._settle(live, None, BusUnavailable(f"the embedded bus could not commit: {err}"))
+        else:
+            self._settle(live, answer.result(), None)
+
+    def _settle(
+        self, live: list[_Entry], late: list[int] | None, failure: BusUnavailable | None
+    ) -> None:
+        if failure is not None:
+            for entry in live:
+                _fail(entry.future, failure)
+            return
+        for i in late or ():
+            live[i].state = _WITHDRAWN
+            _fail(live[i].future, BusUnavailable("the embedded bus did not commit in time"))
+        for entry in live:
+            if entry.state == _CLAIMED and not entry.future.done():
+                entry.future.set_result(None)
+        self._published.set()
+        self._published = asyncio.Event()
 
     # -- retention ------------------------------------------------------------------
 
@@ -231,7 +273,8 @@ class SqliteBus:
             self._retention = RetentionPass(cutoff_ms, self.retention_chunk_rows)
         current = self._retention
         try:
-            await self._db.run(current.step)
+            assert self._process is not None
+            current = self._retention = await self._process.request(Retain(current))
         except Exception as err:  # housekeeping: the next pass tries again
             log.warning("bus_retention_failed", error=str(err), deleted=current.deleted)
             current.topics = []
@@ -248,11 +291,11 @@ class SqliteBus:
                 )
 
     async def ping(self) -> None:
-        if self._writer is None or self._writer.done():
+        if self._writer is None or self._writer.done() or self._process is None:
             raise BusUnavailable("the embedded bus is not running")
         try:
-            await asyncio.wait_for(self._db.run(_select_one), self.publish_timeout_s)
-        except (TimeoutError, sqlite3.Error) as err:
+            await asyncio.wait_for(self._process.request(Ping()), self.publish_timeout_s)
+        except (TimeoutError, OSError, sqlite3.Error) as err:
             raise BusUnavailable(f"the embedded bus does not answer: {err!r}") from err
 
     async def ensure_topics(self, topics: Iterable[str]) -> None:
@@ -282,10 +325,12 @@ class SqliteBus:
             await asyncio.wait_for(self._published.wait(), timeout_s)
 
 
+def _fail(future: asyncio.Future[None], error: BusUnavailable) -> None:
+    if not future.done():
+        future.set_exception(error)
+        future.exception()  # retrieved here so an abandoned future does not warn
+
+
 def _stalled(entry: _Entry) -> None:
     if not entry.future.done():
         entry.future.set_exception(BusUnavailable("the embedded bus commit is stalled"))
-
-
-def _select_one(conn: sqlite3.Connection) -> None:
-    conn.execute("SELECT 1").fetchone()

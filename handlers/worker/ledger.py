@@ -47,11 +47,11 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import structlog
 
 from bus.sqlite.db import ConnectionThread, create_private_file
+from bus.sqlite.writer_process import WriterExited, WriterProcess
 from handlers.config import DEFAULT_CLAIM_TTL_S, LedgerSettings
 from handlers.types import Claim
 from handlers.worker import ledger_sql
-from handlers.worker.ledger_process import WriterExited, WriterProcess
-from handlers.worker.ledger_writer import Purge, Write
+from handlers.worker.ledger_writer import Open, Purge, Write
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -137,7 +137,7 @@ class SqliteLedger:
     """A :class:`Ledger` in one SQLite file: a row per completed pair, a row per claim.
 
     Writes are made by a process of its own (:mod:`handlers.worker.ledger_writer`,
-    :class:`~handlers.worker.ledger_process.WriterProcess`): the writes of one event loop
+    :class:`~bus.sqlite.writer_process.WriterProcess`): the writes of one event loop
     turn are sent together at its end, without waiting for the answers to earlier ones.
     :meth:`is_done` reads on a thread of this process.
     """
@@ -167,7 +167,13 @@ class SqliteLedger:
     async def open(self) -> None:
         if self._writer is None:
             create_private_file(self.path)  # mode 0600: it names customers' events
-            writer = WriterProcess(self.path, busy_timeout_s=self.timeout_s)
+            writer = WriterProcess(
+                "handlers.worker.ledger_writer",
+                Open(str(self.path), self.timeout_s),
+                name="ledger_writer",
+                log=log,
+                close_timeout_s=max(10.0, 2 * self.timeout_s),
+            )
             await writer.start()  # creates the tables; ConfigError without JSON functions
             self._writer = writer
             await self._reader.open(self.path, busy_timeout_s=self.timeout_s)

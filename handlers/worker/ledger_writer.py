@@ -1,64 +1,42 @@
 """The SQLite ledger's writer: a process of its own (``python -m handlers.worker.ledger_writer``).
 
-Why a process: a writer thread shares the interpreter lock with the worker's event loop.
-It gives the lock up around every SQLite call and, while the loop runs Python, waits to
-take it back, so its commits took 2 to 4 times as long as alone and the loop waited for
-them; what the thread did in Python (encoding a group's rows, reading the answers) was the
-loop's time too. A process commits on the other core, at the speed it has alone
-(docs/performance.md, "The ledger's writer process").
-
-It owns the file's one write connection (opened as every connection is:
-:mod:`bus.sqlite.connection`) and answers requests read from its standard input, in the
-order they came, on its standard output. Each message is a 4-byte big-endian length and a
-pickle; both ends are pubrelay's own, over a pipe no one else holds.
+It owns the ledger file's one write connection (opened as every connection is:
+:mod:`bus.sqlite.connection`) and answers the worker's requests over a pipe
+(:mod:`bus.sqlite.pipe`: the framing, the loop, the lifetime, and why a process): its
+commits run on the other core at the speed they have alone, where a thread's took 2 to 4
+times as long and the loop waited for them (docs/performance.md, "The ledger's writer
+process").
 
 * Requests: :class:`Open` (connect, create the tables, check SQLite's JSON functions),
   :class:`Write` (operations of :mod:`handlers.worker.ledger_sql`), :class:`Purge`.
-* Answers: ``(True, result)`` or ``(False, exception)``, one per request.
 * **Group commit.** The writes already waiting when a transaction starts share it, up to
   :data:`GROUP_MAX_OPS` operations: under load, commits of a few hundred writes follow each
   other while the worker's loop goes on; each answer is sent as soon as its commit returns.
   One transaction's failure fails each request in it.
-* **Lifetime.** It ends when its input closes: the worker closing the ledger, or the worker
-  gone (killed included), after making every write it was sent (a completion the worker
-  sent before a SIGKILL is recorded) and answering them while someone reads. SIGINT and
-  SIGTERM are ignored: a Ctrl-C reaches the whole process group, and the worker's shutdown
-  still needs to record its last completions here.
+* **Lifetime.** A completion the worker sent before it was killed is recorded: the process
+  makes every write it was sent before it ends.
 
-It imports the standard library, :mod:`bus.sqlite.connection`,
-:mod:`handlers.worker.ledger_sql` and :mod:`schemas.errors` only (about 16 MB; open in
-about 70 ms).
+It imports the standard library, :mod:`bus.sqlite.pipe`, :mod:`bus.sqlite.connection`,
+:mod:`handlers.worker.ledger_sql` and :mod:`schemas.errors` only.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-import pickle
-import select
-import signal
 import sqlite3
-import struct
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Final, NamedTuple
+from typing import BinaryIO, Final, NamedTuple
 
+from bus.sqlite import pipe
 from bus.sqlite.connection import connect
+from bus.sqlite.pipe import HEADER, answer, encode
 from handlers.worker import ledger_sql
 
-HEADER: Final = struct.Struct("!I")
-"""Each message's length, before its pickle."""
+__all__ = ["GROUP_MAX_OPS", "HEADER", "Open", "Purge", "Request", "Write", "encode", "serve"]
 
 GROUP_MAX_OPS: Final = 256
 """Operations per transaction at most: a commit's answers come back while the next
 transaction is made (larger groups made the worker's loop wait longer for each)."""
-
-_READ_SIZE: Final = 1 << 20
-
-_READ_MAX_REQUESTS: Final = 16
-"""Requests read before serving them, at most (while more keep arriving): a few
-transactions' worth, so answers never wait for a stream of requests to pause."""
 
 
 class Open(NamedTuple):
@@ -82,29 +60,14 @@ class Purge(NamedTuple):
 
 
 Request = Open | Write | Purge
-Answer = tuple[bool, Any]
-
-
-def encode(message: object) -> bytes:
-    """One message as sent: its length, then its pickle."""
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return HEADER.pack(len(data)) + data
-
-
-def answer(ok: bool, value: object) -> bytes:
-    """An answer as sent; an exception that does not pickle is sent as its text."""
-    try:
-        return encode((ok, value))
-    except Exception:  # an exception with arguments pickle cannot rebuild
-        return encode((False, RuntimeError(f"{type(value).__name__}: {value}")))
 
 
 class _Writer:
-    def __init__(self, out: Callable[[bytes], None]) -> None:
+    def __init__(self, out: pipe.Out) -> None:
         self._out = out
         self._conn: sqlite3.Connection | None = None
 
-    def serve(self, requests: list[Request]) -> None:
+    def serve(self, requests: list[Request]) -> None:  # pipe.Server
         """Answer ``requests`` in order; consecutive writes share transactions."""
         group: list[Write] = []
         size = 0
@@ -165,58 +128,13 @@ class _Writer:
         return self._conn
 
 
-def _read_requests(fd: int, buffer: bytearray) -> list[Request] | None:
-    """The complete requests available (waiting for at least one); None at end of input."""
-    requests: list[Request] = []
-    while True:
-        start = 0
-        while len(buffer) - start >= HEADER.size:
-            (length,) = HEADER.unpack_from(buffer, start)
-            end = start + HEADER.size + length
-            if len(buffer) < end:
-                break
-            data = buffer[start + HEADER.size : end]
-            requests.append(pickle.loads(data))  # noqa: S301 - the worker's own pipe (see above)
-            start = end
-        del buffer[:start]  # once per read, not once per request
-        if requests and (
-            len(requests) >= _READ_MAX_REQUESTS or not select.select([fd], [], [], 0)[0]
-        ):
-            return requests  # nothing more waiting (or enough): serve these now
-        chunk = os.read(fd, _READ_SIZE)
-        if not chunk:
-            return requests or None
-        buffer += chunk
-
-
 def serve(stdin: BinaryIO, stdout: BinaryIO) -> bool:
-    """Answer requests from ``stdin`` on ``stdout`` until ``stdin`` ends; True when no one
-    was reading ``stdout`` any more (the worker gone: what it sent is made all the same)."""
-    gone = False
-
-    def out(data: bytes) -> None:
-        nonlocal gone
-        if gone:
-            return
-        try:
-            stdout.write(data)
-            stdout.flush()
-        except BrokenPipeError:
-            gone = True
-
-    writer = _Writer(out)
-    fd = stdin.fileno()
-    buffer = bytearray()
-    while (requests := _read_requests(fd, buffer)) is not None:
-        writer.serve(requests)
-    return gone
+    """:func:`bus.sqlite.pipe.serve` with the ledger's writer."""
+    return pipe.serve(stdin, stdout, _Writer)
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if serve(sys.stdin.buffer, sys.stdout.buffer):
-        os._exit(0)  # answers left in the buffer have no reader: do not flush them at exit
+    pipe.run_writer(_Writer)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def rss_mb(pid: int) -> float:
     """The resident memory (``VmRSS``) of the process and its descendants (`pubrelay
     worker`'s ledger writer) in MB (10^6 bytes); 0 once the process is gone."""
     total = 0
-    for each in [pid, *_descendants(pid)]:
+    for each in [pid, *descendants(pid)]:
         try:
             status = Path(f"/proc/{each}/status").read_text()
         except OSError:
@@ -63,7 +63,7 @@ def rss_mb(pid: int) -> float:
     return total / 1e6
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """The ids of the process's children, theirs, and so on (from ``/proc``)."""
     found: list[int] = []
     parents = [pid]

@@ -4,9 +4,9 @@ nothing half written, and 202 again by itself once there is room.
 Two ways to run out of room, each a real one: a tmpfs volume of 4 MiB that this test
 mounts (needs root, as CI has) and fills with a file, holding the data directory *and*
 the process's log file; and a file-size limit (``RLIMIT_FSIZE``, set on the running
-process with ``prlimit``) under which every write that would grow a file fails with
-``EFBIG`` (Python ignores ``SIGXFSZ``, so the process is not killed). Lifting the limit
-or deleting the filler is "space returns".
+process and its bus writer process with ``prlimit``) under which every write that would
+grow a file fails with ``EFBIG`` (Python ignores ``SIGXFSZ``, so neither is killed).
+Lifting the limit or deleting the filler is "space returns".
 """
 
 from __future__ import annotations
@@ -25,10 +25,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench.processes import descendants
 from tests.fixtures.app import SECRET, event_body, signed_headers
 from tests.fixtures.process import PubrelayProcess, free_port
 
 Squeeze = tuple[Callable[[], None], Callable[[], None]]  # (fill, free)
+
+
+def limit_file_size(pid: int, limit: tuple[int, int]) -> None:
+    """``RLIMIT_FSIZE`` of the process and of its children (the bus's writer process)."""
+    for process in (pid, *descendants(pid)):
+        resource.prlimit(process, resource.RLIMIT_FSIZE, limit)
 
 
 def post(process: PubrelayProcess, body: bytes) -> tuple[int, str | None]:
@@ -107,7 +114,7 @@ def test_a_full_disk_answers_503_keeps_nothing_half_written_and_recovers_by_itse
         if mechanism == "tmpfs":
             fill(home, webhook.log_path)
         else:  # every write that would grow a file now fails (EFBIG), the log file's too
-            resource.prlimit(webhook.proc.pid, resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
+            limit_file_size(webhook.proc.pid, (1, resource.RLIM_INFINITY))
         delivery = event_body()
         while_full = [post(webhook, delivery) for _ in range(3)]
         assert webhook.proc.poll() is None, webhook.output()
@@ -117,8 +124,7 @@ def test_a_full_disk_answers_503_keeps_nothing_half_written_and_recovers_by_itse
         if mechanism == "tmpfs":
             (home / "filler").unlink()
         else:
-            unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
-            resource.prlimit(webhook.proc.pid, resource.RLIMIT_FSIZE, unlimited)
+            limit_file_size(webhook.proc.pid, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         deadline = time.monotonic() + 10
         while (status := post(webhook, delivery)[0]) != 202 and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from bus.sqlite import SqliteBus
 from consumer.app import runner_options
 from consumer.config import HttpSettings
-from tests.fixtures.app import event_body, read_topic, signed_headers
+from tests.fixtures.app import Front, event_body, read_topic, signed_headers
 
 URL = "/webhooks/voucherify"
 TOPIC = "voucherify.customer.publication.succeeded"
@@ -33,7 +33,7 @@ ServerFactory = Callable[..., Awaitable[TestServer]]
 
 @dataclass
 class Served:
-    server: TestServer
+    server: TestServer | Front
     registry: CollectorRegistry
     http: HttpSettings
 
@@ -55,17 +55,29 @@ class Served:
         raise AssertionError(f"the server never received {count} {size} bodies at once")
 
 
-@pytest.fixture
-def serve(
-    aiohttp_server: ServerFactory, make_app: MakeApp, sqlite_bus: SqliteBus
-) -> Callable[..., Awaitable[Served]]:
+@pytest.fixture(params=["aiohttp", "front"])
+async def serve(
+    request: pytest.FixtureRequest,
+    aiohttp_server: ServerFactory,
+    make_app: MakeApp,
+    sqlite_bus: SqliteBus,
+) -> AsyncIterator[Callable[..., Awaitable[Served]]]:
+    fronts: list[Front] = []
+
     async def start(**http: Any) -> Served:
         app, registry = make_app(sqlite_bus, http=http)
         settings = HttpSettings.model_validate(http)
+        if request.param == "front":
+            front = Front(app, settings, lingering_s=LINGERING_S)
+            await front.start()
+            fronts.append(front)
+            return Served(front, registry, settings)
         server = await aiohttp_server(app, **runner_options(settings, lingering_s=LINGERING_S))
         return Served(server, registry, settings)
 
-    return start
+    yield start
+    for front in fronts:
+        await front.close()
 
 
 class Staller:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from ipaddress import ip_network
 from typing import Any
 
@@ -17,9 +17,10 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from bus.sqlite import SqliteBus
+from consumer.config import HttpSettings
 from consumer.signature import MAX_NORMALISED_TOKENS, sign
 from schemas.record import header
-from tests.fixtures.app import SECRET, event_body, read_topic, signed_headers
+from tests.fixtures.app import SECRET, Front, event_body, read_topic, signed_headers
 from tests.fixtures.hostile import hostile_bodies
 
 URL = "/webhooks/voucherify"
@@ -30,6 +31,27 @@ MIB = 1024 * 1024
 
 MakeApp = Callable[..., tuple[web.Application, CollectorRegistry]]
 ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture(params=["aiohttp", "front"])
+async def aiohttp_server(
+    request: pytest.FixtureRequest, aiohttp_server: ServerFactory
+) -> AsyncIterator[Callable[..., Awaitable[TestServer | Front]]]:
+    """Each test on aiohttp alone, and behind the webhook's own HTTP layer as in production."""
+    if request.param == "aiohttp":
+        yield aiohttp_server
+        return
+    fronts: list[Front] = []
+
+    async def start(app: web.Application) -> Front:
+        front = Front(app, HttpSettings())
+        await front.start()
+        fronts.append(front)
+        return front
+
+    yield start
+    for front in fronts:
+        await front.close()
 
 
 def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:

@@ -1,21 +1,20 @@
 """The SQLite ledger's writer process: replaced when it dies, deaf to Ctrl-C, gone with
-the worker (handlers/worker/ledger_writer.py, ledger_process.py)."""
+the worker (handlers/worker/ledger_writer.py, bus/sqlite/writer_process.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
+from bus.sqlite.writer_process import WriterExited
 from bus.types import Bus
 from handlers.worker.ledger import SqliteLedger
-from handlers.worker.ledger_process import WriterExited
+from tests.fixtures.process import child_ends_with_its_parent, ended
 from tests.fixtures.worker import (
     ScriptedHandler,
     eventually,
@@ -24,17 +23,6 @@ from tests.fixtures.worker import (
     publish_event,
     running,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def ended(pid: int) -> bool:
-    """Whether process ``pid`` is gone or a zombie (ended, not yet reaped)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in status
 
 
 async def test_a_killed_writer_is_replaced_and_every_event_is_handled_once(
@@ -116,14 +104,4 @@ async def test_the_writer_ends_with_a_worker_killed_outright(tmp_path: Path) -> 
         "    await asyncio.sleep(60)\n"
         "asyncio.run(main())\n"
     )
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, cwd=ROOT, stdout=asyncio.subprocess.PIPE
-    )
-    try:
-        assert worker.stdout is not None
-        writer_pid = int(await asyncio.wait_for(worker.stdout.readline(), 20))
-        assert not ended(writer_pid)
-    finally:
-        worker.kill()
-        await asyncio.wait_for(worker.wait(), 10)
-    await eventually(lambda: ended(writer_pid), timeout_s=10, what="the writer's exit")
+    await child_ends_with_its_parent(script)

@@ -1,8 +1,9 @@
 """Retention on the embedded bus costs one small chunk per transaction, whatever the log's size.
 
 What it deletes is pinned by the bus contract suite
-(``test_sqlite_retention_keeps_unconsumed_records_and_dead_letters``); here, how: the
-writer's own statements are traced on its connection (observation only), then each one's
+(``test_sqlite_retention_keeps_unconsumed_records_and_dead_letters``); here, how: the bus's
+writer process runs a pass's steps (``RetentionPass.step``) between publish batches, and
+the same steps run here on a traced connection (observation only), then each statement's
 query plan is asked of SQLite.
 """
 
@@ -16,7 +17,9 @@ import time
 from pathlib import Path
 
 from bus.sqlite import SqliteBus
-from bus.sqlite.schema import encode_headers
+from bus.sqlite.connection import connect
+from bus.sqlite.retention import RetentionPass
+from bus.sqlite.schema import SCHEMA, encode_headers
 from bus.types import TopicPartition
 
 CHUNK = 200
@@ -58,19 +61,11 @@ def changes_per_transaction(traced: list[tuple[str, int]]) -> list[int]:
     return out
 
 
-async def test_an_expired_backlog_goes_in_small_index_driven_transactions_beside_publishes(
-    tmp_path: Path,
-) -> None:
+async def test_an_expired_backlog_goes_while_publishes_go_on(tmp_path: Path) -> None:
     path = tmp_path / "bus.sqlite3"
     bus = SqliteBus(path, retention_s=1.0, retention_chunk_rows=CHUNK)  # a pass every second
     await bus.start()
-    traced: list[tuple[str, int]] = []
-
-    def trace(conn: sqlite3.Connection) -> None:
-        conn.set_trace_callback(lambda sql: traced.append((sql, conn.total_changes)))
-
     try:
-        await bus._db.run(trace)  # the writer's connection: every statement it runs, from now
         reader = bus.subscribe("g", ["p.events"])
         await reader.start()
         await reader.commit({TopicPartition("p.events", 0): BACKLOG + 1})  # all handled
@@ -88,9 +83,25 @@ async def test_an_expired_backlog_goes_in_small_index_driven_transactions_beside
         await bus.close()
 
     assert count(path, "p.events") == 1  # the backlog went, the unhandled record stayed
-    assert count(path, "p.other") == published
+    assert count(path, "p.other") == published > 0
+
+
+def test_a_pass_deletes_in_small_index_driven_transactions(tmp_path: Path) -> None:
+    path = tmp_path / "bus.sqlite3"
+    with contextlib.closing(connect(path, 30.0)) as conn:
+        conn.executescript(SCHEMA)
+        conn.execute("INSERT INTO group_offsets VALUES ('g', 'p.events', ?)", (BACKLOG + 1,))
+    assert add_expired_backlog(path) == BACKLOG
+    traced: list[tuple[str, int]] = []
+    with contextlib.closing(connect(path, 30.0)) as conn:  # as the writer process opens it
+        conn.set_trace_callback(lambda sql: traced.append((sql, conn.total_changes)))
+        retention = RetentionPass(int(time.time() * 1000) - 3_600_000, CHUNK)
+        while not retention.done:
+            retention.step(conn)
+
+    assert retention.deleted == BACKLOG
     per_transaction = changes_per_transaction(traced)
-    assert sum(per_transaction) >= BACKLOG + published
+    assert sum(per_transaction) == BACKLOG
     assert max(per_transaction) <= CHUNK, sorted(per_transaction)[-5:]
 
     statements = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import sqlite3
 import threading
 import time
@@ -13,16 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from handlers.worker import ledger_sql
-from handlers.worker.ledger_writer import HEADER, Open, Purge, Write, encode, serve
-
-
-def answers(data: bytes) -> list[tuple[bool, Any]]:
-    out = []
-    while data:
-        (length,) = HEADER.unpack_from(data)
-        out.append(pickle.loads(data[HEADER.size : HEADER.size + length]))
-        data = data[HEADER.size + length :]
-    return out
+from handlers.worker.ledger_writer import Open, Purge, Write, encode, serve
+from tests.fixtures.process import decode_answers
 
 
 def run(requests: bytes, *, split_at: int) -> list[tuple[bool, Any]]:
@@ -39,7 +30,7 @@ def run(requests: bytes, *, split_at: int) -> list[tuple[bool, Any]]:
         server.join(10)
         assert not server.is_alive()
     with open(answer_read, "rb") as out:
-        return answers(out.read())
+        return decode_answers(out.read())
 
 
 def claim(key: str, token: str) -> ledger_sql.Op:

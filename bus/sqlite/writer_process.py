@@ -1,13 +1,13 @@
-"""The worker's end of the SQLite ledger's writer process (:mod:`handlers.worker.ledger_writer`).
+"""A parent's end of a writer process (:mod:`bus.sqlite.pipe`): the embedded bus's
+(:mod:`bus.sqlite.writer`) and the SQLite ledger's (:mod:`handlers.worker.ledger_writer`).
 
 :class:`WriterProcess` starts the process, sends it requests without waiting for earlier
 answers, and hands each answer to its request's future, in order.
 
 * **Ends.** When the process ends unexpectedly, every request waiting for an answer fails
-  with :class:`WriterExited` (its write may or may not have been committed: the worker
-  retries it, and a claim taken again by the same token or a completion recorded twice is
-  harmless); ``ledger_writer_exited`` is logged, and the next request starts a new process
-  and fails meanwhile, so the worker backs off and tries again.
+  with :class:`WriterExited` (its write may or may not have been committed: the caller
+  decides what that means); ``<name>_exited`` is logged, and the next request starts a new
+  process and fails meanwhile, so the caller backs off and tries again.
 * **Close** closes the process's input: it answers what it read, then ends. The wait is
   bounded; after it the process is killed.
 """
@@ -23,32 +23,50 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import structlog
+from structlog.typing import FilteringBoundLogger
 
-from handlers.worker.ledger_writer import HEADER, Open, Request, encode
-
-log = structlog.get_logger("pubrelay.handlers.ledger")
+from bus.sqlite.pipe import HEADER, encode
 
 _ROOT = str(Path(__file__).resolve().parents[2])
-"""The directory holding the ``handlers`` package: the process imports from it."""
+"""The directory holding pubrelay's packages: the process imports from it."""
 
 
 class WriterExited(OSError):
-    """The ledger's writer process ended before answering (the write's outcome is unknown)."""
+    """A writer process ended before answering (the write's outcome is unknown)."""
 
 
 class WriterProcess:
-    """One writer process for the ledger file at ``path`` (see the module docstring)."""
+    """One writer process: ``python -m <module>``, opened with ``open_request`` (see the
+    module docstring). ``name`` names it in errors and log events (``<name>_exited``)."""
 
-    def __init__(self, path: Path, *, busy_timeout_s: float) -> None:
-        self.path = path
-        self.busy_timeout_s = busy_timeout_s
+    def __init__(
+        self,
+        module: str,
+        open_request: object,
+        *,
+        name: str,
+        log: FilteringBoundLogger,
+        close_timeout_s: float,
+    ) -> None:
+        self.module = module
+        self.open_request = open_request
+        self.name = name
+        self.log = log
+        self.close_timeout_s = close_timeout_s
+        self._event_exited = f"{name}_exited"
+        self._event_unreadable = f"{name}_unreadable"
+        self._event_started = f"{name}_started"
+        self._event_start_failed = f"{name}_start_failed"
         self._proc: asyncio.subprocess.Process | None = None
         self._answers: asyncio.Task[None] | None = None
         self._waiting: deque[asyncio.Future[Any]] = deque()
         self._starting: asyncio.Task[None] | None = None
         self._opened: asyncio.subprocess.Process | None = None
         self._closing = False
+
+    @property
+    def _what(self) -> str:
+        return f"{self.name.replace('_', ' ')} process"
 
     @property
     def pid(self) -> int | None:
@@ -62,33 +80,33 @@ class WriterProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "handlers.worker.ledger_writer",
+            self.module,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=env,
         )
         self._proc = proc
-        self._answers = asyncio.create_task(self._read(proc), name="ledger-writer-answers")
+        self._answers = asyncio.create_task(self._read(proc), name=f"{self.name}-answers")
         try:
-            await self.request(Open(str(self.path), self.busy_timeout_s))
+            await self.request(self.open_request)
         except BaseException:
-            await self._end(timeout_s=self.busy_timeout_s)
+            await self._end(timeout_s=self.close_timeout_s)
             raise
         self._opened = proc
 
-    def request(self, request: Request) -> asyncio.Future[Any]:
+    def request(self, request: object) -> asyncio.Future[Any]:
         """Send ``request``; its future gets the answer (or the error it raised)."""
         [future] = self.send([request])
         return future
 
-    def send(self, requests: list[Request]) -> list[asyncio.Future[Any]]:
+    def send(self, requests: list[object]) -> list[asyncio.Future[Any]]:
         """Send ``requests`` in one write; a future per request, in order."""
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in requests]
         proc = self._proc
         if proc is None or proc.stdin is None or proc.stdin.is_closing():
             for future in futures:
-                future.set_exception(WriterExited("the ledger's writer process is not running"))
+                future.set_exception(WriterExited(f"the {self._what} is not running"))
             self._start_again()
             return futures
         self._waiting.extend(futures)
@@ -101,7 +119,7 @@ class WriterProcess:
         if self._starting is not None:
             with contextlib.suppress(Exception):
                 await self._starting
-        await self._end(timeout_s=max(10.0, 2 * self.busy_timeout_s))
+        await self._end(timeout_s=self.close_timeout_s)
 
     async def _end(self, *, timeout_s: float) -> None:
         proc, answers = self._proc, self._answers
@@ -134,7 +152,7 @@ class WriterProcess:
         except asyncio.IncompleteReadError:
             pass  # the process ended (closed by us, or not)
         except Exception as err:  # an answer we cannot read: a new process starts afresh
-            log.error("ledger_writer_unreadable", error_type=type(err).__name__, error=str(err))
+            self.log.error(self._event_unreadable, error_type=type(err).__name__, error=str(err))
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         finally:
@@ -144,21 +162,19 @@ class WriterProcess:
             waiting, self._waiting = self._waiting, deque()
             for future in waiting:
                 if not future.done():
-                    future.set_exception(
-                        WriterExited(f"the ledger's writer process ended (exit code {code})")
-                    )
+                    future.set_exception(WriterExited(f"the {self._what} ended (exit code {code})"))
             if self._opened is proc and not self._closing:
-                log.error("ledger_writer_exited", exit_code=code, unanswered=len(waiting))
+                self.log.error(self._event_exited, exit_code=code, unanswered=len(waiting))
 
     def _start_again(self) -> None:
         if self._closing or (self._starting is not None and not self._starting.done()):
             return
-        self._starting = asyncio.create_task(self._restart(), name="ledger-writer-start")
+        self._starting = asyncio.create_task(self._restart(), name=f"{self.name}-start")
 
     async def _restart(self) -> None:
         try:
             await self.start()
         except Exception as err:  # the next request tries again (the worker backs off)
-            log.error("ledger_writer_start_failed", error_type=type(err).__name__, error=str(err))
+            self.log.error(self._event_start_failed, error_type=type(err).__name__, error=str(err))
         else:
-            log.info("ledger_writer_started", pid=self.pid)
+            self.log.info(self._event_started, pid=self.pid)

@@ -1,0 +1,106 @@
+"""The webhook's own HTTP layer (consumer/http1.py) on raw sockets: the deliveries it
+serves, and every other request handed to aiohttp on the same connection, in order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bus.sqlite import SqliteBus
+from tests.fixtures.app import WEBHOOK_PATH, Front, event_body, read_topic, signed_headers
+
+TOPIC = "voucherify.customer.publication.succeeded"
+
+
+@pytest.fixture
+async def front(make_app: object, sqlite_bus: SqliteBus) -> AsyncIterator[Front]:
+    app, _ = make_app(sqlite_bus)  # type: ignore[operator]
+    from consumer.config import HttpSettings  # noqa: PLC0415
+
+    served = Front(app, HttpSettings())
+    await served.start()
+    yield served
+    await served.close()
+
+
+def post(body: bytes, *, extra: str = "", chunked: bool = False) -> bytes:
+    headers = "".join(f"{k}: {v}\r\n" for k, v in signed_headers(body).items())
+    if chunked:
+        return (
+            (
+                f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: x\r\n{headers}{extra}"
+                f"Transfer-Encoding: chunked\r\n\r\n{len(body):x}\r\n"
+            ).encode()
+            + body
+            + b"\r\n0\r\n\r\n"
+        )
+    return (
+        f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: x\r\n{headers}{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def answers(port: int, data: bytes, count: int) -> list[int]:
+    """Send ``data`` at once on one connection; the statuses of ``count`` answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    statuses = []
+    try:
+        for _ in range(count):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            statuses.append(int(head.split()[1]))
+            if statuses[-1] == 100:  # Continue: no body
+                continue
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+    finally:
+        writer.close()
+    return statuses
+
+
+async def test_pipelined_deliveries_and_other_routes_on_one_connection_in_order(
+    front: Front, sqlite_bus: SqliteBus
+) -> None:
+    assert front.port is not None
+    first, second, third = (event_body(event_id=f"evt_{n}") for n in range(3))
+    data = (
+        post(first)
+        + post(second)
+        + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"  # handed to aiohttp from here on
+        + post(third)
+    )
+    assert await answers(front.port, data, 4) == [202, 202, 200, 202]
+    records = await read_topic(sqlite_bus, TOPIC, expect=3)
+    assert [r.value for r in records] == [first, second, third]
+
+
+@pytest.mark.parametrize(
+    ("shape", "status"),
+    [
+        ("chunked", 202),  # aiohttp reads it
+        ("expect", 202),  # Expect: 100-continue: aiohttp answers 100, then 202
+        ("bad signature", 401),  # served here
+        ("two lengths", 400),  # ambiguous framing: aiohttp refuses it
+    ],
+)
+async def test_other_shapes_get_the_same_answers_as_on_aiohttp(
+    front: Front, shape: str, status: int
+) -> None:
+    assert front.port is not None
+    body = event_body(event_id=f"evt_{shape.replace(' ', '_')}")
+    data = {
+        "chunked": post(body, chunked=True),
+        "expect": post(body, extra="Expect: 100-continue\r\n"),
+        "bad signature": post(body).replace(
+            b"x-voucherify-signature: ", b"x-voucherify-signature: 0"
+        ),
+        "two lengths": post(body, extra=f"Content-Length: {len(body) + 1}\r\n"),
+    }[shape]
+    got = await answers(front.port, data, 2 if shape == "expect" else 1)
+    assert got[-1] == status
