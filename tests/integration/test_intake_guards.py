@@ -16,9 +16,8 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from bus.sqlite import SqliteBus
-from consumer.app import runner_options
 from consumer.config import HttpSettings
-from tests.fixtures.app import Front, event_body, read_topic, signed_headers
+from tests.fixtures.app import Front, ServeApp, event_body, read_topic, signed_headers
 
 URL = "/webhooks/voucherify"
 TOPIC = "voucherify.customer.publication.succeeded"
@@ -28,7 +27,6 @@ MARGIN_S = 4.0
 LINGERING_S = 1.0  # production's 5 s, shortened to keep the suite fast
 
 MakeApp = Callable[..., tuple[web.Application, CollectorRegistry]]
-ServerFactory = Callable[..., Awaitable[TestServer]]
 
 
 @dataclass
@@ -55,29 +53,17 @@ class Served:
         raise AssertionError(f"the server never received {count} {size} bodies at once")
 
 
-@pytest.fixture(params=["aiohttp", "front"])
-async def serve(
-    request: pytest.FixtureRequest,
-    aiohttp_server: ServerFactory,
-    make_app: MakeApp,
-    sqlite_bus: SqliteBus,
-) -> AsyncIterator[Callable[..., Awaitable[Served]]]:
-    fronts: list[Front] = []
-
+@pytest.fixture
+def serve(
+    app_server: ServeApp, make_app: MakeApp, sqlite_bus: SqliteBus
+) -> Callable[..., Awaitable[Served]]:
     async def start(**http: Any) -> Served:
         app, registry = make_app(sqlite_bus, http=http)
         settings = HttpSettings.model_validate(http)
-        if request.param == "front":
-            front = Front(app, settings, lingering_s=LINGERING_S)
-            await front.start()
-            fronts.append(front)
-            return Served(front, registry, settings)
-        server = await aiohttp_server(app, **runner_options(settings, lingering_s=LINGERING_S))
+        server = await app_server(app, settings, lingering_s=LINGERING_S)
         return Served(server, registry, settings)
 
-    yield start
-    for front in fronts:
-        await front.close()
+    return start
 
 
 class Staller:

@@ -6,21 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from ipaddress import ip_network
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from bus.sqlite import SqliteBus
-from consumer.config import HttpSettings
 from consumer.signature import MAX_NORMALISED_TOKENS, sign
 from schemas.record import header
-from tests.fixtures.app import SECRET, Front, event_body, read_topic, signed_headers
+from tests.fixtures.app import SECRET, ServeApp, event_body, read_topic, signed_headers
 from tests.fixtures.hostile import hostile_bodies
 
 URL = "/webhooks/voucherify"
@@ -30,28 +28,6 @@ VOUCHERIFY_EU1 = [ip_network(a) for a in ("34.247.197.22", "63.32.191.141", "52.
 MIB = 1024 * 1024
 
 MakeApp = Callable[..., tuple[web.Application, CollectorRegistry]]
-ServerFactory = Callable[..., Awaitable[TestServer]]
-
-
-@pytest.fixture(params=["aiohttp", "front"])
-async def aiohttp_server(
-    request: pytest.FixtureRequest, aiohttp_server: ServerFactory
-) -> AsyncIterator[Callable[..., Awaitable[TestServer | Front]]]:
-    """Each test on aiohttp alone, and behind the webhook's own HTTP layer as in production."""
-    if request.param == "aiohttp":
-        yield aiohttp_server
-        return
-    fronts: list[Front] = []
-
-    async def start(app: web.Application) -> Front:
-        front = Front(app, HttpSettings())
-        await front.start()
-        fronts.append(front)
-        return front
-
-    yield start
-    for front in fronts:
-        await front.close()
 
 
 def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -60,10 +36,10 @@ def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 
 async def serve(
-    aiohttp_server: ServerFactory, make_app: MakeApp, bus: SqliteBus, **webhook: Any
+    app_server: ServeApp, make_app: MakeApp, bus: SqliteBus, **webhook: Any
 ) -> tuple[int, CollectorRegistry]:
     app, registry = make_app(bus, **webhook)
-    server = await aiohttp_server(app)
+    server = await app_server(app)
     assert server.port is not None
     return server.port, registry
 
@@ -80,9 +56,9 @@ def pretty_event(tags: int) -> tuple[bytes, bytes]:
 
 
 async def test_a_pretty_body_past_the_bound_is_refused_without_the_compact_check_and_counted(
-    aiohttp_server: ServerFactory, make_app: MakeApp, sqlite_bus: SqliteBus
+    app_server: ServeApp, make_app: MakeApp, sqlite_bus: SqliteBus
 ) -> None:
-    port, registry = await serve(aiohttp_server, make_app, sqlite_bus)
+    port, registry = await serve(app_server, make_app, sqlite_bus)
     small_pretty, small_compact = pretty_event(tags=100)
     large_pretty, large_compact = pretty_event(tags=MAX_NORMALISED_TOKENS // 2)
     assert large_pretty.count(b'"') > MAX_NORMALISED_TOKENS
@@ -104,9 +80,9 @@ async def test_a_pretty_body_past_the_bound_is_refused_without_the_compact_check
 
 
 async def test_deliveries_get_their_202_while_four_clients_post_1_mib_bogus_signed_bodies(
-    aiohttp_server: ServerFactory, make_app: MakeApp, sqlite_bus: SqliteBus
+    app_server: ServeApp, make_app: MakeApp, sqlite_bus: SqliteBus
 ) -> None:
-    port, registry = await serve(aiohttp_server, make_app, sqlite_bus)
+    port, registry = await serve(app_server, make_app, sqlite_bus)
     hostile = list(hostile_bodies(MIB).values())
     bogus = {"x-voucherify-signature": "0" * 64}
 
@@ -167,10 +143,10 @@ async def raw_post(port: int, forwarded_for: list[str]) -> int:
 
 
 async def test_a_forwarded_for_line_of_the_clients_own_cannot_choose_its_address(
-    aiohttp_server: ServerFactory, make_app: MakeApp, sqlite_bus: SqliteBus
+    app_server: ServeApp, make_app: MakeApp, sqlite_bus: SqliteBus
 ) -> None:
     port, registry = await serve(
-        aiohttp_server,
+        app_server,
         make_app,
         sqlite_bus,
         allowed_networks=VOUCHERIFY_EU1,
@@ -188,10 +164,10 @@ async def test_a_forwarded_for_line_of_the_clients_own_cannot_choose_its_address
 
 
 async def test_behind_two_proxies_the_client_is_the_second_entry_from_the_right(
-    aiohttp_server: ServerFactory, make_app: MakeApp, sqlite_bus: SqliteBus
+    app_server: ServeApp, make_app: MakeApp, sqlite_bus: SqliteBus
 ) -> None:
     port, registry = await serve(
-        aiohttp_server,
+        app_server,
         make_app,
         sqlite_bus,
         allowed_networks=VOUCHERIFY_EU1,
@@ -218,9 +194,9 @@ async def test_behind_two_proxies_the_client_is_the_second_entry_from_the_right(
     ids=["lone-high", "lone-low", "lone-high-then-a-pair"],
 )
 async def test_a_lone_surrogate_in_the_customer_name_is_routed_on_its_event_topic(
-    aiohttp_server: ServerFactory, make_app: MakeApp, sqlite_bus: SqliteBus, name: bytes
+    app_server: ServeApp, make_app: MakeApp, sqlite_bus: SqliteBus, name: bytes
 ) -> None:
-    port, registry = await serve(aiohttp_server, make_app, sqlite_bus)
+    port, registry = await serve(app_server, make_app, sqlite_bus)
     body = event_body(event_id="evcus_s1", customer_id="cust_s1")
     body = body.replace(b'"name":"Jack Webhook"', b'"name":"' + name + b'"')
     assert name in body
