@@ -7,9 +7,9 @@ durable) and lets consumer groups read topics with explicit commits (at-least-on
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from schemas.frozen import frozen
 from schemas.record import Headers
 
 
@@ -18,7 +18,7 @@ class TopicPartition(NamedTuple):
     partition: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Message:
     """One record read from the bus."""
 

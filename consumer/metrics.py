@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from schemas.loop_histogram import LoopHistogram, LoopHistogramChild
 
 OUTCOMES: Final = (
     "accepted",
@@ -61,19 +63,21 @@ class WebhookMetrics:
             ["reason"],
             registry=registry,
         )
-        self.request_seconds = Histogram(
+        # Observed on the loop only: no lock per observation (schemas/loop_histogram.py).
+        self.request_seconds = LoopHistogram(
             "pubrelay_webhook_request_duration_seconds",
             "Time from request start to response, by outcome.",
             ["outcome"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
-        self.publish_seconds = Histogram(
+        self.publish_seconds = LoopHistogram(
             "pubrelay_bus_publish_duration_seconds",
             "Time for the bus to acknowledge one record.",
+            [],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
-        )
+        ).labels()
         self.bodies_receiving = Gauge(
             "pubrelay_webhook_bodies_receiving",
             "Request bodies being received now (size=large: those over 64 KiB).",
@@ -94,7 +98,7 @@ class WebhookMetrics:
         )
         # Pre-create every series so dashboards and alerts see zeros, not gaps; the
         # request's two are kept by outcome (labels() takes a lock and builds a key).
-        self._by_outcome: dict[str, tuple[Counter, Histogram]] = {}
+        self._by_outcome: dict[str, tuple[Counter, LoopHistogramChild]] = {}
         for outcome in OUTCOMES:
             self._outcome_series(outcome)
         for reason in QUARANTINE_REASONS:
@@ -110,7 +114,7 @@ class WebhookMetrics:
         requests.inc()
         seconds.observe(elapsed_s)
 
-    def _outcome_series(self, outcome: str) -> tuple[Counter, Histogram]:
+    def _outcome_series(self, outcome: str) -> tuple[Counter, LoopHistogramChild]:
         series = self._by_outcome[outcome] = (
             self.requests.labels(outcome),
             self.request_seconds.labels(outcome),

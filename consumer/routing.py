@@ -7,13 +7,13 @@ Pure functions, no I/O: the web layer verifies the signature first, then calls
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
 import msgspec
 
 from schemas.envelope import LeanEnvelope, decode_lean
+from schemas.frozen import frozen
 from schemas.record import (
     HEADER_DELIVERY_ID,
     HEADER_EVENT_CREATED_AT,
@@ -90,7 +90,7 @@ def _outside_strings(marks: bytes) -> bytes:
     return marks
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Routed:
     """A verified event with an envelope: goes to its event topic."""
 
@@ -102,7 +102,7 @@ class Routed:
     publication_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Quarantined:
     """A verified body we cannot route; kept on the quarantine topic with ``reason``."""
 

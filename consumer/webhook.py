@@ -38,6 +38,7 @@ from consumer.routing import Quarantined, Routed, classify, routed_headers
 from consumer.signature import Verdict, Verifier
 from consumer.source import Source, SourceCheck, client_fields
 from schemas.errors import BusError, BusUnavailable, RecordTooLarge, TopicMissing
+from schemas.frozen import frozen
 from schemas.record import (
     HEADER_CONTENT_TYPE,
     HEADER_DELIVERY_ID,
@@ -57,7 +58,7 @@ log = structlog.get_logger("pubrelay.consumer")
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Record:
     """What a request publishes: to the event's topic, or to quarantine with a reason.
 

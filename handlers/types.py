@@ -38,6 +38,7 @@ from structlog.typing import FilteringBoundLogger
 
 from handlers.config import load_section, section_env_prefix
 from schemas.errors import ConfigError
+from schemas.frozen import frozen
 from schemas.record import HEADER_DELIVERY_ID, Headers, header_text
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ class Handler(Protocol):
 M = TypeVar("M", bound=BaseModel)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Claim:
     """The ledger's answer to :meth:`KeyLedger.claim`.
 

@@ -16,13 +16,16 @@ come from structlog and keep their own back-off.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import functools
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, MutableMapping
-from typing import Any, Final, Literal
+from typing import IO, Any, Final, Literal
 
 import msgspec
 import structlog
@@ -76,7 +79,13 @@ def _mask(value: Any) -> Any:
 
 # Values that need no masking unless their key looks secret: numbers, flags, and ASCII
 # text short enough and without "@" (checked in mask_sensitive).
-_PLAIN: Final = frozenset({str, int, float, bool, type(None)})
+_PLAIN: Final = frozenset({int, float, bool, type(None)})
+
+
+@functools.lru_cache(maxsize=256)
+def _secret_keys(keys: tuple[str, ...]) -> tuple[str, ...]:
+    # A call site logs the same keys every time: one look-up per line, not one per key.
+    return tuple(key for key in keys if isinstance(key, str) and _is_secret_key(key))
 
 
 def mask_sensitive(
@@ -84,17 +93,18 @@ def mask_sensitive(
 ) -> MutableMapping[str, Any]:
     """structlog processor: mask e-mail addresses and secret-looking values."""
     for key, value in event_dict.items():
-        if _is_secret_key(key):
-            event_dict[key] = "***"
-        elif type(value) in _PLAIN and (
-            type(value) is not str
-            or (value.isascii() and "@" not in value and len(value) <= MAX_MASKED_CHARS)
-        ):
-            continue  # most values: nothing to mask
-        elif key in NOT_ADDRESS_KEYS and isinstance(value, str):
-            event_dict[key] = value.encode("utf-8", "backslashreplace").decode("utf-8")
-        else:
-            event_dict[key] = _mask(value)
+        kind = type(value)
+        if kind is str:
+            if value.isascii() and "@" not in value and len(value) <= MAX_MASKED_CHARS:
+                continue  # most values: nothing to mask
+            if key in NOT_ADDRESS_KEYS:
+                event_dict[key] = value.encode("utf-8", "backslashreplace").decode("utf-8")
+                continue
+        elif kind in _PLAIN:
+            continue
+        event_dict[key] = _mask(value)
+    for key in _secret_keys(tuple(event_dict)):
+        event_dict[key] = "***"
     return event_dict
 
 
@@ -109,25 +119,135 @@ def _dumps(obj: Any, **_: Any) -> str:
         return json.dumps(obj, default=repr)
 
 
-class _LineLogger(structlog.PrintLogger):
-    """Prints each line; a line that cannot be written (a full disk or quota under the log
-    file, a closed pipe) is counted, never raised into the request or the handler that
-    logged it. The next line written says how many were lost."""
+class _Lines:
+    """The lines logged during one turn of an event loop, written together when the turn
+    ends: one ``write`` per turn instead of one per line (a request or an event logs a
+    line each: ``docs/performance.md``). Outside a running loop (a thread, a command, a
+    test), a line is written at once, after those waiting. Lines waiting when the
+    process exits normally are written then; a process killed outright loses at most
+    the lines of its last loop turn."""
 
-    lost = 0  # per process
+    def __init__(self) -> None:
+        self._waiting: list[tuple[IO[str], str]] = []
+        self._lock = threading.Lock()
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush waits on
 
-    def msg(self, message: str) -> None:
+    def add(self, file: IO[str], line: str) -> None:
+        with self._lock:
+            self._waiting.append((file, line))
         try:
-            super().msg(message)
-        except OSError:
-            _LineLogger.lost += 1
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
             return
-        if _LineLogger.lost:
+        if self._flush_on is not loop:
+            self._flush_on = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_on = None
+            waiting, self._waiting = self._waiting, []
+            written = True
+            start = 0
+            while start < len(waiting):
+                file = waiting[start][0]
+                end = start + 1
+                while end < len(waiting) and waiting[end][0] is file:
+                    end += 1
+                written = _write(file, [line for _, line in waiting[start:end]])
+                start = end
+        if written and _LineLogger.lost:
             lost, _LineLogger.lost = _LineLogger.lost, 0
             structlog.get_logger("pubrelay.logging").warning("log_lines_lost", lines=lost)
 
+
+def _write(file: IO[str], lines: list[str]) -> bool:
+    """Write ``lines``; lines that cannot be written (a full disk or quota under the log
+    file, a closed pipe) are counted, never raised into the request or the handler that
+    logged them. The next line written says how many were lost."""
+    try:
+        file.write("\n".join(lines) + "\n")
+        file.flush()
+    except (OSError, ValueError):  # ValueError: the file was closed
+        _LineLogger.lost += len(lines)
+        return False
+    return True
+
+
+_LINES: Final = _Lines()
+atexit.register(_LINES.flush)
+
+
+def flush_log_lines() -> None:
+    """Write the lines waiting for the end of the loop turn now."""
+    _LINES.flush()
+
+
+class _LineLogger:
+    """The logger behind structlog: hands each rendered line to :data:`_LINES`."""
+
+    lost = 0  # per process
+
+    def __init__(self, file: IO[str]) -> None:
+        self._file = file
+
+    def msg(self, message: str) -> None:
+        _LINES.add(self._file, message)
+
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
+
+
+class _FlushingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Library lines, written after pubrelay's own lines waiting: in the order logged."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _LINES.flush()
+        super().emit(record)
+
+
+def _lean_method(name: str) -> Callable[..., Any]:
+    """A log method doing what structlog's does, without its layers of calls and
+    keyword copies (a third of a line's cost: ``docs/performance.md``)."""
+
+    def method(self: Any, event: str, *args: Any, **event_kw: Any) -> Any:
+        if args:  # "%s" interpolation: structlog's own way
+            return self._proxy_to_logger(name, event % args, **event_kw)
+        context = self._context
+        event_dict: Any = {**context, **event_kw} if context else event_kw
+        event_dict["event"] = event
+        logger = self._logger
+        try:
+            for processor in self._processors:
+                event_dict = processor(logger, name, event_dict)
+        except structlog.DropEvent:
+            return None
+        if isinstance(event_dict, str | bytes | bytearray):
+            return getattr(logger, name)(event_dict)
+        if isinstance(event_dict, tuple):
+            args, kwargs = event_dict
+            return getattr(logger, name)(*args, **kwargs)
+        return getattr(logger, name)(**event_dict)
+
+    method.__name__ = name
+    return method
+
+
+def _wrapper_class(min_level: int) -> type[Any]:
+    """structlog's filtering logger for ``min_level``, with lean methods for the levels
+    it writes."""
+    base = structlog.make_filtering_bound_logger(min_level)
+    methods = {
+        name: _lean_method(name)
+        for level, name in ((10, "debug"), (20, "info"), (30, "warning"), (40, "error"))
+        if level >= min_level
+    }
+    if "warning" in methods:
+        methods["warn"] = methods["warning"]
+    if "info" in methods:
+        methods["msg"] = methods["info"]
+    return type("PubrelayLogger", (base,), methods)
 
 
 LIBRARY_REPEAT_INTERVAL_S: Final = 30.0
@@ -201,8 +321,9 @@ def configure_logging(
         if use_console
         else structlog.processors.JSONRenderer(serializer=_dumps)
     )
+    # No contextvars merge: pubrelay binds none, and merging walks every context variable
+    # of the task for every line.
     shared: list[structlog.typing.Processor] = [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         _add_timestamp,
         # Tracebacks become text before masking, so addresses in them are masked too.
@@ -211,13 +332,13 @@ def configure_logging(
     ]
     structlog.configure(
         processors=[*shared, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        wrapper_class=_wrapper_class(numeric),
         logger_factory=lambda *_: _LineLogger(sys.stderr),
         cache_logger_on_first_use=True,
     )
     # Libraries (aiohttp, aiokafka) log through the standard library: rendered by the same
     # processors (JSON stays JSON), at WARNING or above unless debugging.
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _FlushingHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, _add_repeated, *shared],

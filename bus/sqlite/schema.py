@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS group_offsets (
 """
 
 _headers_encoder = msgspec.msgpack.Encoder()
-_headers_decoder = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
+_headers_decoder = msgspec.msgpack.Decoder(tuple[tuple[str, bytes], ...])
 
 
 def encode_headers(headers: Headers) -> bytes:
@@ -40,4 +40,4 @@ def encode_headers(headers: Headers) -> bytes:
 
 
 def decode_headers(data: bytes) -> Headers:
-    return tuple(_headers_decoder.decode(data))
+    return _headers_decoder.decode(data)

@@ -117,17 +117,10 @@ class SqliteSubscription:
                 "WHERE topic = ? AND id >= ? ORDER BY id LIMIT ?",
                 (topic, self._positions[topic], max_records - len(out)),
             ).fetchall()
+            # Positional: this thread holds the interpreter lock while it builds them.
             out.extend(
-                Message(
-                    topic=topic,
-                    partition=0,
-                    offset=row[0],
-                    key=row[1],
-                    value=row[2],
-                    headers=decode_headers(row[3]),
-                    timestamp_ms=row[4],
-                )
-                for row in rows
+                Message(topic, 0, offset, key, value, decode_headers(headers), ts_ms)
+                for offset, key, value, headers, ts_ms in rows
             )
             if len(out) >= max_records:
                 break

@@ -104,3 +104,35 @@ async def test_other_shapes_get_the_same_answers_as_on_aiohttp(
     }[shape]
     got = await answers(front.port, data, 2 if shape == "expect" else 1)
     assert got[-1] == status
+
+
+async def test_a_delivery_connection_lives_while_used_and_closes_after_the_keepalive_time(
+    make_app: object, sqlite_bus: SqliteBus
+) -> None:
+    """Deliveries closer together than the keep-alive time keep the connection, however
+    long it lives; idle for that time after an answer, it is closed."""
+    from consumer.config import HttpSettings  # noqa: PLC0415
+
+    app, _ = make_app(sqlite_bus)  # type: ignore[operator]
+    served = Front(app, HttpSettings(keepalive_timeout_s=0.6))
+    await served.start()
+    assert served.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    loop = asyncio.get_running_loop()
+    try:
+        for _ in range(4):  # 1.2 s in all: twice the keep-alive time
+            writer.write(post(event_body()))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 202")
+            assert b"Connection: close" not in head
+            await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+            answered_at = loop.time()
+            await asyncio.sleep(0.3)
+        closed = await asyncio.wait_for(reader.read(), 10)
+        idle_s = loop.time() - answered_at
+    finally:
+        writer.close()
+        await served.close()
+    assert closed == b""
+    assert 0.55 <= idle_s < 5  # closed for being idle, not before
+    assert len(await read_topic(sqlite_bus, TOPIC)) == 4
