@@ -24,7 +24,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import IO, Any, Final, Literal
 
 import msgspec
@@ -212,8 +212,10 @@ def _lean_method(name: str) -> Callable[..., Any]:
     keyword copies (a third of a line's cost: ``docs/performance.md``)."""
 
     def method(self: Any, event: str, *args: Any, **event_kw: Any) -> Any:
-        if args:  # "%s" interpolation: structlog's own way
-            return self._proxy_to_logger(name, event % args, **event_kw)
+        if args:  # "%s" interpolation, as structlog does it (one mapping: by name)
+            one = len(args) == 1 and isinstance(args[0], Mapping) and args[0]
+            event = event % (args[0] if one else args)
+            return self._proxy_to_logger(name, event, **event_kw)
         context = self._context
         event_dict: Any = {**context, **event_kw} if context else event_kw
         event_dict["event"] = event

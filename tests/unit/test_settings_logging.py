@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterator
@@ -112,3 +113,51 @@ def test_tracebacks_nested_secrets_and_odd_text_are_masked_without_breaking_the_
     assert first["error"] == "ValueError: cannot mail j***@example.com"
     assert first["headers"] == {"Authorization": "***"}
     assert second["request_id"] == "\\udcff-\\ud83d"
+
+
+async def test_lines_of_one_loop_turn_are_written_together_at_its_end_in_order(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("info", "json")
+    log = structlog.get_logger("t")
+    log.info("first", recipient="jane.doe@example.com")
+    log.warning("second %s of %d", "line", 3)
+    logging.getLogger("aiokafka.conn").warning("a library's line")  # writes what waits first
+    log.info("fourth %(what)s", {"what": "line"}, token="abc")
+    log.debug("not at info")
+    waiting = capsys.readouterr().err.splitlines()
+
+    await asyncio.sleep(0)  # the turn ends
+
+    lines = [json.loads(line) for line in [*waiting, *capsys.readouterr().err.splitlines()]]
+    assert [(line["event"], line["level"]) for line in lines] == [
+        ("first", "info"),
+        ("second line of 3", "warning"),
+        ("a library's line", "warning"),
+        ("fourth line", "info"),
+    ]
+    assert len(waiting) == 3  # the fourth waited for the end of the turn
+    assert lines[0]["recipient"] == "j***@example.com"
+    assert lines[3]["token"] == "***"
+
+
+def test_lines_still_waiting_when_the_loop_is_gone_are_written_by_the_next_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("info", "json")
+    log = structlog.get_logger("t")
+
+    async def log_and_stop() -> None:
+        log.info("in the loop")
+        asyncio.get_running_loop().stop()  # the turn's end never runs the write
+
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(log_and_stop())
+        loop.run_forever()
+        assert task.done()
+    finally:
+        loop.close()
+    log.info("after the loop")
+    events = [json.loads(line)["event"] for line in capsys.readouterr().err.splitlines()]
+    assert events == ["in the loop", "after the loop"]
