@@ -122,7 +122,7 @@ class SqliteBus:
             Open(str(self.path), self._busy_timeout_s),
             name="bus_writer",
             log=log,
-            close_timeout_s=max(10.0, 2 * self._busy_timeout_s),
+            busy_timeout_s=self._busy_timeout_s,
         )
         try:
             create_private_file(self.path)

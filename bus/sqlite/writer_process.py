@@ -21,7 +21,7 @@ import pickle
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from structlog.typing import FilteringBoundLogger
 
@@ -31,13 +31,20 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 """The directory holding pubrelay's packages: the process imports from it."""
 
 
+MIN_CLOSE_TIMEOUT_S: Final = 10.0
+
+
 class WriterExited(OSError):
     """A writer process ended before answering (the write's outcome is unknown)."""
 
 
 class WriterProcess:
     """One writer process: ``python -m <module>``, opened with ``open_request`` (see the
-    module docstring). ``name`` names it in errors and log events (``<name>_exited``)."""
+    module docstring). ``name`` names it in errors and log events (``<name>_exited``).
+
+    Closing lets it answer what it was sent for twice ``busy_timeout_s`` (a transaction
+    may wait that long for the write lock), at least :data:`MIN_CLOSE_TIMEOUT_S`, then
+    kills it."""
 
     def __init__(
         self,
@@ -46,13 +53,13 @@ class WriterProcess:
         *,
         name: str,
         log: FilteringBoundLogger,
-        close_timeout_s: float,
+        busy_timeout_s: float,
     ) -> None:
         self.module = module
         self.open_request = open_request
         self.name = name
         self.log = log
-        self.close_timeout_s = close_timeout_s
+        self.close_timeout_s = max(MIN_CLOSE_TIMEOUT_S, 2 * busy_timeout_s)
         self._event_exited = f"{name}_exited"
         self._event_unreadable = f"{name}_unreadable"
         self._event_started = f"{name}_started"

@@ -172,7 +172,7 @@ class SqliteLedger:
                 Open(str(self.path), self.timeout_s),
                 name="ledger_writer",
                 log=log,
-                close_timeout_s=max(10.0, 2 * self.timeout_s),
+                busy_timeout_s=self.timeout_s,
             )
             await writer.start()  # creates the tables; ConfigError without JSON functions
             self._writer = writer
