@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from consumer.signature import sign
 from pubrelay import bus_access, dead_letter_commands, quarantine_command, send_command
 from pubrelay.exit_codes import EXIT_CONFIG
-from pubrelay.logging import configure_logging
+from pubrelay.logging import configure_logging, flush_log_lines
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings, load_settings
 from schemas.errors import PubrelayError
@@ -37,8 +37,11 @@ def event_loop_runner() -> asyncio.Runner:
 
 
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
-    with event_loop_runner() as runner:
-        return runner.run(coro)
+    try:
+        with event_loop_runner() as runner:
+            return runner.run(coro)
+    finally:
+        flush_log_lines()  # the loop's last lines, before any error printed after them
 
 
 def _serve(
