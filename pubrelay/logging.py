@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
+import itertools
 import json
 import logging
+import operator
 import sys
 import threading
 import time
@@ -131,6 +133,7 @@ class _Lines:
         self._waiting: list[tuple[IO[str], str]] = []
         self._lock = threading.Lock()
         self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush waits on
+        self._lost = 0  # lines that could not be written, not yet reported
 
     def add(self, file: IO[str], line: str) -> None:
         with self._lock:
@@ -145,32 +148,31 @@ class _Lines:
             loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        """Write the waiting lines, one ``write`` per run of lines to the same file. Lines
+        that cannot be written (a full disk or quota under the log file, a closed pipe)
+        are counted, never raised into the request or the handler that logged them; the
+        next flush that writes says how many were lost."""
         with self._lock:
             self._flush_on = None
             waiting, self._waiting = self._waiting, []
             written = True
-            start = 0
-            while start < len(waiting):
-                file = waiting[start][0]
-                end = start + 1
-                while end < len(waiting) and waiting[end][0] is file:
-                    end += 1
-                written = _write(file, [line for _, line in waiting[start:end]])
-                start = end
-        if written and _LineLogger.lost:
-            lost, _LineLogger.lost = _LineLogger.lost, 0
+            for file, run in itertools.groupby(waiting, key=operator.itemgetter(0)):
+                lines = [line for _, line in run]
+                written = _write(file, lines)
+                if not written:
+                    self._lost += len(lines)
+            lost = self._lost if written else 0
+            self._lost -= lost
+        if lost:
             structlog.get_logger("pubrelay.logging").warning("log_lines_lost", lines=lost)
 
 
 def _write(file: IO[str], lines: list[str]) -> bool:
-    """Write ``lines``; lines that cannot be written (a full disk or quota under the log
-    file, a closed pipe) are counted, never raised into the request or the handler that
-    logged them. The next line written says how many were lost."""
+    """Write ``lines``; False when they could not be."""
     try:
         file.write("\n".join(lines) + "\n")
         file.flush()
     except (OSError, ValueError):  # ValueError: the file was closed
-        _LineLogger.lost += len(lines)
         return False
     return True
 
@@ -186,8 +188,6 @@ def flush_log_lines() -> None:
 
 class _LineLogger:
     """The logger behind structlog: hands each rendered line to :data:`_LINES`."""
-
-    lost = 0  # per process
 
     def __init__(self, file: IO[str]) -> None:
         self._file = file

@@ -195,12 +195,14 @@ class SqliteBus:
             return
         if entry.state == _PENDING:
             entry.state = _WITHDRAWN
-            entry.future.set_exception(
-                BusUnavailable(f"the embedded bus did not commit within {timeout:.1f}s")
+            _fail(
+                entry.future,
+                BusUnavailable(f"the embedded bus did not commit within {timeout:.1f}s"),
             )
         else:
             loop = entry.future.get_loop()
-            entry.timer = loop.call_later(timeout, _stalled, entry)
+            stalled = BusUnavailable("the embedded bus commit is stalled")
+            entry.timer = loop.call_later(timeout, _fail, entry.future, stalled)
 
     async def _write_loop(self) -> None:
         while True:
@@ -329,8 +331,3 @@ def _fail(future: asyncio.Future[None], error: BusUnavailable) -> None:
     if not future.done():
         future.set_exception(error)
         future.exception()  # retrieved here so an abandoned future does not warn
-
-
-def _stalled(entry: _Entry) -> None:
-    if not entry.future.done():
-        entry.future.set_exception(BusUnavailable("the embedded bus commit is stalled"))

@@ -14,7 +14,7 @@ import structlog
 
 from bus.sqlite import SqliteBus
 from schemas.errors import BusUnavailable
-from tests.fixtures.process import child_ends_with_its_parent, ended
+from tests.fixtures.process import child_ends_with_its_parent, ended, running_writer
 from tests.fixtures.worker import eventually
 
 TOPIC = "p.events"
@@ -23,12 +23,6 @@ TOPIC = "p.events"
 def stored(path: Path) -> set[bytes]:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         return {r[0] for r in conn.execute("SELECT value FROM log WHERE topic = ?", (TOPIC,))}
-
-
-def running_writer(bus: SqliteBus) -> int:
-    pid = bus.writer_pid
-    assert pid is not None
-    return pid
 
 
 async def test_a_killed_writer_is_replaced_and_every_acknowledged_record_is_stored(

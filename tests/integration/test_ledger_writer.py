@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from bus.sqlite.writer_process import WriterExited
 from bus.types import Bus
 from handlers.worker.ledger import SqliteLedger
-from tests.fixtures.process import child_ends_with_its_parent, ended
+from tests.fixtures.process import child_ends_with_its_parent, ended, running_writer
 from tests.fixtures.worker import (
     ScriptedHandler,
     eventually,
@@ -60,12 +60,6 @@ async def test_a_killed_writer_is_replaced_and_every_event_is_handled_once(
         assert any(e["event"] == "ledger_writer_started" for e in logs)
     finally:
         await ledger.close()
-
-
-def running_writer(ledger: SqliteLedger) -> int:
-    pid = ledger.writer_pid
-    assert pid is not None
-    return pid
 
 
 async def test_a_write_while_the_writer_is_gone_fails_clearly_and_the_next_one_lands(
