@@ -1,13 +1,16 @@
 """The transport contract: one ``Bus`` protocol that the Kafka and the embedded bus implement.
 
 A bus publishes with an acknowledgement (``publish`` returns only once the record is
-durable) and lets consumer groups read topics with explicit commits (at-least-once).
+durable) and lets consumer groups read topics with explicit commits (at-least-once). A
+bus may also take a record without a coroutine (:class:`SubmittingBus`: the embedded one
+does); :func:`submitter` gives every bus that shape.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from schemas.frozen import frozen
 from schemas.record import Headers
@@ -113,3 +116,61 @@ class Bus(Protocol):
     ) -> Subscription:
         """A new (not yet started) member of consumer group ``group``."""
         ...
+
+
+class Submit(Protocol):
+    """:meth:`Bus.publish` without a coroutine: the future is settled as ``publish``
+    returns or raises. The record is taken whether or not the future is awaited."""
+
+    def __call__(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        headers: Headers = (),
+        timeout_s: float | None = None,
+    ) -> asyncio.Future[None]: ...
+
+
+@runtime_checkable
+class SubmittingBus(Bus, Protocol):
+    """A bus whose :meth:`submit` takes a record without a coroutine or a task (callers
+    that answer from a callback save both: docs/performance.md, "The request without a
+    task")."""
+
+    def submit(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        headers: Headers = (),
+        timeout_s: float | None = None,
+    ) -> asyncio.Future[None]:
+        """As :class:`Submit`."""
+        ...
+
+
+def submitter(bus: Bus) -> Submit:
+    """``bus.submit`` when the bus has one; otherwise each record is published by a task
+    of its own (kept referenced until it is done)."""
+    if isinstance(bus, SubmittingBus):
+        return bus.submit
+    tasks: set[asyncio.Task[None]] = set()
+
+    def submit(
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        headers: Headers = (),
+        timeout_s: float | None = None,
+    ) -> asyncio.Future[None]:
+        publish = bus.publish(topic, value, key=key, headers=headers, timeout_s=timeout_s)
+        task = asyncio.get_running_loop().create_task(publish)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    return submit

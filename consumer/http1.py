@@ -105,7 +105,8 @@ class WebhookServer:
         self.max_field = http.max_header_bytes
         self.max_head = http.max_headers * (http.max_header_bytes + 2) + 8192
         self.connections: set[Connection] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.answering = 0  # requests taken and not yet answered, on every connection
+        self._answered: asyncio.Future[None] | None = None  # shutdown waits on it
         self._date = b""
         self._date_at = 0
         self._answers: dict[tuple[object, ...], tuple[bytes, bytes]] = {}
@@ -139,10 +140,22 @@ class WebhookServer:
         """Close idle connections, let requests being answered finish (bounded)."""
         for connection in list(self.connections):
             connection.close_if_idle()
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=timeout_s)
+        if self.answering:
+            self._answered = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._answered, timeout_s)
         for connection in list(self.connections):
             connection.abort()
+
+    def taken(self) -> None:
+        """A request is being answered."""
+        self.answering += 1
+
+    def answered(self) -> None:
+        """A request was answered (its connection may be gone)."""
+        self.answering -= 1
+        if not self.answering and self._answered is not None and not self._answered.done():
+            self._answered.set_result(None)
 
 
 def _answer_parts(answer: Answer, keep_alive: bool) -> tuple[bytes, bytes]:
@@ -165,7 +178,9 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: WebhookServer) -> None:
         self.server = server
-        self.task: asyncio.Task[None] | None = None
+        self.answering = False  # a request was taken and is not answered yet
+        self._keep_alive = True  # the request being answered's
+        self._advancing = False  # in _advance: an answer given at once must not recurse
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._parser: Any = None
@@ -187,7 +202,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if self.task is None:
+        if not self.answering:
             self._advance()
         elif len(self._buffer) > self.server.max_head + self.server.max_body and not self._paused:
             assert self._transport is not None
@@ -206,6 +221,8 @@ class Connection(asyncio.Protocol):
 
     def _advance(self) -> None:
         """Serve the next whole request in the buffer, or hand the connection over."""
+        if self.answering or self._closed or self._transport is None:
+            return  # answering one already; or the connection is gone or handed over
         server = self.server
         buffer = self._buffer
         # From where the last look ended: a head sent a byte at a time is scanned once.
@@ -235,10 +252,12 @@ class Connection(asyncio.Protocol):
             self._abort_request()
             return
         request = _Request(CIMultiDictProxy(fields), self._remote)
-        task = asyncio.get_running_loop().create_task(self._serve(request, body, keep_alive))
-        self.task = task
-        server.tasks.add(task)
-        task.add_done_callback(server.tasks.discard)
+        self.answering, self._keep_alive, self._advancing = True, keep_alive, True
+        server.taken()
+        try:
+            server.intake.receive_whole(request, body, self._respond)
+        finally:
+            self._advancing = False
 
     def _parse_head(self, head: bytes) -> tuple[CIMultiDict[str], int, bool] | None:
         """The head's headers, body length and keep-alive, when the request is the shape
@@ -278,16 +297,16 @@ class Connection(asyncio.Protocol):
         self._parser = parser
         return fields, length, parser.should_keep_alive()
 
-    async def _serve(self, request: _Request, body: bytes, keep_alive: bool) -> None:
-        try:
-            answer = await self.server.intake.receive_whole(request, body)
-        finally:
-            self.task = None
+    def _respond(self, answer: Answer) -> None:
+        """Write the answer (the intake calls this once per request), then serve the next
+        request waiting, if any."""
+        self.answering = False
+        self.server.answered()
         transport = self._transport
         if self._closed or transport is None or transport.is_closing():
             return  # the client left: the event is stored all the same
-        transport.write(self.server.answer_bytes(answer, keep_alive))
-        if answer.close or not keep_alive:
+        transport.write(self.server.answer_bytes(answer, self._keep_alive))
+        if answer.close or not self._keep_alive:
             transport.close()
             return
         if self._paused:
@@ -295,7 +314,10 @@ class Connection(asyncio.Protocol):
             transport.resume_reading()
         self._start_idle_timer()
         if self._buffer:
-            self._advance()
+            if self._advancing:  # answered at once: the next one in a later loop turn
+                asyncio.get_running_loop().call_soon(self._advance)
+            else:
+                self._advance()
 
     def _hand_over(self) -> None:
         """aiohttp serves this connection from the first byte not yet served on."""
@@ -341,7 +363,7 @@ class Connection(asyncio.Protocol):
         timeout = self.server.keepalive_timeout_s
         due = self._idle_since + timeout
         now = loop.time()
-        if self.task is None and now >= due:
+        if not self.answering and now >= due:
             self._transport.close()
             return
         # Being answered (idle again once written), or idle for less than the timeout.
@@ -354,7 +376,7 @@ class Connection(asyncio.Protocol):
 
     def close_if_idle(self) -> None:
         """Close the connection unless a request is being answered."""
-        if self.task is None and self._transport is not None:
+        if not self.answering and self._transport is not None:
             self._transport.close()
 
     def abort(self) -> None:

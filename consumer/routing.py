@@ -31,6 +31,7 @@ _TOPIC_SAFE: Final = re.compile(r"[A-Za-z0-9._-]{1,200}")
 # Brackets outside strings, as one byte each: "(" opens an array or object, ")" closes one.
 _TO_PARENS: Final = bytes.maketrans(b"[{]}", b"(())")
 _NOT_MARKS: Final = bytes(b for b in range(256) if b not in b'[]{}"')
+_NOT_OPENING: Final = bytes(b for b in range(256) if b not in b"[{")
 
 
 def json_depth_exceeds(body: bytes, max_depth: int) -> bool:
@@ -42,8 +43,10 @@ def json_depth_exceeds(body: bytes, max_depth: int) -> bool:
     and no deeper than that; anything else (too deep, or not balanced: not JSON) is
     settled by counting the depth bracket by bracket.
     """
-    if body.count(b"{") + body.count(b"[") <= max_depth:
-        return False  # not enough brackets to be that deep: the common, cheap case
+    if len(body.translate(None, _NOT_OPENING)) <= max_depth:
+        # Not enough brackets to be that deep: the common, cheap case (one pass; two
+        # bytes.count passes took 60% longer: docs/performance.md).
+        return False
     marks = _quotes_and_brackets(body)
     if marks.count(b"{") + marks.count(b"[") <= max_depth:
         return False

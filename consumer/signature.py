@@ -96,6 +96,9 @@ class Verifier:
         if any(not s.strip() for s in secrets):
             raise ValueError("a webhook secret must not be empty")
         self._keys = tuple(s.encode() for s in secrets)
+        # HMAC's inner and outer hashes after the key (RFC 2104), computed once: each check
+        # copies them rather than hmac.digest setting the key up again (0.7 µs of 4 µs).
+        self._pads = tuple(_key_pads(key) for key in self._keys)
 
     @property
     def configured(self) -> bool:
@@ -127,10 +130,26 @@ class Verifier:
 
     def _matches(self, message: bytes, given: bytes) -> bool:
         ok = False
-        for key in self._keys:
+        for inner_pad, outer_pad in self._pads:
+            inner = inner_pad.copy()
+            inner.update(message)
+            outer = outer_pad.copy()
+            outer.update(inner.digest())
             # No early exit: every secret is checked, in constant time each.
-            ok |= hmac.compare_digest(hmac.digest(key, message, "sha256"), given)
+            ok |= hmac.compare_digest(outer.digest(), given)
         return ok
+
+
+def _key_pads(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """HMAC-SHA256's hashes after ``key`` xor ipad and opad (RFC 2104, section 2)."""
+    block = hashlib.sha256().block_size
+    if len(key) > block:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(block, b"\0")
+    return (
+        hashlib.sha256(bytes(k ^ 0x36 for k in key)),
+        hashlib.sha256(bytes(k ^ 0x5C for k in key)),
+    )
 
 
 def _tokens(body: bytes) -> int:

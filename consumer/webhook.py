@@ -9,10 +9,12 @@ counted and logged once, at the end, as one ``webhook_request`` line.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -20,7 +22,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from bus.types import Bus
+from bus.types import Bus, Submit, submitter
 from consumer.answers import (
     ACCEPTED,
     FORBIDDEN,
@@ -111,6 +113,60 @@ class RequestLine:
         return fields
 
 
+class _InFlight:
+    """A request from its publish to its answer: what the bus's callback needs."""
+
+    __slots__ = ("intake", "line", "published", "respond", "retried", "started", "view")
+
+    def __init__(
+        self,
+        intake: Intake,
+        view: RequestView,
+        line: RequestLine,
+        respond: Callable[[Answer], object],
+        started: float,
+    ) -> None:
+        self.intake = intake
+        self.view = view
+        self.line = line
+        self.respond = respond
+        self.started = started
+        self.published = 0.0  # time.perf_counter() when the publish started
+        self.retried = False  # published to quarantine after its topic was missing
+
+    def finish(self, answer: Answer) -> None:
+        """Count and log the request once, then answer it (whatever the counting raised)."""
+        try:
+            self.intake._done(self.view, self.line, answer, self.started)
+        finally:
+            self.respond(answer)
+
+    def sent(self, future: asyncio.Future[None]) -> None:
+        """The bus answered the publish (a done callback of its future)."""
+        try:
+            error = (
+                BusUnavailable("the publish was cancelled")
+                if future.cancelled()
+                else future.exception()
+            )
+            answer = self.intake._after_send(self, error)
+        except Exception:  # a bug must still answer, count and log
+            log.exception("webhook_request_failed", **self.line.fields())
+            answer = INTERNAL_ERROR
+        if answer is not None:
+            self.finish(answer)
+
+
+def _settle_with(future: asyncio.Future[Answer]) -> Callable[[Answer], None]:
+    """A ``respond`` that settles ``future`` (left alone once it was cancelled)."""
+
+    def respond(answer: Answer) -> None:
+        if not future.done():
+            future.set_result(answer)
+
+    return respond
+
+
 class RequestView(Protocol):
     """What the intake reads of a request: aiohttp's, or the webhook's own HTTP layer's."""
 
@@ -140,6 +196,7 @@ class Intake:
         observer: IntakeObserver | None = None,
     ) -> None:
         self.bus = bus
+        self._submit: Submit = submitter(bus)
         self.observer = observer
         self.settings = webhook
         self.verifier = verifier
@@ -173,29 +230,39 @@ class Intake:
         metrics.bodies_receiving.labels("large").set_function(lambda: reader.reading_large)
 
     async def receive(self, request: web.Request) -> web.Response:
-        """The aiohttp handler: answer the request, then count and log it once."""
+        """The aiohttp handler: read the body, then as :meth:`receive_whole`."""
         started = time.perf_counter()
-        line = RequestLine(_request_id(request))
         try:
-            answer = await self._answer(request, line)
+            read = self._check_source(request) or await self._read_body(request)
         except Exception:  # a bug must still answer, count and log
-            log.exception("webhook_request_failed", **line.fields())
-            answer = INTERNAL_ERROR
-        self._done(request, line, answer, started)
-        return answer.response()
+            log.exception("webhook_request_failed", request_id=_request_id(request))
+            read = INTERNAL_ERROR
+        if isinstance(read, Answer):
+            self._done(request, RequestLine(_request_id(request)), read, started)
+            return read.response()
+        answered: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._answer_body(request, read, _settle_with(answered), started)
+        # A handler cancelled meanwhile cancels only this wait: the publish goes on, and the
+        # request is counted and logged when it ends.
+        return (await answered).response()
 
-    async def receive_whole(self, request: RequestView, body: bytes) -> Answer:
+    def receive_whole(
+        self, request: RequestView, body: bytes, respond: Callable[[Answer], object]
+    ) -> None:
         """The same for a request whose body was received whole by the webhook's own HTTP
-        layer (:mod:`consumer.http1`), which writes the answer."""
+        layer (:mod:`consumer.http1`): ``respond`` is called with the answer once, maybe
+        before this returns, and writes it.
+
+        No task and no coroutine per request: the steps before the publish run here, the
+        rest in the callback of the bus's future (docs/performance.md, "The request without
+        a task")."""
         started = time.perf_counter()
-        line = RequestLine(_request_id(request))
-        try:
-            answer = self._check_source(request) or await self._answer_body(request, body, line)
-        except Exception:  # a bug must still answer, count and log
-            log.exception("webhook_request_failed", **line.fields())
-            answer = INTERNAL_ERROR
-        self._done(request, line, answer, started)
-        return answer
+        refused = self._check_source(request)
+        if refused is None:
+            self._answer_body(request, body, respond, started)
+        else:
+            line = RequestLine(_request_id(request))
+            _InFlight(self, request, line, respond, started).finish(refused)
 
     def _done(
         self, request: RequestView, line: RequestLine, answer: Answer, started: float
@@ -223,24 +290,32 @@ class Intake:
                 outcome=answer.outcome,
             )
 
-    async def _answer(self, request: web.Request, line: RequestLine) -> Answer:
-        """The steps in order; the first that refuses the request answers it."""
-        if (refused := self._check_source(request)) is not None:
-            return refused
-        body = await self._read_body(request)
-        if isinstance(body, Answer):
-            return body
-        return await self._answer_body(request, body, line)
-
-    async def _answer_body(self, request: RequestView, body: bytes, line: RequestLine) -> Answer:
-        """The steps after the body was read."""
-        if (refused := self._check_signature(request, body)) is not None:
-            return refused
-        # classify() drops the decoded envelope before it returns: what stays alive across
-        # the publish await is the record, bytes and a few short strings (docs/performance.md).
-        record = self._build_record(request, body)
-        line.record, line.body = record, body
-        return await self._publish(record, body, request, line)
+    def _answer_body(
+        self,
+        request: RequestView,
+        body: bytes,
+        respond: Callable[[Answer], object],
+        started: float,
+    ) -> None:
+        """The steps after the body was read: the signature, the record, its publish."""
+        flight = _InFlight(self, request, RequestLine(_request_id(request)), respond, started)
+        try:
+            refused = self._check_signature(request, body)
+            if refused is not None:
+                flight.finish(refused)
+                return
+            # classify() drops the decoded envelope before it returns: what stays alive
+            # across the publish is the record, bytes and a few short strings
+            # (docs/performance.md).
+            record = self._build_record(request, body)
+            flight.line.record, flight.line.body = record, body
+            flight.published = time.perf_counter()
+            sent = self._send(record, body)
+        except Exception:  # a bug must still answer, count and log
+            log.exception("webhook_request_failed", **flight.line.fields())
+            flight.finish(INTERNAL_ERROR)
+            return
+        sent.add_done_callback(flight.sent)
 
     def _check_source(self, request: RequestView) -> Answer | None:
         """403 unless the client's address is in the allowlist (when one is set)."""
@@ -347,40 +422,31 @@ class Intake:
             quarantined=decision,
         )
 
-    async def _publish(
-        self, record: Record, body: bytes, request: RequestView, line: RequestLine
-    ) -> Answer:
-        """Publish the record; 202 once the bus acknowledged it, 503 when it did not,
-        413 when the bus refuses it for its size (it always will: no retry can help).
-
-        An event whose topic may not be created is kept in quarantine instead (and the
-        log line says so).
-        """
-        published = time.perf_counter()
-        try:
-            await self._send(record, body)
-        except TopicMissing as err:
-            if record.routed is None:  # the quarantine topic itself is missing
-                return self._unavailable(err)
+    def _after_send(self, flight: _InFlight, error: BaseException | None) -> Answer | None:
+        """The answer once the bus answered the publish: 202 once it acknowledged the
+        record, 503 when it did not, 413 when it refuses it for its size (it always will:
+        no retry can help). None when the record goes to quarantine instead: an event
+        whose topic may not be created is kept there (and the log line says so)."""
+        record = flight.line.record
+        assert record is not None
+        if error is None:
+            self.metrics.publish_seconds.observe(time.perf_counter() - flight.published)
+            if record.quarantined is not None:
+                self.metrics.quarantined.labels(record.quarantined.reason).inc()
+                return quarantined(record.quarantined.reason)
+            return ACCEPTED
+        if isinstance(error, RecordTooLarge):
+            return too_large_for_bus(error)
+        if isinstance(error, TopicMissing) and record.routed is not None and not flight.retried:
             # The event's topic cannot be created (no permission, auto-create off): keep the
             # event in quarantine rather than answer 503 until Voucherify gives up on us.
-            record = self._no_topic_record(record.routed, err, request, record.received_at)
-            line.record = record
-            try:
-                await self._send(record, body)
-            except RecordTooLarge as again:
-                return too_large_for_bus(again)
-            except BusError as again:
-                return self._unavailable(again)
-        except RecordTooLarge as err:
-            return too_large_for_bus(err)
-        except BusUnavailable as err:
-            return self._unavailable(err)
-        self.metrics.publish_seconds.observe(time.perf_counter() - published)
-        if record.quarantined is not None:
-            self.metrics.quarantined.labels(record.quarantined.reason).inc()
-            return quarantined(record.quarantined.reason)
-        return ACCEPTED
+            record = self._no_topic_record(record.routed, error, flight.view, record.received_at)
+            flight.line.record, flight.retried = record, True
+            self._send(record, flight.line.body).add_done_callback(flight.sent)
+            return None
+        if isinstance(error, BusError):
+            return self._unavailable(error)
+        raise error
 
     def _no_topic_record(
         self, routed: Routed, err: TopicMissing, request: RequestView, received_at: bytes
@@ -395,8 +461,9 @@ class Intake:
         )
         return self._quarantine_record(no_topic, request, received_at, routed=routed)
 
-    async def _send(self, record: Record, body: bytes) -> None:
-        await self.bus.publish(
+    def _send(self, record: Record, body: bytes) -> asyncio.Future[None]:
+        """Publish the record; the future is settled once the bus answered."""
+        return self._submit(
             record.topic,
             body,
             key=record.key,

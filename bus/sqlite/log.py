@@ -44,6 +44,7 @@ from typing import Final
 import structlog
 
 from bus.sqlite.db import create_private_file
+from bus.sqlite.deadlines import Deadlines
 from bus.sqlite.retention import DEFAULT_CHUNK_ROWS, MAX_PASS_INTERVAL_S, RetentionPass
 from bus.sqlite.schema import encode_headers
 from bus.sqlite.subscription import SqliteSubscription
@@ -76,8 +77,9 @@ class _Entry:
     ts_ms: int
     future: asyncio.Future[None]
     deadline: float  # time.monotonic(): the writer process leaves the record out after it
+    timeout: float
     state: int = _PENDING
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.TimerHandle | None = None  # only once the writer is late (stalled)
 
 
 class SqliteBus:
@@ -101,10 +103,11 @@ class SqliteBus:
         self._busy_timeout_s = busy_timeout_s
         self._process: WriterProcess | None = None
         self._pending: list[_Entry] = []
-        self._wake = asyncio.Event()
+        self._flush_soon = False  # a send of _pending is due at the end of this loop turn
         self._published = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        self._retainer: asyncio.Task[None] | None = None  # runs from start to close
         self._in_flight: set[asyncio.Future[list[int]]] = set()
+        self._deadlines = Deadlines[_Entry](self._timed_out)
         self._next_retention = 0.0  # monotonic time the next retention pass starts
         self._retention: RetentionPass | None = None
         self._closing = False
@@ -115,7 +118,7 @@ class SqliteBus:
         return self._process.pid if self._process is not None else None
 
     async def start(self) -> None:
-        if self._writer is not None:
+        if self._retainer is not None:
             return
         process = WriterProcess(
             "bus.sqlite.writer",
@@ -130,20 +133,22 @@ class SqliteBus:
         except (OSError, sqlite3.Error) as err:
             raise BusUnavailable(f"cannot open the embedded bus at {self.path}: {err}") from err
         self._process = process
-        self._writer = asyncio.create_task(self._write_loop(), name="sqlite-bus-writer")
+        self._retainer = asyncio.create_task(self._retention_loop(), name="sqlite-bus-retention")
 
     async def close(self) -> None:
-        if self._writer is not None:
-            # Refuse new records, let the writer commit what it already accepted (bounded).
+        if self._retainer is not None:
+            # Refuse new records, let the writer commit what it already accepted (bounded):
+            # the records still waiting after that were not sent, and their deadlines
+            # answer them "not stored".
             self._closing = True
-            self._wake.set()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._writer), self.publish_timeout_s)
-            except TimeoutError:
-                self._writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._writer
-            self._writer = None
+            self._retainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retainer
+            self._retainer = None
+            deadline = time.monotonic() + self.publish_timeout_s
+            self._send_pending()
+            while self._in_flight and (left := deadline - time.monotonic()) > 0:
+                await asyncio.wait(set(self._in_flight), timeout=left)
         if self._process is not None:
             process, self._process = self._process, None
             await process.close()
@@ -159,9 +164,25 @@ class SqliteBus:
         headers: Headers = (),
         timeout_s: float | None = None,
     ) -> None:
-        if self._writer is None or self._closing:
-            raise BusUnavailable("the embedded bus is not started")
+        # A caller that is cancelled cancels only its wait: a record the writer takes is
+        # still committed.
+        await self.submit(topic, value, key=key, headers=headers, timeout_s=timeout_s)
+
+    def submit(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        headers: Headers = (),
+        timeout_s: float | None = None,
+    ) -> asyncio.Future[None]:
+        """:meth:`publish` without a coroutine (:class:`bus.types.SubmittingBus`)."""
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if self._retainer is None or self._closing:
+            _fail(future, BusUnavailable("the embedded bus is not started"))
+            return future
         timeout = self.publish_timeout_s if timeout_s is None else timeout_s
         entry = _Entry(
             topic,
@@ -169,25 +190,32 @@ class SqliteBus:
             value,
             headers,
             int(time.time() * 1000),
-            loop.create_future(),
+            future,
             time.monotonic() + timeout,
+            timeout,
         )
         self._pending.append(entry)
-        if len(self._pending) >= _BATCH_RECORDS and len(self._in_flight) < _MAX_IN_FLIGHT:
-            batch, self._pending = self._pending, []
-            self._commit(batch)  # sent now: commits overlap the loop's next requests
-        else:
-            self._wake.set()
-        # One timer per record rather than wait_for + shield (a task's worth of futures
-        # and callbacks per request: docs/performance.md). A caller that is cancelled
-        # cancels only its wait: a record the writer takes is still committed.
-        entry.timer = loop.call_later(timeout, self._timed_out, entry, timeout)
-        try:
-            await entry.future
-        finally:
-            entry.timer.cancel()
+        if len(self._pending) >= _BATCH_RECORDS:
+            self._send_pending()  # sent now: commits overlap the loop's next requests
+        elif not self._flush_soon:
+            self._flush_soon = True
+            loop.call_soon(self._flush)
+        self._deadlines.add(entry)
+        return future
 
-    def _timed_out(self, entry: _Entry, timeout: float) -> None:
+    def _flush(self) -> None:
+        """The end of the loop turn: its records go."""
+        self._flush_soon = False
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        """Send the records waiting, unless :data:`_MAX_IN_FLIGHT` batches wait for their
+        answer (then the first answer sends them)."""
+        if self._pending and len(self._in_flight) < _MAX_IN_FLIGHT:
+            batch, self._pending = self._pending, []
+            self._commit(batch)
+
+    def _timed_out(self, entry: _Entry) -> None:
         """The publish deadline passed: withdraw the record if it was not sent to the writer
         yet; if it was, the writer's answer decides (it leaves out a record whose deadline
         passed before it held the write lock), within one more timeout."""
@@ -197,28 +225,12 @@ class SqliteBus:
             entry.state = _WITHDRAWN
             _fail(
                 entry.future,
-                BusUnavailable(f"the embedded bus did not commit within {timeout:.1f}s"),
+                BusUnavailable(f"the embedded bus did not commit within {entry.timeout:.1f}s"),
             )
         else:
             loop = entry.future.get_loop()
             stalled = BusUnavailable("the embedded bus commit is stalled")
-            entry.timer = loop.call_later(timeout, _fail, entry.future, stalled)
-
-    async def _write_loop(self) -> None:
-        while True:
-            if self._pending and len(self._in_flight) < _MAX_IN_FLIGHT:
-                batch, self._pending = self._pending, []
-                self._commit(batch)
-            elif self._closing and not self._pending:
-                if self._in_flight:
-                    await asyncio.wait(set(self._in_flight))
-                return
-            elif self._retention_due() and not self._pending:
-                await self._retention_step()  # one short transaction; publishes go first
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._until_retention_s())
-                self._wake.clear()
+            entry.timer = loop.call_later(entry.timeout, _fail, entry.future, stalled)
 
     def _commit(self, batch: list[_Entry]) -> None:
         """Send ``batch`` to the writer process; its answer settles the publishes."""
@@ -237,7 +249,7 @@ class SqliteBus:
 
     def _answered(self, live: list[_Entry], answer: asyncio.Future[list[int]]) -> None:
         self._in_flight.discard(answer)
-        self._wake.set()  # a batch waiting for room goes now
+        self._send_pending()  # a batch waiting for room goes now
         err = asyncio.CancelledError() if answer.cancelled() else answer.exception()
         if err is not None:
             log.warning("bus_write_failed", error=str(err), records=len(live))
@@ -251,6 +263,7 @@ class SqliteBus:
         if failure is not None:
             for entry in live:
                 _fail(entry.future, failure)
+            self._deadlines.settled()
             return
         for i in late or ():
             live[i].state = _WITHDRAWN
@@ -258,16 +271,21 @@ class SqliteBus:
         for entry in live:
             if entry.state == _CLAIMED and not entry.future.done():
                 entry.future.set_result(None)
+            if entry.timer is not None:
+                entry.timer.cancel()
+        self._deadlines.settled()
         self._published.set()
         self._published = asyncio.Event()
 
     # -- retention ------------------------------------------------------------------
 
-    def _retention_due(self) -> bool:
-        return self._retention is not None or time.monotonic() >= self._next_retention
-
-    def _until_retention_s(self) -> float:
-        return max(0.0, self._next_retention - time.monotonic())
+    async def _retention_loop(self) -> None:
+        """A retention pass every ``min(retention_s, 60 s)``, one short step at a time: the
+        records sent during a step are committed before the next one starts."""
+        while True:
+            if self._retention is None:
+                await asyncio.sleep(max(0.0, self._next_retention - time.monotonic()))
+            await self._retention_step()
 
     async def _retention_step(self) -> None:
         if self._retention is None:
@@ -293,7 +311,7 @@ class SqliteBus:
                 )
 
     async def ping(self) -> None:
-        if self._writer is None or self._writer.done() or self._process is None:
+        if self._retainer is None or self._retainer.done() or self._process is None:
             raise BusUnavailable("the embedded bus is not running")
         try:
             await asyncio.wait_for(self._process.request(Ping()), self.publish_timeout_s)

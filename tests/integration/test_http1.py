@@ -137,3 +137,20 @@ async def test_a_delivery_connection_lives_while_used_and_closes_after_the_keepa
     assert closed == b""
     assert open_s >= 0.78  # closed for being idle the keep-alive time, not before
     assert len(await read_topic(sqlite_bus, TOPIC)) == 5
+
+
+async def test_a_pipelined_burst_of_requests_answered_at_once_is_served_in_order(
+    front: Front, sqlite_bus: SqliteBus
+) -> None:
+    # A refused request is answered before the intake returns (no publish to wait for):
+    # the next one must wait for a later loop turn, not recurse (a read holds a thousand of
+    # these small ones: that deep overflows the stack) nor starve the connections around it.
+    assert front.port is not None
+    refused = post(b"{}").replace(b"x-voucherify-signature: ", b"x-voucherify-signature: 0")
+    accepted, beside = event_body(event_id="evt_after_the_burst"), event_body(event_id="evt_2")
+    data = refused * 2000 + post(accepted)
+    other = asyncio.create_task(answers(front.port, post(beside), 1))
+    assert await answers(front.port, data, 2001) == [401] * 2000 + [202]
+    assert await other == [202]
+    records = await read_topic(sqlite_bus, TOPIC, expect=2)
+    assert {r.value for r in records} == {accepted, beside}
