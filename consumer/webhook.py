@@ -257,7 +257,11 @@ class Intake:
         rest in the callback of the bus's future (docs/performance.md, "The request without
         a task")."""
         started = time.perf_counter()
-        refused = self._check_source(request)
+        try:
+            refused = self._check_source(request)
+        except Exception:  # a bug must still answer, count and log
+            log.exception("webhook_request_failed", request_id=_request_id(request))
+            refused = INTERNAL_ERROR
         if refused is None:
             self._answer_body(request, body, respond, started)
         else:
@@ -492,7 +496,7 @@ _next_id = itertools.count(1).__next__
 def _request_id(request: RequestView) -> str:
     """The caller's ``X-Request-Id`` when it is a sane token, otherwise a new one."""
     given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.fullmatch(given) else f"{_ID_PREFIX}{_next_id():016x}"
+    return given if given and _REQUEST_ID.fullmatch(given) else f"{_ID_PREFIX}{_next_id():016x}"
 
 
 def _raw_header(request: RequestView, name: str) -> bytes:

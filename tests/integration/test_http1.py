@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from bus.sqlite import SqliteBus
+from consumer.config import HttpSettings
+from pubrelay.settings import Settings
 from tests.fixtures.app import WEBHOOK_PATH, Front, event_body, read_topic, signed_headers
 
 TOPIC = "voucherify.customer.publication.succeeded"
@@ -17,8 +21,6 @@ TOPIC = "voucherify.customer.publication.succeeded"
 @pytest.fixture
 async def front(make_app: object, sqlite_bus: SqliteBus) -> AsyncIterator[Front]:
     app, _ = make_app(sqlite_bus)  # type: ignore[operator]
-    from consumer.config import HttpSettings  # noqa: PLC0415
-
     served = Front(app, HttpSettings())
     await served.start()
     yield served
@@ -154,3 +156,45 @@ async def test_a_pipelined_burst_of_requests_answered_at_once_is_served_in_order
     assert await other == [202]
     records = await read_topic(sqlite_bus, TOPIC, expect=2)
     assert {r.value for r in records} == {accepted, beside}
+
+
+class BrokenOnceBus(SqliteBus):
+    """A bus whose first publish fails with a bug (not a bus error)."""
+
+    broken = True
+
+    def submit(self, *args: Any, **kwargs: Any) -> asyncio.Future[None]:
+        if not self.broken:
+            return super().submit(*args, **kwargs)
+        self.broken = False
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failed.set_exception(RuntimeError("a bug in the bus"))
+        return failed
+
+
+async def test_a_bug_after_the_publish_still_answers_counts_and_logs(
+    make_app: object, settings: Settings
+) -> None:
+    bus = BrokenOnceBus(settings.sqlite_bus_path)
+    await bus.start()
+    app, _ = make_app(bus)  # type: ignore[operator]
+    served = Front(app, HttpSettings())
+    await served.start()
+    try:
+        assert served.port is not None
+        first, second = event_body(event_id="evt_bug"), event_body(event_id="evt_after_bug")
+        with capture_logs() as logs:
+            got = await answers(served.port, post(first) + post(second), 2)
+        assert got == [500, 202]  # and the connection serves the next request
+        failed = [e for e in logs if e["event"] == "webhook_request_failed"]
+        assert [e["event_id"] for e in failed] == ["evt_bug"]
+        lines = [e for e in logs if e["event"] == "webhook_request"]
+        assert [(e["status"], e["event_id"]) for e in lines] == [
+            (500, "evt_bug"),
+            (202, "evt_after_bug"),
+        ]
+        records = await read_topic(bus, TOPIC, expect=1)
+        assert [r.value for r in records] == [second]
+    finally:
+        await served.close()
+        await bus.close()
