@@ -303,23 +303,25 @@ class Intake:
     ) -> None:
         """The steps after the body was read: the signature, the record, its publish."""
         flight = _InFlight(self, request, RequestLine(_request_id(request)), respond, started)
+        sent: asyncio.Future[None] | None = None
         try:
             refused = self._check_signature(request, body)
-            if refused is not None:
-                flight.finish(refused)
-                return
-            # classify() drops the decoded envelope before it returns: what stays alive
-            # across the publish is the record, bytes and a few short strings
-            # (docs/performance.md).
-            record = self._build_record(request, body)
-            flight.line.record, flight.line.body = record, body
-            flight.published = time.perf_counter()
-            sent = self._send(record, body)
+            if refused is None:
+                # classify() drops the decoded envelope before it returns: what stays alive
+                # across the publish is the record, bytes and a few short strings
+                # (docs/performance.md).
+                record = self._build_record(request, body)
+                flight.line.record, flight.line.body = record, body
+                flight.published = time.perf_counter()
+                sent = self._send(record, body)
         except Exception:  # a bug must still answer, count and log
             log.exception("webhook_request_failed", **flight.line.fields())
-            flight.finish(INTERNAL_ERROR)
-            return
-        sent.add_done_callback(flight.sent)
+            refused = INTERNAL_ERROR
+        if sent is None:
+            assert refused is not None
+            flight.finish(refused)  # outside the try: the request is answered once
+        else:
+            sent.add_done_callback(flight.sent)
 
     def _check_source(self, request: RequestView) -> Answer | None:
         """403 unless the client's address is in the allowlist (when one is set)."""
