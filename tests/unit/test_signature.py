@@ -3,6 +3,8 @@ keeps an unauthenticated request cheap."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import random
 import re
@@ -168,3 +170,16 @@ def test_a_body_over_the_size_bound_is_not_normalised_however_few_its_quotes() -
     assert verifier.check(within, sign("k", b'{"a":1}')) is Verdict.VALID
     assert verifier.check(over, sign("k", b'{"a":1}')) is Verdict.NOT_NORMALISED
     assert verifier.check(over, sign("k", over)) is Verdict.VALID
+
+
+@pytest.mark.parametrize("key_length", [1, 32, 63, 64, 65, 200])
+def test_the_check_agrees_with_the_standard_library_hmac_for_any_key_length(
+    key_length: int,
+) -> None:
+    # Verifier computes each key's HMAC pads once (RFC 2104); keys longer than SHA-256's
+    # 64-byte block are hashed first, as hmac does.
+    secret = "k" * (key_length - 1) + "!"
+    for body in (b"", b"{}", bytes(range(256)) * 20):
+        expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        assert Verifier([secret]).verify(body, expected)
+        assert not Verifier([secret + "x"]).verify(body, expected)
