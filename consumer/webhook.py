@@ -232,16 +232,17 @@ class Intake:
     async def receive(self, request: web.Request) -> web.Response:
         """The aiohttp handler: read the body, then as :meth:`receive_whole`."""
         started = time.perf_counter()
+        line = RequestLine(_request_id(request))
         try:
             read = self._check_source(request) or await self._read_body(request)
         except Exception:  # a bug must still answer, count and log
-            log.exception("webhook_request_failed", request_id=_request_id(request))
+            log.exception("webhook_request_failed", **line.fields())
             read = INTERNAL_ERROR
         if isinstance(read, Answer):
-            self._done(request, RequestLine(_request_id(request)), read, started)
+            self._done(request, line, read, started)
             return read.response()
         answered: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._answer_body(request, read, _settle_with(answered), started)
+        self._answer_body(request, read, line, _settle_with(answered), started)
         # A handler cancelled meanwhile cancels only this wait: the publish goes on, and the
         # request is counted and logged when it ends.
         return (await answered).response()
@@ -257,15 +258,15 @@ class Intake:
         rest in the callback of the bus's future (docs/performance.md, "The request without
         a task")."""
         started = time.perf_counter()
+        line = RequestLine(_request_id(request))
         try:
             refused = self._check_source(request)
         except Exception:  # a bug must still answer, count and log
-            log.exception("webhook_request_failed", request_id=_request_id(request))
+            log.exception("webhook_request_failed", **line.fields())
             refused = INTERNAL_ERROR
         if refused is None:
-            self._answer_body(request, body, respond, started)
+            self._answer_body(request, body, line, respond, started)
         else:
-            line = RequestLine(_request_id(request))
             _InFlight(self, request, line, respond, started).finish(refused)
 
     def _done(
@@ -298,11 +299,12 @@ class Intake:
         self,
         request: RequestView,
         body: bytes,
+        line: RequestLine,
         respond: Callable[[Answer], object],
         started: float,
     ) -> None:
         """The steps after the body was read: the signature, the record, its publish."""
-        flight = _InFlight(self, request, RequestLine(_request_id(request)), respond, started)
+        flight = _InFlight(self, request, line, respond, started)
         sent: asyncio.Future[None] | None = None
         try:
             refused = self._check_signature(request, body)

@@ -263,19 +263,19 @@ class SqliteBus:
         if failure is not None:
             for entry in live:
                 _fail(entry.future, failure)
-            self._deadlines.settled()
-            return
-        for i in late or ():
-            live[i].state = _WITHDRAWN
-            _fail(live[i].future, BusUnavailable("the embedded bus did not commit in time"))
-        for entry in live:
-            if entry.state == _CLAIMED and not entry.future.done():
-                entry.future.set_result(None)
+        else:
+            for i in late or ():
+                live[i].state = _WITHDRAWN
+                _fail(live[i].future, BusUnavailable("the embedded bus did not commit in time"))
+            for entry in live:
+                if entry.state == _CLAIMED and not entry.future.done():
+                    entry.future.set_result(None)
+            self._published.set()
+            self._published = asyncio.Event()
+        for entry in live:  # answered: a stalled commit's timer has nothing left to do
             if entry.timer is not None:
                 entry.timer.cancel()
         self._deadlines.settled()
-        self._published.set()
-        self._published = asyncio.Event()
 
     # -- retention ------------------------------------------------------------------
 
