@@ -43,8 +43,8 @@ from typing import Final
 
 import structlog
 
+from bus.deadlines import Deadlines
 from bus.sqlite.db import create_private_file
-from bus.sqlite.deadlines import Deadlines
 from bus.sqlite.retention import DEFAULT_CHUNK_ROWS, MAX_PASS_INTERVAL_S, RetentionPass
 from bus.sqlite.schema import encode_headers
 from bus.sqlite.subscription import SqliteSubscription

@@ -1,4 +1,4 @@
-"""The embedded bus's publish deadlines (bus/sqlite/deadlines.py): one timer, each
+"""The buses' publish deadlines (bus/deadlines.py): one timer, each
 publish still waiting at its deadline expired once, in deadline order."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from bus.sqlite.deadlines import Deadlines
+from bus.deadlines import Deadlines
 
 
 @dataclass

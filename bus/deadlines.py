@@ -1,13 +1,13 @@
-"""The embedded bus's publish deadlines: one timer for all of them.
+"""The buses' publish deadlines: one timer for all of them.
 
 A timer per publish (``call_later`` and its ``cancel``) cost 1.3 µs per request, 1.5% of
 the intake's loop (docs/performance.md, "The request without a task"). Publishes arrive
 with their deadlines nearly in order (one timeout for all of them, the intake's), and are
-answered in order: :class:`Deadlines` keeps them in a deque sorted by deadline, drops
-those answered from its front, and keeps one timer, at the earliest deadline still
+answered nearly in order: :class:`Deadlines` keeps them in a deque sorted by deadline,
+drops those answered from its front, and keeps one timer, at the earliest deadline still
 waiting. When it fires, each publish whose deadline passed and is still waiting goes to
-``expire``.
-"""
+``expire``. A publish answered out of order (the Kafka bus's producers answer side by
+side) stays in the deque until those before it are answered or expire."""
 
 from __future__ import annotations
 
@@ -58,6 +58,10 @@ class Deadlines(Generic[T]):
         waiting = self._waiting
         while waiting and waiting[0].future.done():
             waiting.popleft()
+
+    def unanswered(self) -> list[T]:
+        """The publishes still waiting for their answer."""
+        return [item for item in self._waiting if not item.future.done()]
 
     def _schedule(self) -> None:
         if self._timer is not None:
