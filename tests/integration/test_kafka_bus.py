@@ -291,7 +291,11 @@ async def test_records_waiting_when_the_bus_closes_are_answered_not_left_hanging
     await bus.start()
     await bus.ensure_topics([topic])
     fresh_kafka_broker.kill()
+    # The first batch goes to the producer; the second waits for the first to be taken
+    # by a request that cannot be made, and is still the bus's own when it closes.
     answers = [bus.submit(topic, b"v%d" % n, key=b"k") for n in range(5)]
+    await asyncio.sleep(0.1)
+    answers += [bus.submit(topic, b"w%d" % n, key=b"k") for n in range(5)]
     started = time.monotonic()
 
     await bus.close()
