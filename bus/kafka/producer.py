@@ -407,8 +407,11 @@ class KafkaBus:
         self, producer: Any, topic: str, partition: int, records: list[_Waiting]
     ) -> None:
         """``records`` in as few batches as ``max_batch_bytes`` allows (a record that fills
-        a batch alone still goes: aiokafka's builder takes any first record)."""
+        a batch alone still goes: aiokafka's builder takes any first record). A record
+        answered meanwhile (its deadline passed while an earlier batch waited) is left out:
+        its caller was told it is not stored."""
         started = time.monotonic()
+        records = [record for record in records if not record.future.done()]
         while records:
             batch = producer.create_batch()
             count = 0
@@ -421,6 +424,8 @@ class KafkaBus:
                 ):
                     break
                 count += 1
+            if not count:  # never seen: the builder takes any first record
+                raise RuntimeError("aiokafka's batch builder refused a batch's first record")
             batch.close()  # nothing else may join it: its records are exactly these
             members, records = records[:count], records[count:]
             delivery = await producer.send_batch(batch, topic, partition=partition)

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tomllib
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +28,26 @@ def make(*args: str, venv: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def leftover_wheel(directory: Path) -> Path:
+    """A minimal wheel of one module, ``pubrelay_leftover`` (the wheel format's required
+    files: the module, METADATA, WHEEL and RECORD)."""
+    dist = "pubrelay_leftover-1.0.dist-info"
+    files = {
+        "pubrelay_leftover.py": b"",
+        f"{dist}/METADATA": b"Metadata-Version: 2.1\nName: pubrelay-leftover\nVersion: 1.0\n",
+        f"{dist}/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = "".join(f"{name},,\n" for name in files) + f"{dist}/RECORD,,\n"
+    path = directory / "pubrelay_leftover-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, data in files.items():
+            wheel.writestr(name, data)
+        wheel.writestr(f"{dist}/RECORD", record)
+    return path
+
+
 def installed(venv: Path, module: str) -> bool:
     probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
     return subprocess.run([venv / "bin" / "python", "-c", probe], check=False).returncode == 0
@@ -37,18 +58,11 @@ def test_make_run_installs_the_runtime_only_without_deprecation_banners(tmp_path
     created = make(f"{venv}/bin/python", venv=venv)
     assert created.returncode == 0, created.stderr
     uv = next((ROOT / ".tools").glob("uv-*/bin/uv"))
-    # What a `make test` before it left in .venv (here: one of its packages).
+    # What a `make test` before it left in .venv: a package the run needs not (a wheel of
+    # our own, so the install needs neither the network nor uv's index cache).
+    leftover = leftover_wheel(tmp_path)
     subprocess.run(
-        [
-            uv,
-            "pip",
-            "install",
-            "--offline",
-            "--quiet",
-            "--python",
-            venv / "bin/python",
-            "iniconfig",
-        ],
+        [uv, "pip", "install", "--offline", "--quiet", "--python", venv / "bin/python", leftover],
         check=True,
         timeout=60,
     )
@@ -63,7 +77,7 @@ def test_make_run_installs_the_runtime_only_without_deprecation_banners(tmp_path
     assert installed(venv, "aiokafka")
     for test_only in ("pytest", "aiosmtpd", "mypy", "ruff", "pubrelay_example_plugin"):
         assert not installed(venv, test_only), f"make run installed {test_only}"
-    assert installed(venv, "iniconfig"), "make run uninstalled what `make test` installed"
+    assert installed(venv, "pubrelay_leftover"), "make run uninstalled what `make test` installed"
     assert not (venv / ".installed").exists()  # the test stamp is not claimed
 
 
