@@ -6,8 +6,9 @@ with their deadlines nearly in order (one timeout for all of them, the intake's)
 answered nearly in order: :class:`Deadlines` keeps them in a deque sorted by deadline,
 drops those answered from its front, and keeps one timer, at the earliest deadline still
 waiting. When it fires, each publish whose deadline passed and is still waiting goes to
-``expire``. A publish answered out of order (the Kafka bus's producers answer side by
-side) stays in the deque until those before it are answered or expire."""
+``expire``. A publish answered out of order (on Kafka, a record sent once more alone
+after the broker refused its batch) stays in the deque until those before it are
+answered or expire."""
 
 from __future__ import annotations
 
