@@ -2,8 +2,8 @@
 
 A bus publishes with an acknowledgement (``publish`` returns only once the record is
 durable) and lets consumer groups read topics with explicit commits (at-least-once). A
-bus may also take a record without a coroutine (:class:`SubmittingBus`: the embedded one
-does); :func:`submitter` gives every bus that shape.
+bus may also take a record without a coroutine (:class:`SubmittingBus`: both of
+pubrelay's do); :func:`submitter` gives every bus that shape.
 """
 
 from __future__ import annotations
