@@ -382,9 +382,8 @@ class KafkaBus:
             self._fail(waiting, err)
             return
         by_topic: dict[str, list[_Waiting]] = {}
-        for record in waiting:
-            if not record.future.done():  # not timed out or abandoned meanwhile
-                by_topic.setdefault(record.topic, []).append(record)
+        for record in waiting:  # those answered meanwhile are left out by _send_batches
+            by_topic.setdefault(record.topic, []).append(record)
         for topic, records in by_topic.items():
             try:
                 await self._topics.before_publish(topic)
