@@ -1,7 +1,9 @@
 """How every SQLite connection of pubrelay is opened, and its write transactions.
 
 WAL journal with ``synchronous=FULL`` (a commit is on disk when it returns), a busy timeout
-for waiting on another writer, and autocommit mode so transactions are explicit. Writes go
+for waiting on another writer, and autocommit mode so transactions are explicit. Several
+processes may open a new file at the same moment (two workers sharing a ledger): switching
+its journal to WAL is tried again until the busy timeout passes (:func:`_enter_wal`). Writes go
 in ``BEGIN IMMEDIATE`` transactions (:func:`transaction`): the write lock is taken up
 front, and any failure rolls the whole transaction back.
 
@@ -13,8 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+_WAL_RETRY_MAX_S = 0.05
 
 
 def connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
@@ -22,9 +27,34 @@ def connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
     conn = sqlite3.connect(
         path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
     )
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
+    try:
+        _enter_wal(conn, busy_timeout_s)
+        conn.execute("PRAGMA synchronous=FULL")
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _enter_wal(conn: sqlite3.Connection, busy_timeout_s: float) -> None:
+    """``PRAGMA journal_mode=WAL``, tried again while the file is busy until
+    ``busy_timeout_s`` has passed since the first try.
+
+    Switching a new file's journal takes its exclusive lock. When two connections switch it
+    at the same moment, each holds the shared lock the other waits for, and SQLite answers
+    one of them "database is locked" at once instead of waiting out the busy timeout."""
+    deadline = time.monotonic() + busy_timeout_s
+    pause_s = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+        else:
+            return
+        time.sleep(pause_s)
+        pause_s = min(2 * pause_s, _WAL_RETRY_MAX_S)
 
 
 @contextlib.contextmanager
