@@ -34,6 +34,14 @@ from handlers.worker import ledger_sql
 
 __all__ = ["GROUP_MAX_OPS", "HEADER", "Open", "Purge", "Request", "Write", "encode", "serve"]
 
+WAL_AUTOCHECKPOINT_PAGES: Final = 4000
+"""WAL pages (4 KiB each) after which a commit checkpoints them into the file; SQLite's
+default is 1000. A completion inserts its key into a random leaf of the ``ledger`` table
+(the keys are event and publication ids), so a commit of a few hundred writes appends about
+as many pages to the WAL, and each page a checkpoint copies is a write of its own: fewer,
+larger checkpoints copy a page changed by several commits once (docs/performance.md, "The
+ledger: a page per completion")."""
+
 GROUP_MAX_OPS: Final = 256
 """Operations per transaction at most: a commit's answers come back while the next
 transaction is made (larger groups made the worker's loop wait longer for each)."""
@@ -115,6 +123,7 @@ class _Writer:
             self._conn.close()
         conn = connect(Path(request.path), request.busy_timeout_s)
         try:
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
             conn.executescript(ledger_sql.SCHEMA)
             ledger_sql.check_json_functions(conn)
         except BaseException:
