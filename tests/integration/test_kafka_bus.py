@@ -10,6 +10,8 @@ neither a restart nor a new bus object.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Collection
 from typing import Any
@@ -304,3 +306,45 @@ async def test_records_waiting_when_the_bus_closes_are_answered_not_left_hanging
     for answer in answers:
         assert answer.done()
         assert isinstance(answer.exception(), BusUnavailable)
+
+
+async def test_a_record_answered_while_earlier_batches_waited_is_left_out_of_its_batch(
+    fresh_kafka_broker: TansuBroker,
+) -> None:
+    """A record whose deadline passed before it reached a batch was answered "not
+    stored" (the intake's 503): the bus must not store it afterwards, or the delivery
+    Voucherify makes again would put the event on the log twice."""
+    settings = kafka_bus_settings(fresh_kafka_broker, publish_timeout_s=9.0, request_timeout_s=6.0)
+    topic = settings.topic_prefix + "left-out"
+    bus = make_kafka_bus(settings)
+    await bus.start()
+    pid = fresh_kafka_broker.pid
+    assert pid is not None
+    try:
+        await bus.ensure_topics([topic])
+        await bus.publish(topic, b"before", key=b"k")  # the topic and its leader are known
+        os.kill(pid, signal.SIGSTOP)  # the broker takes requests and answers none
+        try:
+            # a: in a produce request; b: the producer's, waiting for a's request to end;
+            # c: in a batch that waits for b's to be taken; d: still the bus's own.
+            stored = []
+            for value in (b"a", b"b", b"c"):
+                stored.append(bus.submit(topic, value, key=b"k"))
+                await asyncio.sleep(0.2)
+            late = bus.submit(topic, b"d", key=b"k", timeout_s=0.3)
+            with pytest.raises(BusUnavailable):
+                await asyncio.wait_for(late, 5.0)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*stored), 10.0)
+        await bus.publish(topic, b"after", key=b"k")
+    finally:
+        await bus.close()
+
+    assert await read_topic(fresh_kafka_broker.bootstrap, topic) == [
+        b"before",
+        b"a",
+        b"b",
+        b"c",
+        b"after",
+    ]
