@@ -3,9 +3,9 @@
 WAL journal with ``synchronous=FULL`` (a commit is on disk when it returns), a busy timeout
 for waiting on another writer, and autocommit mode so transactions are explicit. Several
 processes may open a new file at the same moment (two workers sharing a ledger): switching
-its journal to WAL is tried again until the busy timeout passes (:func:`_enter_wal`). Writes go
-in ``BEGIN IMMEDIATE`` transactions (:func:`transaction`): the write lock is taken up
-front, and any failure rolls the whole transaction back.
+its journal to WAL is tried again until the busy timeout passes (:func:`_enter_wal`).
+Writes go in ``BEGIN IMMEDIATE`` transactions (:func:`transaction`): the write lock is
+taken up front, and any failure rolls the whole transaction back.
 
 The standard library only, for the writer processes (:mod:`bus.sqlite.writer`,
 :mod:`handlers.worker.ledger_writer`).
@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _WAL_RETRY_MAX_S = 0.05
+"""The longest pause between two tries of the WAL switch (they start 1 ms apart)."""
 
 
 def connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
