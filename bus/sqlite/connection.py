@@ -50,7 +50,8 @@ def _enter_wal(conn: sqlite3.Connection, busy_timeout_s: float) -> None:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # SQLITE_BUSY_RECOVERY too
+            if not busy or time.monotonic() >= deadline:
                 raise
         else:
             return
