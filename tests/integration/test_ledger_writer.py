@@ -3,6 +3,7 @@ the worker (handlers/worker/ledger_writer.py, bus/sqlite/writer_process.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -99,3 +100,24 @@ async def test_the_writer_ends_with_a_worker_killed_outright(tmp_path: Path) -> 
         "asyncio.run(main())\n"
     )
     await child_ends_with_its_parent(script)
+
+
+async def test_the_wal_is_checkpointed_every_4000_pages_not_sqlites_1000(tmp_path: Path) -> None:
+    """The `-wal` file's size as the README states it: the writer lets 4,000 pages (16 MB)
+    of completions gather before a checkpoint copies them into the file, then reuses the
+    file (SQLite's default, 1,000 pages, keeps it near 4 MB)."""
+    path = tmp_path / "ledger.sqlite3"
+    wal = tmp_path / "ledger.sqlite3-wal"
+    ledger = SqliteLedger(path, retention_s=3600)
+    await ledger.open()
+    sizes: list[int] = []
+    try:
+        for _ in range(70):  # 17,500 completions, 250 per loop turn
+            keys = [os.urandom(12).hex() for _ in range(250)]
+            await asyncio.gather(*(ledger.mark_done("recorder", key) for key in keys))
+            sizes.append(wal.stat().st_size)
+    finally:
+        await ledger.close()
+    page = 4096
+    assert 3_000 * page < max(sizes) < 4_500 * page, sizes
+    assert sizes[-10:] == [max(sizes)] * 10, "the WAL kept growing: never checkpointed"
