@@ -20,7 +20,7 @@ from consumer.health import healthz, readyz
 from consumer.metrics import WebhookMetrics
 from consumer.observer import IntakeObserver
 from consumer.signature import Verifier
-from consumer.webhook import Intake
+from consumer.webhook import Intake, WriteLine
 
 INTAKE: Final = web.AppKey("intake", Intake)
 """The webhook application's :class:`Intake` (its own HTTP layer serves it too:
@@ -41,12 +41,14 @@ def create_app(
     registry: CollectorRegistry,
     observer: IntakeObserver | None = None,
     console: web.Application | None = None,
+    write_line: WriteLine | None = None,
 ) -> web.Application:
     """Build the webhook application on a started bus.
 
     The caller owns the bus's lifecycle: one bus per process, shared with the worker in
     ``pubrelay serve`` (see ``pubrelay/runtime.py``). ``observer`` hears every verified
-    request (the console's event index); ``console`` is mounted at ``/console/``.
+    request (the console's event index); ``console`` is mounted at ``/console/``;
+    ``write_line`` writes the request lines (``consumer.webhook.WriteLine``).
     """
     metrics = WebhookMetrics(registry)
     intake = Intake(
@@ -61,6 +63,7 @@ def create_app(
         max_concurrent_bodies=http.max_concurrent_bodies,
         max_concurrent_large_bodies=http.max_concurrent_large_bodies,
         observer=observer,
+        write_line=write_line,
     )
     app = web.Application(client_max_size=http.max_body_bytes)
     app[INTAKE] = intake

@@ -57,6 +57,10 @@ from schemas.topics import quarantine_topic, topic_for
 
 log = structlog.get_logger("pubrelay.consumer")
 
+WriteLine = Callable[[str, str, dict[str, object]], bool]
+"""Writes a request's line (level name, event, fields) without structlog's calls; False
+when the line must go through structlog (``pubrelay/logging.py``'s ``log_line``)."""
+
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -104,8 +108,12 @@ class RequestLine:
     record: Record | None = None
     body: bytes = b""
 
-    def fields(self, answer: Answer | None = None) -> dict[str, object]:
-        fields: dict[str, object] = {"request_id": self.request_id}
+    def fields(
+        self, answer: Answer | None = None, *, into: dict[str, object] | None = None
+    ) -> dict[str, object]:
+        """The line's fields (added to ``into``, when given)."""
+        fields: dict[str, object] = {} if into is None else into
+        fields["request_id"] = self.request_id
         if self.record is not None:
             fields.update(self.record.log_fields())
         if answer is not None:
@@ -194,10 +202,12 @@ class Intake:
         max_concurrent_bodies: int,
         max_concurrent_large_bodies: int,
         observer: IntakeObserver | None = None,
+        write_line: WriteLine | None = None,
     ) -> None:
         self.bus = bus
         self._submit: Submit = submitter(bus)
         self.observer = observer
+        self.write_line = write_line
         self.settings = webhook
         self.verifier = verifier
         self.topic_prefix = topic_prefix
@@ -275,17 +285,16 @@ class Intake:
         """Count and log the request once, and tell the observer."""
         elapsed_s = time.perf_counter() - started
         self.metrics.count_request(answer.outcome, elapsed_s)
-        emit = log.info if answer.status < 500 else log.warning
-        fields = line.fields(answer)
+        level = "info" if answer.status < 500 else "warning"
+        fields = line.fields(
+            answer, into={"status": answer.status, "latency_ms": round(elapsed_s * 1000, 2)}
+        )
         if answer.status in (401, 403):  # the runbook reads who was refused from here
             forwarded = request.headers.getall("X-Forwarded-For", ())
             fields.update(client_fields(request.remote, forwarded))
-        emit(
-            "webhook_request",
-            status=answer.status,
-            latency_ms=round(elapsed_s * 1000, 2),
-            **fields,
-        )
+        write_line = self.write_line
+        if write_line is None or not write_line(level, "webhook_request", fields):
+            getattr(log, level)("webhook_request", **fields)
         if self.observer is not None and (record := line.record) is not None:
             self.observer.received(
                 topic=record.topic,

@@ -31,6 +31,7 @@ from handlers.worker.service import open_worker
 from pubrelay.console_runtime import open_console
 from pubrelay.console_token import console_url
 from pubrelay.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, EXIT_WORKER_FAILED
+from pubrelay.logging import log_line
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings
 from schemas.errors import BusUnavailable, PubrelayError
@@ -171,6 +172,7 @@ async def run(
                 registry=registry,
                 observer=parts.recorder if parts else None,
                 console=parts.app if parts else None,
+                write_line=log_line,
             )
         else:
             app = create_ops_app(bus, registry, console=parts.app if parts else None)

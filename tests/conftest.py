@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.fixtures.fake_voucherify",
     "tests.fixtures.fake_receiver",
     "tests.fixtures.smtp",
+    "tests.fixtures.logging_state",
 ]
