@@ -52,8 +52,9 @@ def test_a_level_below_the_configured_one_writes_nothing(
 ) -> None:
     configure_logging("warning", "json")
     assert log_line("info", "webhook_request", _fields())  # handled: dropped, as structlog would
+    assert log_line("warn", "webhook_request", _fields())
     assert log_line("error", "webhook_request", _fields())
-    assert [line["level"] for line in _lines(capsys)] == ["error"]
+    assert [line["level"] for line in _lines(capsys)] == ["warning", "error"]
 
 
 def test_it_steps_aside_for_the_console_format_a_capture_and_a_reset(
