@@ -271,9 +271,9 @@ def bench_intake(tmp: Path) -> None:
         f"-d{SECONDS}s, one server process"
     )
     sqlite, baseline = in_turns(tmp, "pubrelay webhook, embedded SQLite bus", {})
-    # The index's cost: beside a run of its own without it, both between the same bares.
+    # The index's cost: against a run without it just before (the rounds ran minutes ago).
     plain = pubrelay_webhook(tmp, {})
-    print(plain.row("pubrelay webhook, embedded SQLite bus"))
+    print(plain.row("the same without the index, again"))
     indexed = pubrelay_webhook(tmp, {"PUBRELAY_CONSOLE__TOKEN": "bench-console-token"})
     print(indexed.row("the same with the console's event index"))
     print(
