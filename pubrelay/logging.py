@@ -336,7 +336,8 @@ class _JsonFormat:
 
 _json_format: _JsonFormat | None = None
 
-_LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+_LEVELS: Final = {name.lower(): number for name, number in logging.getLevelNamesMapping().items()}
+"""The standard library's levels by method name, the numbers ``configure_logging`` reads."""
 
 
 def log_line(method_name: str, event: str, fields: dict[str, Any]) -> bool:
@@ -359,7 +360,8 @@ def log_line(method_name: str, event: str, fields: dict[str, Any]) -> bool:
         or processors[0] is not _json_line
     ):
         return False
-    if _LEVELS.get(_LEVEL_OF_METHOD.get(method_name, method_name), 50) >= json_format.min_level:
+    level = _LEVELS.get(_LEVEL_OF_METHOD.get(method_name, method_name), logging.CRITICAL)
+    if level >= json_format.min_level:
         fields["event"] = event
         _LINES.add(json_format.file, _json_line(None, method_name, fields))
     return True

@@ -226,9 +226,10 @@ def in_turns(tmp: Path, name: str, env: dict[str, str]) -> tuple[LoadResult, Loa
         print(after.row("bare aiohttp again"))
         rounds.append((ours, mean(before, after)))
         before = after
-    ratios = sorted(rounds, key=lambda pair: pair[0].requests_per_s / pair[1].requests_per_s)
-    each = ", ".join(f"{o.requests_per_s / b.requests_per_s:.2f}" for o, b in rounds)
-    ours, baseline = ratios[len(ratios) // 2]
+    ratios = [ours.requests_per_s / baseline.requests_per_s for ours, baseline in rounds]
+    median = sorted(range(len(rounds)), key=ratios.__getitem__)[len(rounds) // 2]
+    ours, baseline = rounds[median]
+    each = ", ".join(f"{ratio:.2f}" for ratio in ratios)
     print(f"{ratio_line(name, ours, baseline)}  (the median of {len(rounds)}: {each})")
     return ours, baseline
 
