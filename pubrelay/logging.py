@@ -309,6 +309,19 @@ def _add_timestamp(
     return event_dict
 
 
+_SHARED_PROCESSORS: Final[tuple[structlog.typing.Processor, ...]] = (
+    # No contextvars merge: pubrelay binds none, and merging walks every context variable
+    # of the task for every line.
+    structlog.processors.add_log_level,
+    _add_timestamp,
+    # Tracebacks become text before masking, so addresses in them are masked too.
+    structlog.processors.format_exc_info,
+    mask_sensitive,
+)
+"""The processors before the renderer: the console format's and the library lines';
+:func:`_json_line` runs the same steps in one call (``tests/unit/test_log_line.py``
+holds the two to the same lines)."""
+
 _LEVEL_OF_METHOD: Final = {"warn": "warning", "exception": "error"}
 """The level of a log method whose name is not its level (as ``add_log_level`` maps them)."""
 
@@ -382,15 +395,7 @@ def configure_logging(
         if use_console
         else structlog.processors.JSONRenderer(serializer=_dumps)
     )
-    # No contextvars merge: pubrelay binds none, and merging walks every context variable
-    # of the task for every line.
-    shared: list[structlog.typing.Processor] = [
-        structlog.processors.add_log_level,
-        _add_timestamp,
-        # Tracebacks become text before masking, so addresses in them are masked too.
-        structlog.processors.format_exc_info,
-        mask_sensitive,
-    ]
+    shared = list(_SHARED_PROCESSORS)
     global _json_format  # noqa: PLW0603 - one logging configuration per process
     processors: list[Any] = [*shared, renderer] if use_console else [_json_line]
     structlog.configure(

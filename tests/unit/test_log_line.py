@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import structlog
 
-from pubrelay.logging import configure_logging, log_line
+from pubrelay.logging import _SHARED_PROCESSORS, _dumps, _json_line, configure_logging, log_line
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
@@ -72,3 +72,30 @@ def test_it_steps_aside_for_the_console_format_a_capture_and_a_reset(
     structlog.reset_defaults()
     assert not log_line("info", "webhook_request", _fields())
     assert len(_lines(capsys)) == 1
+
+
+@pytest.mark.parametrize("method_name", ["info", "warn", "warning", "exception"])
+def test_the_fused_processor_writes_what_the_shared_chain_and_the_renderer_write(
+    method_name: str,
+) -> None:
+    """``_json_line`` is the shared processors and the JSON renderer in one call: the two
+    must not drift apart (the console format and library lines use the chain)."""
+    error = ValueError("no route for ops@example.com")
+
+    def event() -> dict[str, Any]:
+        fields = {"event": "webhook_request", **_fields(), "nested": {"password": "x"}}
+        if method_name == "exception":
+            fields["exc_info"] = error
+        return fields
+
+    chained: Any = event()
+    for processor in _SHARED_PROCESSORS:
+        chained = processor(None, method_name, chained)
+    rendered = structlog.processors.JSONRenderer(serializer=_dumps)(None, method_name, chained)
+    by_chain = json.loads(str(rendered))
+    by_fused = json.loads(_json_line(None, method_name, event()))
+    for line in (by_chain, by_fused):
+        line.pop("timestamp")
+    assert list(by_fused.items()) == list(by_chain.items())
+    if method_name == "exception":  # the traceback is text, masked like the rest
+        assert "o***@example.com" in by_fused["exception"]
