@@ -37,6 +37,9 @@ HEADER: Final = struct.Struct("!I")
 """Each message's length, before its pickle."""
 
 _READ_SIZE: Final = 1 << 20
+"""Bytes read at once, into one buffer kept for the process's life: a fresh 1 MiB object
+per read came from new memory each time, and its page faults and unmapping were a tenth
+of the bus writer's CPU (docs/performance.md, "The writer's reads")."""
 
 _READ_MAX_REQUESTS: Final = 16
 """Requests read before serving them, at most (while more keep arriving): a few
@@ -66,8 +69,11 @@ def answer(ok: bool, value: object) -> bytes:
         return encode((False, RuntimeError(f"{type(value).__name__}: {value}")))
 
 
-def read_requests(fd: int, buffer: bytearray) -> list[Any] | None:
-    """The complete requests available (waiting for at least one); None at end of input."""
+def read_requests(fd: int, buffer: bytearray, into: memoryview) -> list[Any] | None:
+    """The complete requests available (waiting for at least one); None at end of input.
+
+    What arrives is read into ``into`` and copied to the end of ``buffer``, which keeps
+    the start of a request not yet whole."""
     requests: list[Any] = []
     while True:
         start = 0
@@ -84,10 +90,10 @@ def read_requests(fd: int, buffer: bytearray) -> list[Any] | None:
             len(requests) >= _READ_MAX_REQUESTS or not select.select([fd], [], [], 0)[0]
         ):
             return requests  # nothing more waiting (or enough): serve these now
-        chunk = os.read(fd, _READ_SIZE)
-        if not chunk:
+        size = os.readv(fd, [into])
+        if not size:
             return requests or None
-        buffer += chunk
+        buffer += into[:size]
 
 
 def serve(stdin: BinaryIO, stdout: BinaryIO, make_server: Callable[[Out], Server]) -> bool:
@@ -108,7 +114,8 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, make_server: Callable[[Out], Server
     server = make_server(out)
     fd = stdin.fileno()
     buffer = bytearray()
-    while (requests := read_requests(fd, buffer)) is not None:
+    into = memoryview(bytearray(_READ_SIZE))
+    while (requests := read_requests(fd, buffer, into)) is not None:
         server.serve(requests)
     return gone
 

@@ -60,6 +60,19 @@ def test_appends_are_committed_in_order_and_a_late_record_is_left_out(tmp_path: 
     assert stored(path) == [b"a", b"b", b"c", b"d"]
 
 
+def test_requests_longer_than_one_read_arrive_whole(tmp_path: Path) -> None:
+    # Each read of the pipe lands in the same buffer (bus/sqlite/pipe.py): values spread
+    # over several reads, and different in every read, must be stored byte for byte.
+    path = tmp_path / "bus.sqlite3"
+    later = time.monotonic() + 60
+    values = [os.urandom(3 << 20), b"small", os.urandom((1 << 20) + 7)]
+    got = served(
+        [encode(Open(str(path), 5.0)), *(encode(Append([row(v)], [later])) for v in values)]
+    )
+    assert got == [(True, None), (True, []), (True, []), (True, [])]
+    assert stored(path) == values
+
+
 def test_a_request_before_open_fails_and_the_next_ones_are_served(tmp_path: Path) -> None:
     path = tmp_path / "bus.sqlite3"
     later = time.monotonic() + 60
