@@ -395,9 +395,8 @@ def configure_logging(
         if use_console
         else structlog.processors.JSONRenderer(serializer=_dumps)
     )
-    shared = list(_SHARED_PROCESSORS)
     global _json_format  # noqa: PLW0603 - one logging configuration per process
-    processors: list[Any] = [*shared, renderer] if use_console else [_json_line]
+    processors: list[Any] = [*_SHARED_PROCESSORS, renderer] if use_console else [_json_line]
     structlog.configure(
         processors=processors,
         wrapper_class=_wrapper_class(numeric),
@@ -410,7 +409,11 @@ def configure_logging(
     handler = _FlushingHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, _add_repeated, *shared],
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                _add_repeated,
+                *_SHARED_PROCESSORS,
+            ],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
