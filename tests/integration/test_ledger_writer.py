@@ -1,10 +1,12 @@
 """The SQLite ledger's writer process: replaced when it dies, deaf to Ctrl-C, gone with
-the worker (handlers/worker/ledger_writer.py, bus/sqlite/writer_process.py)."""
+the worker, its WAL and its journals as documented (handlers/worker/ledger_writer.py,
+bus/sqlite/writer_process.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 from pathlib import Path
 
@@ -121,3 +123,29 @@ async def test_the_wal_is_checkpointed_every_4000_pages_not_sqlites_1000(tmp_pat
     page = 4096
     assert 3_000 * page < max(sizes) < 4_500 * page, sizes
     assert sizes[-10:] == [max(sizes)] * 10, "the WAL kept growing: never checkpointed"
+
+
+async def test_a_group_commit_opens_no_file_of_its_own(tmp_path: Path) -> None:
+    """Each run's statements keep their journal in memory: with its writer unable to open
+    one more file, 3,000 claims and completions of random keys are all made. A run of 250
+    random keys changes a few hundred pages, past the 64 KiB after which SQLite's default
+    spills a statement's journal into a temporary file in every transaction."""
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3", retention_s=3600)
+    await ledger.open()
+    try:
+        pid = running_writer(ledger)
+        open_fds = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+        lowest_free = min(set(range(len(open_fds) + 1)) - open_fds)
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+        keys = [os.urandom(12).hex() for _ in range(3000)]
+        for start in range(0, len(keys), 250):
+            turn = keys[start : start + 250]
+            claims = await asyncio.gather(*(ledger.claim("recorder", key, "t1") for key in turn))
+            assert {claim.state for claim in claims} == {"claimed"}
+            await asyncio.gather(*(ledger.mark_done("recorder", key) for key in turn))
+        assert ledger.writer_pid == pid
+        for key in keys[::100]:
+            assert await ledger.is_done("recorder", key)
+    finally:
+        await ledger.close()
