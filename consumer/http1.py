@@ -18,11 +18,17 @@ delimited by ``Content-Length`` only, so the bytes handed over start exactly whe
 aiohttp's parser expects a request: the two parsers never disagree on where one ends.
 
 Bounds: a head must complete within ``keepalive_timeout_s`` of the connection's opening or
-its previous answer (then the connection is closed), and fit in ``max_headers`` lines of
-``max_header_bytes`` each; a request whose body has not arrived whole with its head is
-handed over (aiohttp reads it with its deadline and its caps); a connection holds one
-request's bytes plus what arrives while it is answered (reading pauses past that). One
-request per connection at a time, answered in order (pipelining).
+its previous answer (then the connection is closed; aborted if answers are still unwritten
+because the client stopped reading), and fit in ``max_headers`` lines of
+``max_header_bytes`` each, its request line in :data:`MAX_LINE_BYTES` (aiohttp's); a
+request whose body has not arrived whole with its head is handed over (aiohttp reads it
+with its deadline and its caps). A connection holds at most one head's and one body's
+bytes unserved: past that, reading pauses until they are served, whether a request is
+being answered or each is refused at once. Reading pauses too, and no request is taken,
+while the transport holds more unwritten answers than its high-water mark (a client
+pipelining without reading). One request per connection at a time, answered in order
+(pipelining). Once :meth:`WebhookServer.shutdown` starts, an answer under way goes with
+``Connection: close`` and no further request is taken.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ if TYPE_CHECKING:
     from consumer.webhook import Intake
 
 _HEAD_END: Final = b"\r\n\r\n"
+MAX_LINE_BYTES: Final = 8190
+"""The longest request line served here: aiohttp's limit, so a longer one gets its 400."""
 _SERVER: Final = b"Server: pubrelay\r\n"
 _MAX_ANSWERS: Final = 256
 """Distinct answers kept built (there are a few dozen: the outcomes, the quarantine reasons)."""
@@ -106,6 +114,7 @@ class WebhookServer:
         self.max_head = http.max_headers * (http.max_header_bytes + 2) + 8192
         self.connections: set[Connection] = set()
         self.answering = 0  # requests taken and not yet answered, on every connection
+        self.closing = False  # shutting down: answers close their connection
         self._answered: asyncio.Future[None] | None = None  # shutdown waits on it
         self._date = b""
         self._date_at = 0
@@ -137,7 +146,9 @@ class WebhookServer:
         return b"".join((parts[0], self._date, parts[1]))
 
     async def shutdown(self, timeout_s: float) -> None:
-        """Close idle connections, let requests being answered finish (bounded)."""
+        """Close idle connections, let requests being answered finish (bounded): their
+        answers close their connections, and no pipelined request is taken after them."""
+        self.closing = True
         for connection in list(self.connections):
             connection.close_if_idle()
         if self.answering:
@@ -187,7 +198,8 @@ class Connection(asyncio.Protocol):
         self._remote: str | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0  # loop time the connection last became idle
-        self._paused = False
+        self._paused = False  # reading paused (see _flow)
+        self._write_paused = False  # the transport's buffer is past its high-water mark
         self._closed = False
         self._scanned = 0  # bytes of the buffer already searched for the head's end
 
@@ -204,10 +216,19 @@ class Connection(asyncio.Protocol):
         self._buffer += data
         if not self.answering:
             self._advance()
-        elif len(self._buffer) > self.server.max_head + self.server.max_body and not self._paused:
-            assert self._transport is not None
-            self._transport.pause_reading()  # resumed once the answer is written
-            self._paused = True
+        self._flow()
+
+    def pause_writing(self) -> None:
+        """The client reads no more of our answers: take no request and read nothing
+        until it does."""
+        self._write_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._flow()
+        if self._buffer:
+            self._advance()
 
     def eof_received(self) -> bool | None:
         return None  # the transport closes itself; an answer under way is dropped
@@ -219,10 +240,27 @@ class Connection(asyncio.Protocol):
 
     # -- serving ------------------------------------------------------------------------
 
+    def _flow(self) -> None:
+        """Read while the unserved bytes fit one head and one body and the client takes
+        our answers; pause reading otherwise."""
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        full = self._write_paused or len(self._buffer) > self.server.max_head + self.server.max_body
+        if full != self._paused:
+            self._paused = full
+            if full:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
     def _advance(self) -> None:
         """Serve the next whole request in the buffer, or hand the connection over."""
-        if self.answering or self._closed or self._transport is None:
-            return  # answering one already; or the connection is gone or handed over
+        if self.answering or self._closed or self._transport is None or self._write_paused:
+            return  # answering one already; the connection is gone or handed over; or
+            # the client does not read its answers (resume_writing comes back here)
+        if self.server.closing:
+            return  # shutting down: the connection closes after its answer under way
         server = self.server
         buffer = self._buffer
         # From where the last look ended: a head sent a byte at a time is scanned once.
@@ -246,6 +284,8 @@ class Connection(asyncio.Protocol):
             return
         body = bytes(buffer[head_size:end])
         del buffer[:end]
+        if self._paused:
+            self._flow()
         try:
             self._parser.feed_data(body)  # completes the message: the parser's next one starts
         except httptools.HttpParserError:
@@ -266,7 +306,8 @@ class Connection(asyncio.Protocol):
         line_end = head.find(b"\r\n")
         parts = head[:line_end].split(b" ")
         if (
-            len(parts) != 3
+            line_end > MAX_LINE_BYTES
+            or len(parts) != 3
             or parts[0] != b"POST"
             or parts[1].partition(b"?")[0] != server.path
             or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0")
@@ -277,8 +318,8 @@ class Connection(asyncio.Protocol):
         parser = httptools.HttpRequestParser(callbacks)
         try:
             parser.feed_data(head)
-        except httptools.HttpParserError:
-            return None
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return None  # an upgrade (curl --http2 asks for h2c): aiohttp answers it
         fields = callbacks.fields
         lengths = fields.getall("Content-Length", ())
         if (
@@ -289,8 +330,9 @@ class Connection(asyncio.Protocol):
             or "Expect" in fields
             or "Upgrade" in fields
             or int(lengths[0]) > server.max_body
+            or (len(fields.getall("Host", ())) != 1 and parts[2] == b"HTTP/1.1")
         ):
-            return None
+            return None  # (aiohttp answers 400 to an HTTP/1.1 request without one Host)
         length = int(lengths[0])
         if length == 0:
             return None  # the parser took the message as complete: aiohttp answers it
@@ -305,13 +347,11 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         if self._closed or transport is None or transport.is_closing():
             return  # the client left: the event is stored all the same
-        transport.write(self.server.answer_bytes(answer, self._keep_alive))
-        if answer.close or not self._keep_alive:
+        keep_alive = self._keep_alive and not self.server.closing
+        transport.write(self.server.answer_bytes(answer, keep_alive))
+        if answer.close or not keep_alive:
             transport.close()
             return
-        if self._paused:
-            self._paused = False
-            transport.resume_reading()
         self._start_idle_timer()
         if self._buffer:
             if self._advancing:  # answered at once: the next one in a later loop turn
@@ -364,7 +404,10 @@ class Connection(asyncio.Protocol):
         due = self._idle_since + timeout
         now = loop.time()
         if not self.answering and now >= due:
-            self._transport.close()
+            if self._transport.get_write_buffer_size():
+                self._transport.abort()  # the client stopped reading: close() would wait
+            else:
+                self._transport.close()
             return
         # Being answered (idle again once written), or idle for less than the timeout.
         self._idle_timer = loop.call_at(due if due > now else now + timeout, self._idle_check)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 from consumer.signature import sign
 from tests.fixtures.app import event_body
@@ -85,3 +87,42 @@ def test_webhook_cuts_stalled_bodies_and_closes_half_open_connections(
         metrics = response.read().decode()
     assert 'pubrelay_webhook_requests_total{outcome="body_timeout"} 20.0' in metrics
     assert 'pubrelay_webhook_requests_total{outcome="accepted"} 1.0' in metrics
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_client_pipelining_without_reading_cannot_grow_the_webhook_memory(
+    run_pubrelay: Launcher,
+) -> None:
+    """Unsigned requests, each refused at once, pipelined on one connection that never
+    reads an answer: the server stops reading once they back up, so its memory holds a
+    bounded share of them, not the client's whole stream (128 MiB at most, 15 s)."""
+    webhook = run_pubrelay(["webhook"], {"PUBRELAY_WEBHOOK__SECRETS": f'["{SECRET}"]'})
+    webhook.wait_ready()
+    before = rss_mib(webhook.proc.pid)
+    requests = f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx".encode() * 4096
+    sent = 0
+    deadline = time.monotonic() + 15
+    with socket.create_connection(("127.0.0.1", webhook.port), timeout=2) as sock:
+        try:
+            while sent < 128 * 1024 * 1024 and time.monotonic() < deadline:
+                sock.sendall(requests)  # a 2 s wait raises: the server stopped reading
+                sent += len(requests)
+        except TimeoutError:
+            pass
+        time.sleep(1)  # what the server read is in its buffers by now
+        grown = rss_mib(webhook.proc.pid) - before
+        assert grown < 64, f"the webhook grew {grown:.0f} MiB on {sent >> 20} MiB sent"
+    body = event_body()
+    request = urllib.request.Request(
+        webhook.url + PATH,
+        data=body,
+        headers={"Content-Type": "application/json", "x-voucherify-signature": sign(SECRET, body)},
+    )
+    with urllib.request.urlopen(request, timeout=WAIT_S) as response:
+        assert response.status == 202

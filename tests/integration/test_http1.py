@@ -14,6 +14,7 @@ from bus.sqlite import SqliteBus
 from consumer.config import HttpSettings
 from pubrelay.settings import Settings
 from tests.fixtures.app import WEBHOOK_PATH, Front, event_body, read_topic, signed_headers
+from tests.fixtures.worker import eventually
 
 TOPIC = "voucherify.customer.publication.succeeded"
 
@@ -89,6 +90,10 @@ async def test_pipelined_deliveries_and_other_routes_on_one_connection_in_order(
         ("expect", 202),  # Expect: 100-continue: aiohttp answers 100, then 202
         ("bad signature", 401),  # served here
         ("two lengths", 400),  # ambiguous framing: aiohttp refuses it
+        ("upgrade", 202),  # curl --http2 asks for h2c: aiohttp ignores it
+        ("no host", 400),  # HTTP/1.1 requires one Host
+        ("two hosts", 400),
+        ("long request line", 400),  # past aiohttp's 8190 bytes
     ],
 )
 async def test_other_shapes_get_the_same_answers_as_on_aiohttp(
@@ -96,6 +101,7 @@ async def test_other_shapes_get_the_same_answers_as_on_aiohttp(
 ) -> None:
     assert front.port is not None
     body = event_body(event_id=f"evt_{shape.replace(' ', '_')}")
+    target = f"{WEBHOOK_PATH} HTTP/1.1".encode()
     data = {
         "chunked": post(body, chunked=True),
         "expect": post(body, extra="Expect: 100-continue\r\n"),
@@ -103,6 +109,12 @@ async def test_other_shapes_get_the_same_answers_as_on_aiohttp(
             b"x-voucherify-signature: ", b"x-voucherify-signature: 0"
         ),
         "two lengths": post(body, extra=f"Content-Length: {len(body) + 1}\r\n"),
+        "upgrade": post(body, extra="Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"),
+        "no host": post(body).replace(b"Host: x\r\n", b""),
+        "two hosts": post(body, extra="Host: y\r\n"),
+        "long request line": post(body).replace(
+            target, f"{WEBHOOK_PATH}?q={'q' * 8200} HTTP/1.1".encode()
+        ),
     }[shape]
     got = await answers(front.port, data, 2 if shape == "expect" else 1)
     assert got[-1] == status
@@ -197,4 +209,96 @@ async def test_a_bug_after_the_publish_still_answers_counts_and_logs(
         assert [r.value for r in records] == [second]
     finally:
         await served.close()
+        await bus.close()
+
+
+UNSIGNED = (
+    f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx".encode() * 1000
+)  # 64 KB of requests each refused (401) at once
+
+
+async def _flood(port: int, limit_bytes: int) -> tuple[int, asyncio.StreamWriter]:
+    """Pipeline refused requests on one connection without reading a single answer, until
+    the server stops taking them (a write waits 2 s) or ``limit_bytes`` are sent."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    sent = 0
+    deadline = asyncio.get_running_loop().time() + 30
+    while sent < limit_bytes and asyncio.get_running_loop().time() < deadline:
+        writer.write(UNSIGNED)
+        try:
+            await asyncio.wait_for(writer.drain(), 2)
+        except (TimeoutError, ConnectionResetError):  # reset: cut off (keep-alive time)
+            break
+        sent += len(UNSIGNED)
+    return sent, writer
+
+
+async def test_a_client_that_stops_reading_is_cut_off_after_the_keepalive_time(
+    make_app: object, sqlite_bus: SqliteBus
+) -> None:
+    """Its answers can never be written, so closing gracefully would wait forever: the
+    connection is aborted once it has been idle for the keep-alive time."""
+    app, _ = make_app(sqlite_bus)  # type: ignore[operator]
+    served = Front(app, HttpSettings(keepalive_timeout_s=0.5))
+    await served.start()
+    assert served.port is not None
+    sent, writer = await _flood(served.port, 64 * 1024 * 1024)
+    try:
+        assert sent > 0
+        await eventually(
+            lambda: not served.front.connections, timeout_s=10, what="the connection's end"
+        )
+    finally:
+        writer.close()
+        await served.close()
+
+
+class SlowBus(SqliteBus):
+    """Publishes that take 0.3 s to be answered (each still committed)."""
+
+    def submit(self, *args: Any, **kwargs: Any) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[None] = loop.create_future()
+        committed = super().submit(*args, **kwargs)
+
+        def settle() -> None:
+            if committed.exception() is None:
+                answer.set_result(None)
+            else:
+                answer.set_exception(committed.exception())  # type: ignore[arg-type]
+
+        loop.call_later(0.3, lambda: committed.add_done_callback(lambda _: settle()))
+        return answer
+
+
+async def test_shutdown_closes_after_the_answer_under_way_and_takes_no_pipelined_request(
+    make_app: object, settings: Settings
+) -> None:
+    """A delivery answered during shutdown goes with ``Connection: close``; the one
+    pipelined behind it is neither stored nor answered (Voucherify sends it again)."""
+    bus = SlowBus(settings.sqlite_bus_path)
+    await bus.start()
+    app, _ = make_app(bus)  # type: ignore[operator]
+    served = Front(app, HttpSettings())
+    await served.start()
+    assert served.port is not None
+    first, second = event_body(event_id="evt_before"), event_body(event_id="evt_behind")
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    try:
+        writer.write(post(first) + post(second))
+        await eventually(lambda: served.front.answering > 0, what="the first being answered")
+        served.listener.close()
+        stopping = asyncio.create_task(served.front.shutdown(5.0))
+        got = await asyncio.wait_for(reader.read(), 10)  # up to the server's close
+        await stopping
+        heads = [part for part in got.split(b"\r\n\r\n") if part.startswith(b"HTTP/1.1")]
+        assert [head.split(b"\r\n")[0] for head in heads] == [b"HTTP/1.1 202 Accepted"]
+        assert b"Connection: close" in heads[0]
+        records = await read_topic(bus, TOPIC, expect=1)
+        await asyncio.sleep(0.5)  # a second record, if taken, would be committed by now
+        assert [r.value for r in await read_topic(bus, TOPIC)] == [first]
+        assert len(records) == 1
+    finally:
+        writer.close()
+        await served.runner.cleanup()
         await bus.close()
