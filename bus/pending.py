@@ -8,34 +8,89 @@ records already dealt with from those still waiting: they read the waiting ones 
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import deque
+from collections.abc import AsyncIterator
 
 from bus.types import Message, Subscription
+
+
+async def _fetch_pending(
+    sub: Subscription,
+    *,
+    limit: int | None,
+    timeout_s: float,
+    idle_timeout_s: float,
+    batch_records: int = 500,
+) -> AsyncIterator[list[Message]]:
+    """The fetches of what the group has not committed (at most ``limit`` records), until
+    one comes back empty.
+
+    Until the subscription has partitions (a Kafka group join takes a while) an empty
+    fetch means nothing, so it keeps fetching until ``timeout_s``. The reported lag is
+    only used to learn that partitions are assigned: brokers may report it low.
+    """
+    count = 0
+    deadline = time.monotonic() + timeout_s
+    assigned = False
+    while limit is None or count < limit:
+        if not assigned:
+            assigned = bool(await sub.lag())
+        batch = await sub.fetch(
+            max_records=batch_records if limit is None else min(batch_records, limit - count),
+            timeout_s=idle_timeout_s,
+        )
+        if batch:
+            count += len(batch)
+            yield batch
+        elif assigned or time.monotonic() >= deadline:
+            break
+
+
+def _order(message: Message) -> tuple[str, int, int]:
+    return message.topic, message.partition, message.offset
 
 
 async def read_pending(
     sub: Subscription, *, limit: int | None, timeout_s: float, idle_timeout_s: float
 ) -> list[Message]:
     """Read what the group has not committed (at most ``limit``), oldest first per
-    partition, until a fetch comes back empty.
-
-    Until the subscription has partitions (a Kafka group join takes a while) an empty
-    fetch means nothing, so it keeps fetching until ``timeout_s``. The reported lag is
-    only used to learn that partitions are assigned: brokers may report it low.
-    """
+    partition (see :func:`_fetch_pending`)."""
     out: list[Message] = []
-    deadline = time.monotonic() + timeout_s
-    assigned = False
-    while limit is None or len(out) < limit:
-        if not assigned:
-            assigned = bool(await sub.lag())
-        batch = await sub.fetch(
-            max_records=500 if limit is None else min(500, limit - len(out)),
-            timeout_s=idle_timeout_s,
-        )
-        if batch:
-            out.extend(batch)
-        elif assigned or time.monotonic() >= deadline:
-            break
-    out.sort(key=lambda m: (m.topic, m.partition, m.offset))
+    async for batch in _fetch_pending(
+        sub, limit=limit, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
+    ):
+        out.extend(batch)
+    out.sort(key=_order)
     return out
+
+
+TAIL_BATCH_RECORDS = 32
+"""Records per fetch of :func:`tail_pending`: with 1 MiB records, 32 MiB held at once."""
+
+
+async def tail_pending(
+    sub: Subscription, *, keep: int, max_value_bytes: int, timeout_s: float, idle_timeout_s: float
+) -> tuple[list[tuple[Message, int]], int]:
+    """The last ``keep`` records the group has not committed (oldest first per partition),
+    each value cut to ``max_value_bytes`` and given with its whole size, and how many wait
+    in all. Memory is bounded by ``keep`` cut records and one small fetch, however many
+    wait (a page showing them must not hold them all)."""
+    tail: deque[tuple[Message, int]] = deque(maxlen=keep)
+    total = 0
+    async for batch in _fetch_pending(
+        sub,
+        limit=None,
+        timeout_s=timeout_s,
+        idle_timeout_s=idle_timeout_s,
+        batch_records=TAIL_BATCH_RECORDS,
+    ):
+        total += len(batch)
+        for message in batch:
+            size = len(message.value)
+            kept = message
+            if size > max_value_bytes:
+                kept = dataclasses.replace(message, value=message.value[:max_value_bytes])
+            tail.append((kept, size))
+    return sorted(tail, key=lambda kept: _order(kept[0])), total

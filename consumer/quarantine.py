@@ -26,7 +26,7 @@ from datetime import datetime
 
 import structlog
 
-from bus.pending import read_pending
+from bus.pending import read_pending, tail_pending
 from bus.types import Bus, Message, Subscription, TopicPartition
 from consumer.routing import Quarantined, Routed, classify, routed_headers
 from schemas.errors import TopicMissing
@@ -59,9 +59,11 @@ class QuarantinedRecord:
     event_id: str | None
     event_type: str | None
     received_at: datetime | None
+    whole_size: int | None = None
+    """The body's size when ``message.value`` is only its start (:func:`tail_quarantined`)."""
 
     @classmethod
-    def from_message(cls, message: Message) -> QuarantinedRecord:
+    def from_message(cls, message: Message, whole_size: int | None = None) -> QuarantinedRecord:
         headers = message.headers
         return cls(
             message=message,
@@ -70,11 +72,12 @@ class QuarantinedRecord:
             event_id=header_text(headers, HEADER_EVENT_ID),
             event_type=header_text(headers, HEADER_EVENT_TYPE),
             received_at=parse_timestamp(header_text(headers, HEADER_RECEIVED_AT)),
+            whole_size=whole_size,
         )
 
     @property
     def size_bytes(self) -> int:
-        return len(self.message.value)
+        return len(self.message.value) if self.whole_size is None else self.whole_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,31 @@ async def list_quarantined(
         )
     records = [QuarantinedRecord.from_message(m) for m in messages]
     return [r for r in records if selection.matches(r)]
+
+
+async def tail_quarantined(
+    bus: Bus,
+    *,
+    topic_prefix: str,
+    group_prefix: str,
+    keep: int,
+    max_value_bytes: int,
+    timeout_s: float = 10.0,
+    idle_timeout_s: float = 1.0,
+) -> tuple[list[QuarantinedRecord], int]:
+    """The last ``keep`` quarantined records not yet released, each body cut to
+    ``max_value_bytes`` (``size_bytes`` is still the whole body's), and how many wait:
+    what the console shows, in bounded memory however large the quarantine; commits
+    nothing."""
+    async with _quarantine(bus, topic_prefix, group_prefix) as sub:
+        tail, total = await tail_pending(
+            sub,
+            keep=keep,
+            max_value_bytes=max_value_bytes,
+            timeout_s=timeout_s,
+            idle_timeout_s=idle_timeout_s,
+        )
+    return [QuarantinedRecord.from_message(m, whole_size=size) for m, size in tail], total
 
 
 def released_headers(record: QuarantinedRecord, routed: Routed) -> Headers:

@@ -42,6 +42,14 @@ def _row_json(row: EventRow) -> dict[str, object]:
     }
 
 
+def _printable(line: str) -> str:
+    """The line with each character a terminal would act on (escape sequences, other
+    controls) written as its ``\\x..`` escape: ids and codes come from signed bodies."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+
+
 async def events(settings: Settings, args: argparse.Namespace) -> int:
     index = open_index(settings)
     if isinstance(index, SqliteEventIndex) and not index.path.exists():
@@ -66,8 +74,10 @@ async def events(settings: Settings, args: argparse.Namespace) -> int:
             customer = mask_address(f.customer_email) if f.customer_email else f.customer_id
             done = ", ".join(f"{h}: {o}" for h, o in row.handlers.items()) or "-"
             print(
-                f"{_when(row.received_at):19}  {row.event_id:28}  {f.voucher_code:18}  "
-                f"{customer:28}  {done}"
+                _printable(
+                    f"{_when(row.received_at):19}  {row.event_id:28}  {f.voucher_code:18}  "
+                    f"{customer:28}  {done}"
+                )
             )
     else:
         print(f"no event matches {args.query!r}", file=sys.stderr)

@@ -4,7 +4,10 @@
 middleware that lets nothing through without the token (``auth.py``): a Bearer header or
 a valid session cookie, and on every POST made with a cookie a valid CSRF token. Before
 that check the only work is reading headers; the login form's body is read only when its
-declared length is at most ``MAX_FORM_BYTES``. Every answer carries a strict
+declared length is at most ``MAX_FORM_BYTES``, by at most ``MAX_LOGIN_READS`` requests at
+once (429 past that), each within ``FORM_READ_TIMEOUT_S`` (408, and the connection
+closed): a body that never arrives holds no connection, and the webhook serving on the
+same port keeps its file descriptors. Every answer carries a strict
 Content-Security-Policy (no script, no inline style, no frames but our own sandboxed
 ones), ``nosniff``, ``no-referrer``, ``no-store`` and ``frame-ancestors 'none'``.
 """
@@ -16,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import quote
 
 import jinja2
 from aiohttp import web
@@ -36,6 +40,10 @@ from pubrelay.console.index import EventIndex
 from pubrelay.console.recorder import IndexRecorder
 
 MAX_FORM_BYTES: Final = 16 * 1024
+FORM_READ_TIMEOUT_S: Final = 5.0
+"""A form's body (at most ``MAX_FORM_BYTES``) arrives within this, or the answer is 408."""
+MAX_LOGIN_READS: Final = 16
+"""Login forms being read at once, before any token is checked; past that, 429 at once."""
 CSP: Final = (
     "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
     "frame-src 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -45,6 +53,23 @@ _PUBLIC: Final = ("login", "static")
 """The only routes reachable without the token: the login form and the stylesheet."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def path_segment(value: object) -> str:
+    """``value`` as one segment of a URL's path: every reserved character encoded, ``/``
+    included (Jinja's ``urlencode`` keeps it), and ``.`` or ``..`` never left as such."""
+    segment = quote(str(value), safe="")
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment
+
+
+def _environment() -> jinja2.Environment:
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(_HERE / "templates"),
+        autoescape=True,  # every value is escaped, in every template
+        undefined=jinja2.StrictUndefined,
+    )
+    environment.filters["segment"] = path_segment
+    return environment
 
 
 @dataclass(slots=True)
@@ -58,13 +83,7 @@ class Console:
     handlers: Sequence[str]
     topic_prefix: str
     group_prefix: str
-    templates: jinja2.Environment = field(
-        default_factory=lambda: jinja2.Environment(
-            loader=jinja2.FileSystemLoader(_HERE / "templates"),
-            autoescape=True,  # every value is escaped, in every template
-            undefined=jinja2.StrictUndefined,
-        )
-    )
+    templates: jinja2.Environment = field(default_factory=_environment)
     outbox: Path | None = None
     """Where the e-mail handler's outbox is (``SMTP_URL=outbox:``)."""
     registry: CollectorRegistry | None = None
@@ -72,6 +91,11 @@ class Console:
     read_timeout_s: float = 3.0
     """How long a reading of a topic may wait for its partitions (a Kafka group join)."""
     inspecting: asyncio.Lock = field(default_factory=asyncio.Lock)
+    form_read_timeout_s: float = FORM_READ_TIMEOUT_S
+    login_reads: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(MAX_LOGIN_READS)
+    )
+    """Login forms being read (``MAX_LOGIN_READS``)."""
     """One reading of a dead-letter or quarantine topic at a time (one group member)."""
 
 
@@ -126,11 +150,18 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 async def _small_form(request: web.Request) -> Any:
-    """The form, read only when it declares a small length."""
+    """The form, read only when it declares a small length, and only if it arrives in
+    time (a connection that stops sending is closed)."""
     length = request.content_length
     if length is None or length > MAX_FORM_BYTES:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_FORM_BYTES, actual_size=length or 0)
-    return await request.post()
+    try:
+        async with asyncio.timeout(request.app[CONSOLE].form_read_timeout_s):
+            return await request.post()
+    except TimeoutError:
+        late = web.HTTPRequestTimeout(text="the form did not arrive in time")
+        late.force_close()  # after the answer, what still comes is read only while lingering
+        raise late from None
 
 
 async def _security_headers(_: web.Request, response: web.StreamResponse) -> None:
@@ -149,7 +180,10 @@ async def login_page(request: web.Request) -> web.Response:
 
 async def login(request: web.Request) -> web.StreamResponse:
     console = request.app[CONSOLE]
-    form = await _small_form(request)
+    if console.login_reads.locked():
+        raise web.HTTPTooManyRequests(text="too many logins under way; retry later")
+    async with console.login_reads:
+        form = await _small_form(request)
     target = safe_next(str(form.get("next", "")))
     try:
         ok = await console.gate.check_token(str(form.get("token", "")))
@@ -184,6 +218,7 @@ def create_console_app(
     outbox: Path | None = None,
     registry: CollectorRegistry | None = None,
     read_timeout_s: float = 3.0,
+    form_read_timeout_s: float = FORM_READ_TIMEOUT_S,
 ) -> web.Application:
     """The console: mount it with ``app.add_subapp("/console/", ...)``."""
     from pubrelay.console import mail, operations, views  # noqa: PLC0415 - the pages load with it
@@ -200,6 +235,7 @@ def create_console_app(
         outbox=outbox,
         registry=registry,
         read_timeout_s=read_timeout_s,
+        form_read_timeout_s=form_read_timeout_s,
     )
     app.on_response_prepare.append(_security_headers)
     sign_in = app.router.add_resource("/login", name="login")

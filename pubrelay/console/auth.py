@@ -54,7 +54,7 @@ class Gate:
     async def check_token(self, given: str) -> bool:
         """Whether ``given`` is the token; a wrong one is answered after the delay, and
         raises :class:`TooManyFailures` when too many wrong ones are being delayed."""
-        if hmac.compare_digest(given.encode(), self._token):
+        if hmac.compare_digest(_raw(given), self._token):
             return True
         if self._failing.locked():
             raise TooManyFailures
@@ -70,7 +70,7 @@ class Gate:
         expiry, _, mac = value.partition(".")
         if not expiry.isdigit() or len(expiry) > 12:
             return False
-        if not hmac.compare_digest(mac.encode(), self._mac("session", expiry).encode()):
+        if not hmac.compare_digest(_raw(mac), self._mac("session", expiry).encode()):
             return False
         return int(expiry) > (now or time.time())
 
@@ -78,7 +78,13 @@ class Gate:
         return self._mac("csrf", session)
 
     def csrf_valid(self, session: str, given: str) -> bool:
-        return hmac.compare_digest(given.encode(), self.csrf_token(session).encode())
+        return hmac.compare_digest(_raw(given), self.csrf_token(session).encode())
+
+
+def _raw(text: str) -> bytes:
+    """A header's or form's text as bytes to compare: aiohttp decodes header bytes that
+    are not UTF-8 to surrogates, which a plain ``encode()`` refuses (that was a 500)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def bearer(request: web.Request) -> str | None:
@@ -106,7 +112,16 @@ def set_session(
 
 
 def safe_next(target: str | None) -> str:
-    """Where to go after logging in: a console path only (never another site)."""
-    if target and target.startswith(COOKIE_PATH) and "//" not in target and "\\" not in target:
+    """Where to go after logging in: a console path only (never another site), of
+    printable ASCII only (a control character cannot go into ``Location``)."""
+    if (
+        target
+        and target.startswith(COOKIE_PATH)
+        and "//" not in target
+        and "\\" not in target
+        and target.isascii()
+        and target.isprintable()
+        and " " not in target
+    ):
         return target
     return COOKIE_PATH

@@ -5,10 +5,14 @@ shows one: its headers and text part as escaped text, and its HTML part in a san
 frame (no script, its own opaque origin). The frame's document, ``.../NAME/html``, is
 served with its own policy: ``sandbox``, inline styles and ``data:`` images only, framed
 by the console alone. Names are checked against the outbox's own pattern (no paths).
+Files are read and parsed in a thread, never on the loop the webhook shares: the list
+reads only the headers of the newest ``MAX_LISTED`` (``_MAX_HEADER_BYTES`` each) and shows
+each value cut to ``MAX_SHOWN_CHARS``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import re
@@ -25,6 +29,8 @@ from pubrelay.console.app import CONSOLE, render
 MAX_LISTED: Final = 200
 MAX_MESSAGE_BYTES: Final = 2 * 1024 * 1024
 _MAX_HEADER_BYTES: Final = 64 * 1024
+MAX_SHOWN_CHARS: Final = 500
+"""A header value as listed (subject, recipient, …): longer ones end with "…"."""
 _NAME: Final = re.compile(r"[0-9]{1,20}-[0-9a-f]{16}\.eml")
 FRAME_CSP: Final = (
     "sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'"
@@ -48,24 +54,41 @@ def _outbox(request: web.Request) -> Path:
 
 
 def _parse(path: Path) -> EmailMessage:
-    message = email.message_from_bytes(
-        path.read_bytes()[:MAX_MESSAGE_BYTES], policy=email.policy.default
-    )
+    with path.open("rb") as handle:
+        data = handle.read(MAX_MESSAGE_BYTES)
+    message = email.message_from_bytes(data, policy=email.policy.default)
     assert isinstance(message, EmailMessage)
     return message
+
+
+def _names(folder: Path) -> list[str]:
+    """The outbox's e-mails, newest first."""
+    if not folder.is_dir():
+        return []
+    return sorted((p.name for p in folder.glob("*.eml") if _NAME.fullmatch(p.name)), reverse=True)
+
+
+def _headers(path: Path, parser: BytesHeaderParser[EmailMessage]) -> EmailMessage:
+    with path.open("rb") as handle:
+        return parser.parsebytes(handle.read(_MAX_HEADER_BYTES))
+
+
+def _listing(folder: Path) -> tuple[list[Mail], int]:
+    """The newest ``MAX_LISTED`` e-mails' headers, and how many there are."""
+    names = _names(folder)
+    parser = BytesHeaderParser(policy=email.policy.default)
+    return [_mail(name, _headers(folder / name, parser)) for name in names[:MAX_LISTED]], len(names)
 
 
 def mails_for(folder: Path | None, event_id: str) -> list[Mail]:
     """The outbox's e-mails for ``event_id`` (its ``X-Pubrelay-Event-Id``), among the
     newest ``MAX_LISTED``; only their headers are read."""
-    if folder is None or not folder.is_dir():
+    if folder is None:
         return []
-    names = sorted((p.name for p in folder.glob("*.eml") if _NAME.fullmatch(p.name)), reverse=True)
     parser = BytesHeaderParser(policy=email.policy.default)
     found = []
-    for name in names[:MAX_LISTED]:
-        with (folder / name).open("rb") as handle:
-            headers = parser.parsebytes(handle.read(_MAX_HEADER_BYTES))
+    for name in _names(folder)[:MAX_LISTED]:
+        headers = _headers(folder / name, parser)
         if headers["X-Pubrelay-Event-Id"] == event_id:
             found.append(_mail(name, headers))
     return found
@@ -74,19 +97,24 @@ def mails_for(folder: Path | None, event_id: str) -> list[Mail]:
 def _mail(name: str, message: Message) -> Mail:
     return Mail(
         name,
-        str(message["Subject"] or ""),
-        str(message["To"] or ""),
-        str(message["Date"] or ""),
-        str(message["Message-ID"] or ""),
+        _shown(message["Subject"]),
+        _shown(message["To"]),
+        _shown(message["Date"]),
+        _shown(message["Message-ID"]),
     )
 
 
-def _message(request: web.Request) -> tuple[str, EmailMessage]:
+def _shown(value: object) -> str:
+    text = str(value or "")
+    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 1] + "…"
+
+
+async def _message(request: web.Request) -> tuple[str, EmailMessage]:
     name = request.match_info["name"]
     path = _outbox(request) / name
     if not _NAME.fullmatch(name) or not path.is_file():
         raise web.HTTPNotFound(text="no such e-mail")
-    return name, _parse(path)
+    return name, await asyncio.to_thread(_parse, path)
 
 
 def _part(message: EmailMessage, kind: str) -> str:
@@ -99,20 +127,12 @@ def _part(message: EmailMessage, kind: str) -> str:
 
 async def outbox(request: web.Request) -> web.Response:
     folder = _outbox(request)
-    names = sorted(
-        (p.name for p in folder.glob("*.eml") if _NAME.fullmatch(p.name))
-        if folder.is_dir()
-        else (),
-        reverse=True,
-    )
-    mails = []
-    for name in names[:MAX_LISTED]:
-        mails.append(_mail(name, _parse(folder / name)))
-    return render(request, "outbox.html", mails=mails, total=len(names), folder=str(folder))
+    mails, total = await asyncio.to_thread(_listing, folder)
+    return render(request, "outbox.html", mails=mails, total=total, folder=str(folder))
 
 
 async def mail_page(request: web.Request) -> web.Response:
-    name, message = _message(request)
+    name, message = await _message(request)
     return render(
         request,
         "mail.html",
@@ -125,7 +145,7 @@ async def mail_page(request: web.Request) -> web.Response:
 
 async def mail_html(request: web.Request) -> web.Response:
     """The HTML part alone, for the sandboxed frame of :func:`mail_page`."""
-    _, message = _message(request)
+    _, message = await _message(request)
     return web.Response(
         text=_part(message, "html"),
         content_type="text/html",

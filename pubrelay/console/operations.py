@@ -14,7 +14,7 @@ from typing import Final
 
 from aiohttp import web
 
-from consumer.quarantine import list_quarantined
+from consumer.quarantine import tail_quarantined
 from handlers.worker.dead_letters import DeadLetter
 from handlers.worker.replay import list_dead_letters, replay
 from pubrelay.console.app import CONSOLE, Console, render
@@ -115,19 +115,18 @@ async def replay_now(request: web.Request) -> web.Response:
 async def quarantine(request: web.Request) -> web.Response:
     console = request.app[CONSOLE]
     async with console.inspecting:
-        records = await list_quarantined(
+        records, total = await tail_quarantined(
             console.bus,
             topic_prefix=console.topic_prefix,
             group_prefix=console.group_prefix,
+            keep=MAX_SHOWN,
+            max_value_bytes=MAX_VIEWED_BYTES,
             timeout_s=console.read_timeout_s,
             idle_timeout_s=IDLE_TIMEOUT_S,
         )
-    shown = [
-        (r, r.message.value[:MAX_VIEWED_BYTES].decode("utf-8", "replace"))
-        for r in records[-MAX_SHOWN:]
-    ]
+    shown = [(r, r.message.value.decode("utf-8", "replace")) for r in records]
     return render(
-        request, "quarantine.html", records=shown, total=len(records), max_bytes=MAX_VIEWED_BYTES
+        request, "quarantine.html", records=shown, total=total, max_bytes=MAX_VIEWED_BYTES
     )
 
 

@@ -25,12 +25,13 @@ from prometheus_client import CollectorRegistry
 
 from bus.sqlite import SqliteBus
 from consumer.app import create_app
+from consumer.quarantine import tail_quarantined
 from handlers.builtin.email.outbox import OutboxTransport
 from handlers.types import Event
 from handlers.worker.ledger import SqliteLedger
 from handlers.worker.service import Worker
-from pubrelay.console.app import CSP, create_console_app
-from pubrelay.console.mail import FRAME_CSP
+from pubrelay.console.app import CONSOLE, CSP, MAX_LOGIN_READS, create_console_app
+from pubrelay.console.mail import FRAME_CSP, MAX_SHOWN_CHARS
 from pubrelay.console.recorder import IndexRecorder
 from pubrelay.console.sqlite_index import SqliteEventIndex
 from pubrelay.settings import Settings
@@ -51,6 +52,8 @@ class Stack:
     recorder: IndexRecorder
     failing: set[str]
     outbox: Path
+    console: web.Application
+    bus: SqliteBus
 
 
 @pytest.fixture
@@ -92,6 +95,7 @@ async def stack(
         group_prefix=fast_worker_settings().group_prefix,
         failure_delay_s=0.05,
         outbox=tmp_path / "outbox",
+        form_read_timeout_s=1.0,
     )
     app = create_app(
         bus=bus,
@@ -109,7 +113,7 @@ async def stack(
         task = asyncio.create_task(worker.run_until_stopped(stop))
         try:
             client = await aiohttp_client(app)
-            yield Stack(client, handler, recorder, failing, tmp_path / "outbox")
+            yield Stack(client, handler, recorder, failing, tmp_path / "outbox", console, bus)
         finally:
             stop.set()
             await asyncio.wait_for(task, 10)
@@ -332,3 +336,93 @@ async def test_an_outbox_e_mail_is_shown_escaped_with_its_html_in_a_sandboxed_fr
         assert response.status == 404, bad
     unauthenticated = await stack.client.get(f"/console/outbox/{name}/html")
     assert unauthenticated.status == 401
+
+
+SLOW_LOGIN = (
+    b"POST /console/login HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ntoken="
+)  # the body announced, and never sent
+
+
+async def _slow_login(stack: Stack) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    server = stack.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(SLOW_LOGIN)
+    await writer.drain()
+    return reader, writer
+
+
+async def test_a_login_form_that_never_arrives_is_answered_408_and_closed(stack: Stack) -> None:
+    """Before any token is checked: its connection cannot be held (the webhook shares the
+    process and its file descriptors)."""
+    reader, writer = await _slow_login(stack)
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert b"Connection: close" in head
+    finally:
+        writer.close()
+
+
+async def test_logins_read_at_once_are_bounded_and_the_next_is_refused_at_once(
+    stack: Stack,
+) -> None:
+    slow = [await _slow_login(stack) for _ in range(MAX_LOGIN_READS)]
+    try:
+        slots = stack.console[CONSOLE].login_reads
+        await eventually(slots.locked, what="every login slot taken")
+        refused = await stack.client.post(
+            "/console/login", data={"token": TOKEN}, allow_redirects=False
+        )
+        assert refused.status == 429
+        for reader, _ in slow:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 408"), head
+        await login(stack.client)  # the slots are free again
+    finally:
+        for _, writer in slow:
+            writer.close()
+
+
+async def test_the_quarantine_page_counts_every_record_and_holds_only_the_last_cut(
+    stack: Stack, settings: Settings
+) -> None:
+    bodies = [b"not json " + bytes([65 + n]) * 100_000 for n in range(3)]
+    for body in bodies:
+        await send(stack, body)  # signed, not JSON: quarantined, answered 202
+    page = await (await stack.client.get("/console/quarantine", headers=BEARER)).text()
+    assert "3 waiting" in page
+    assert page.count("100009 bytes") == 3  # each whole body's size
+    assert "A" * 100 in page
+    assert "A" * 70_000 not in page  # shown cut to 64 KiB
+    records, total = await tail_quarantined(
+        stack.bus,
+        topic_prefix=settings.bus.topic_prefix,
+        group_prefix=fast_worker_settings().group_prefix,
+        keep=2,
+        max_value_bytes=10,
+        idle_timeout_s=0.2,
+    )
+    assert total == 3
+    assert [r.message.value for r in records] == [b"not json B", b"not json C"]
+    assert [r.size_bytes for r in records] == [100_009, 100_009]
+
+
+async def test_the_outbox_lists_headers_cut_to_a_readable_length(stack: Stack) -> None:
+    stack.outbox.mkdir(exist_ok=True)
+    message = EmailMessage()
+    message["Subject"] = "Your code " + "x" * 5000
+    message["To"] = "someone@example.com"
+    message.set_content("hello")
+    (stack.outbox / "1-0123456789abcdef.eml").write_bytes(message.as_bytes())
+    page = await (await stack.client.get("/console/outbox", headers=BEARER)).text()
+    assert "Your code " + "x" * (MAX_SHOWN_CHARS - 20) in page
+    assert "x" * MAX_SHOWN_CHARS not in page
+
+
+async def test_an_event_id_with_a_slash_links_to_its_own_page(stack: Stack) -> None:
+    await send(stack, event_body(event_id="evt/with/slashes"))
+    page = await wait_indexed(stack, "evt%2Fwith%2Fslashes", "done")
+    assert "evt/with/slashes" in page
+    listing = await outcome_of(stack, "evt/with/slashes")
+    assert 'href="/console/events/evt%2Fwith%2Fslashes"' in listing

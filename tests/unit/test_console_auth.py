@@ -58,6 +58,8 @@ def test_the_csrf_token_is_bound_to_the_session() -> None:
         ("//evil.example/console/", "/console/"),
         ("/console//evil.example", "/console/"),
         ("/console/\\evil", "/console/"),
+        ("/console/\r\nSet-Cookie: x=1", "/console/"),  # no header can be injected
+        ("/console/\t/evil.example", "/console/"),
         (None, "/console/"),
     ],
 )
@@ -82,3 +84,11 @@ def test_the_search_fields_come_from_the_body_and_every_code_is_a_term() -> None
     example = (EXAMPLE / "customer.publication.succeeded.json").read_bytes()
     assert read_fields(example) == read_any(example)  # msgspec's fast path reads the same
     assert read_fields(example)[0].voucher_code == "SPRING-2024-tPz"
+
+
+async def test_a_token_or_cookie_that_is_not_utf_8_is_refused_not_an_error() -> None:
+    """aiohttp decodes such header bytes to surrogates (``b"\\xff"`` -> ``"\\udcff"``)."""
+    gate = Gate("token-a", session_ttl_s=60, failure_delay_s=0.01)
+    assert await gate.check_token("\udcff\udcfe") is False
+    assert gate.session_valid("99999999999.\udcff") is False
+    assert gate.csrf_valid(gate.new_session(), "\udcff") is False

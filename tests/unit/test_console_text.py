@@ -1,0 +1,30 @@
+"""Text from signed bodies, made safe where the console and the CLI put it: a URL's path
+segment, and a terminal."""
+
+from __future__ import annotations
+
+import pytest
+
+from pubrelay.console.app import path_segment
+from pubrelay.events_command import _printable
+
+
+@pytest.mark.parametrize(
+    ("value", "segment"),
+    [
+        ("evt_123", "evt_123"),
+        ("evt/with/slashes", "evt%2Fwith%2Fslashes"),
+        ("a?b#c d", "a%3Fb%23c%20d"),
+        ("..", "%2E%2E"),
+        (".", "%2E"),
+        ("v1.2", "v1.2"),
+    ],
+)
+def test_an_id_is_one_path_segment(value: str, segment: str) -> None:
+    assert path_segment(value) == segment
+
+
+def test_a_terminal_gets_no_control_character_from_an_event() -> None:
+    line = _printable("evt_\x1b]0;pwned\x07  CODE\x1b[2J  é")
+    assert line == "evt_\\x1b]0;pwned\\x07  CODE\\x1b[2J  é"
+    assert line.isprintable()
