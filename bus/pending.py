@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from bus.types import Message, Subscription
 
 
-async def _fetch_pending(
+async def fetch_pending(
     sub: Subscription,
     *,
     limit: int | None,
@@ -24,8 +24,8 @@ async def _fetch_pending(
     idle_timeout_s: float,
     batch_records: int = 500,
 ) -> AsyncIterator[list[Message]]:
-    """The fetches of what the group has not committed (at most ``limit`` records), until
-    one comes back empty.
+    """The fetches of what the group has not committed (at most ``limit`` records, each
+    partition's in offset order), until one comes back empty.
 
     Until the subscription has partitions (a Kafka group join takes a while) an empty
     fetch means nothing, so it keeps fetching until ``timeout_s``. The reported lag is
@@ -56,9 +56,9 @@ async def read_pending(
     sub: Subscription, *, limit: int | None, timeout_s: float, idle_timeout_s: float
 ) -> list[Message]:
     """Read what the group has not committed (at most ``limit``), oldest first per
-    partition (see :func:`_fetch_pending`)."""
+    partition (see :func:`fetch_pending`)."""
     out: list[Message] = []
-    async for batch in _fetch_pending(
+    async for batch in fetch_pending(
         sub, limit=limit, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
     ):
         out.extend(batch)
@@ -66,8 +66,9 @@ async def read_pending(
     return out
 
 
-TAIL_BATCH_RECORDS = 32
-"""Records per fetch of :func:`tail_pending`: with 1 MiB records, 32 MiB held at once."""
+SMALL_BATCH_RECORDS = 32
+"""Records per fetch where each is dealt with and let go (:func:`tail_pending`, a replay):
+with 1 MiB records, 32 MiB held at once."""
 
 
 async def tail_pending(
@@ -79,12 +80,12 @@ async def tail_pending(
     wait (a page showing them must not hold them all)."""
     tail: deque[tuple[Message, int]] = deque(maxlen=keep)
     total = 0
-    async for batch in _fetch_pending(
+    async for batch in fetch_pending(
         sub,
         limit=None,
         timeout_s=timeout_s,
         idle_timeout_s=idle_timeout_s,
-        batch_records=TAIL_BATCH_RECORDS,
+        batch_records=SMALL_BATCH_RECORDS,
     ):
         total += len(batch)
         for message in batch:

@@ -17,15 +17,15 @@ The dead-letter format itself (the ``dlq-*`` headers) is :mod:`handlers.worker.d
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import structlog
 
-from bus.pending import read_pending
-from bus.types import Bus, Subscription, TopicPartition
+from bus.pending import SMALL_BATCH_RECORDS, fetch_pending, read_pending
+from bus.types import Bus, Message, Subscription, TopicPartition
 from handlers.types import check_handler_name
 from handlers.worker.dead_letters import DeadLetter
 from schemas.topics import (
@@ -88,6 +88,10 @@ async def list_dead_letters(
     return [d for d in letters if event_id is None or d.event_id == event_id]
 
 
+async def _at_once(read: Awaitable[list[Message]]) -> AsyncIterator[list[Message]]:
+    yield await read
+
+
 async def replay(
     bus: Bus,
     handler: str,
@@ -105,47 +109,64 @@ async def replay(
     """Send ``handler``'s dead letters (all, one ``event_id``, or failed ``since``) back to it.
 
     ``progress`` is called once per dead letter replayed (or, in a dry run, that would be).
+    A replay reads every waiting dead letter before it sends the first: the ones that fail
+    again meanwhile are dead letters of a later run, not of this one. A dry run sends
+    nothing, so it reads :data:`~bus.pending.SMALL_BATCH_RECORDS` at a time and keeps only
+    the ids: the console's preview, in the webhook's process, does not grow with them.
     Raises :class:`schemas.errors.BusUnavailable` when a publish fails; what was replayed
     before it is committed first, so running it again continues where it stopped.
     """
     target = retry_topic(topic_prefix, handler)
     summary = ReplaySummary(handler=handler, dry_run=dry_run)
     async with _dead_letter_topic(bus, handler, topic_prefix, group_prefix) as sub:
-        messages = await read_pending(
-            sub, limit=limit, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
-        )
-        summary.read = len(messages)
         # Per partition: the next offset to commit while replayed records are contiguous.
         frontier: dict[TopicPartition, int] = {}
         blocked: set[TopicPartition] = set()
         try:
-            for message in messages:
-                letter = DeadLetter.from_message(message)
-                matches = (event_id is None or letter.event_id == event_id) and (
-                    since is None or letter.failed_since(since)
+            batches = (
+                fetch_pending(
+                    sub,
+                    limit=limit,
+                    timeout_s=timeout_s,
+                    idle_timeout_s=idle_timeout_s,
+                    batch_records=SMALL_BATCH_RECORDS,
                 )
-                if not matches:
-                    blocked.add(message.tp)
-                    continue
-                summary.matched += 1
-                summary.event_ids.append(letter.event_id or "-")
-                if progress is not None:
-                    progress(letter)
-                if dry_run:
-                    continue
-                await bus.publish(
-                    target, message.value, key=message.key, headers=letter.original_headers
+                if dry_run
+                else _at_once(
+                    read_pending(
+                        sub, limit=limit, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
+                    )
                 )
-                summary.replayed += 1
-                log.info(
-                    "dead_letter_replayed",
-                    handler=handler,
-                    event_id=letter.event_id,
-                    offset=message.offset,
-                    target=target,
-                )
-                if message.tp not in blocked:
-                    frontier[message.tp] = message.offset + 1
+            )
+            async for batch in batches:
+                summary.read += len(batch)
+                for message in batch:
+                    letter = DeadLetter.from_message(message)
+                    matches = (event_id is None or letter.event_id == event_id) and (
+                        since is None or letter.failed_since(since)
+                    )
+                    if not matches:
+                        blocked.add(message.tp)
+                        continue
+                    summary.matched += 1
+                    summary.event_ids.append(letter.event_id or "-")
+                    if progress is not None:
+                        progress(letter)
+                    if dry_run:
+                        continue
+                    await bus.publish(
+                        target, message.value, key=message.key, headers=letter.original_headers
+                    )
+                    summary.replayed += 1
+                    log.info(
+                        "dead_letter_replayed",
+                        handler=handler,
+                        event_id=letter.event_id,
+                        offset=message.offset,
+                        target=target,
+                    )
+                    if message.tp not in blocked:
+                        frontier[message.tp] = message.offset + 1
         finally:
             if frontier and not dry_run:
                 await sub.commit(frontier)

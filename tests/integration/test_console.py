@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
+from bus.pending import SMALL_BATCH_RECORDS
 from bus.sqlite import SqliteBus
 from consumer.app import create_app
 from consumer.quarantine import tail_quarantined
@@ -426,3 +427,25 @@ async def test_an_event_id_with_a_slash_links_to_its_own_page(stack: Stack) -> N
     assert "evt/with/slashes" in page
     listing = await outcome_of(stack, "evt/with/slashes")
     assert 'href="/console/events/evt%2Fwith%2Fslashes"' in listing
+
+
+async def test_a_replay_preview_lists_dead_letters_read_in_several_fetches(stack: Stack) -> None:
+    """The dry run reads SMALL_BATCH_RECORDS at a time (memory bounded): it still lists
+    every dead letter, in order."""
+    ids = [f"evt_many_{n:02}" for n in range(SMALL_BATCH_RECORDS + 8)]
+    stack.failing.update(ids)
+    for event_id in ids:
+        await send(stack, event_body(event_id=event_id))
+    await eventually(
+        lambda: sum(stack.handler.calls[i] for i in ids) == len(ids), what="every attempt"
+    )
+    await login(stack.client)
+    text = ""
+    for _ in range(50):  # the dead letters are written just after the attempts
+        preview = await stack.client.get("/console/dead-letters/recorder/replay", headers=HTML)
+        text = await preview.text()
+        if f"Replay {len(ids)} dead letters" in text:
+            break
+        await asyncio.sleep(0.1)
+    assert f"Replay {len(ids)} dead letters" in text
+    assert [text.index(f">{i}<") for i in ids] == sorted(text.index(f">{i}<") for i in ids)
