@@ -66,8 +66,13 @@ class _Attempted:
     at: float
 
 
+MAX_ID_CHARS: Final = 200
+"""An id as indexed (event, delivery): the delivery's and the attempts' the same cut, so
+one event's timeline is one, however long its id."""
+
+
 def _text(headers: Headers, name: str) -> str:
-    return (header_text(headers, name) or "")[:200]
+    return (header_text(headers, name) or "")[:MAX_ID_CHARS]
 
 
 def _received_at(headers: Headers, default: float) -> float:
@@ -104,7 +109,7 @@ class IndexRecorder:
             entry = _Attempted(
                 handler,
                 message,
-                event_id,
+                event_id[:MAX_ID_CHARS],
                 facts["outcome"],
                 facts["attempt"],
                 facts.get("detail") or "",

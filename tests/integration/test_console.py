@@ -33,7 +33,7 @@ from handlers.worker.ledger import SqliteLedger
 from handlers.worker.service import Worker
 from pubrelay.console.app import CONSOLE, CSP, MAX_LOGIN_READS, create_console_app
 from pubrelay.console.mail import FRAME_CSP, MAX_SHOWN_CHARS
-from pubrelay.console.recorder import IndexRecorder
+from pubrelay.console.recorder import MAX_ID_CHARS, IndexRecorder
 from pubrelay.console.sqlite_index import SqliteEventIndex
 from pubrelay.settings import Settings
 from schemas.errors import HandlerError
@@ -449,3 +449,11 @@ async def test_a_replay_preview_lists_dead_letters_read_in_several_fetches(stack
         await asyncio.sleep(0.1)
     assert f"Replay {len(ids)} dead letters" in text
     assert [text.index(f">{i}<") for i in ids] == sorted(text.index(f">{i}<") for i in ids)
+
+
+async def test_an_event_with_a_very_long_id_has_one_timeline(stack: Stack) -> None:
+    """Its delivery and its attempts are indexed under the same (cut) id."""
+    long_id = "evt_long_" + "A" * 300
+    await send(stack, event_body(event_id=long_id))
+    timeline = await wait_indexed(stack, long_id[:MAX_ID_CHARS], "badge done")
+    assert "202" in timeline.split("<h2>Timeline</h2>")[1]  # the delivery, on the same page
