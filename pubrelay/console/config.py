@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, SecretStr
+from typing import Final
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+
+MIN_TOKEN_CHARS: Final = 16
+"""A shorter token could be guessed at the 4 tries a second the login allows."""
 
 
 class ConsoleSettings(BaseModel):
@@ -37,6 +42,19 @@ class ConsoleSettings(BaseModel):
             "dropped and counted (the intake never waits for the index)"
         ),
     )
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        value = token.get_secret_value() if token is not None else ""
+        if value and len(value.strip()) < MIN_TOKEN_CHARS:
+            raise ValueError(
+                f"the console token must have at least {MIN_TOKEN_CHARS} characters besides "
+                "spaces (4 guesses a second find a short one); generate one with "
+                "`openssl rand -hex 32`, or unset it and let `pubrelay serve --console` "
+                "generate one"
+            )
+        return token
 
     @property
     def enabled(self) -> bool:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from pydantic import SecretStr, ValidationError
 
 from pubrelay.console.auth import MAX_FAILING, Gate, TooManyFailures, safe_next
+from pubrelay.console.config import ConsoleSettings
 from pubrelay.console.fields import _read_any as read_any
 from pubrelay.console.fields import read_fields
 from tests.fixtures.app import EXAMPLE
@@ -92,3 +94,14 @@ async def test_a_token_or_cookie_that_is_not_utf_8_is_refused_not_an_error() -> 
     assert await gate.check_token("\udcff\udcfe") is False
     assert gate.session_valid("99999999999.\udcff") is False
     assert gate.csrf_valid(gate.new_session(), "\udcff") is False
+
+
+@pytest.mark.parametrize("token", ["abc", "short-token-15c", " " * 40, "  fifteen chars  "])
+def test_a_token_that_could_be_guessed_is_refused_at_start(token: str) -> None:
+    with pytest.raises(ValidationError, match="at least 16 characters"):
+        ConsoleSettings(token=SecretStr(token))
+
+
+def test_a_token_of_sixteen_characters_or_none_is_accepted() -> None:
+    assert ConsoleSettings(token=SecretStr("0123456789abcdef")).enabled
+    assert not ConsoleSettings().enabled
