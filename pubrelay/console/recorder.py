@@ -5,8 +5,9 @@ the worker's :class:`handlers.worker.observer.AttemptObserver`: each call append
 entry to a bounded queue and returns (no parsing, no I/O, no await). A background task
 takes what is queued every ``FLUSH_EVERY_S`` (or sooner once ``FLUSH_AT`` entries wait),
 reads the new bodies' fields (msgspec, ``pubrelay/console/fields.py``) a chunk at a time, and
-writes one transaction. When the queue is full new entries are dropped and counted
-(``dropped``): the index is a view for people; the bus, the ledger and the dead-letter
+writes one transaction. When the queue is full (``queue_max`` entries, or bodies of
+``QUEUE_BYTES_MAX`` bytes in all: each entry holds its body until it is written) new
+entries are dropped and counted (``dropped``): the index is a view for people; the bus, the ledger and the dead-letter
 topics stay the truth.
 """
 
@@ -40,6 +41,9 @@ log = structlog.get_logger("pubrelay.console.index")
 
 FLUSH_EVERY_S: Final = 0.5
 FLUSH_AT: Final = 2000
+QUEUE_BYTES_MAX: Final = 64 * 1024 * 1024
+"""The bodies the queue holds at most: 10,000 entries of 1 MiB bodies (signed large
+deliveries while an index write waits) would be 10 GB."""
 _CHUNK: Final = 200
 _KNOWN_MAX: Final = 4096
 """Event ids this process already indexed: their bodies are not read again."""
@@ -81,28 +85,33 @@ def _received_at(headers: Headers, default: float) -> float:
 
 
 class IndexRecorder:
-    def __init__(self, index: EventIndex, *, queue_max: int) -> None:
+    def __init__(
+        self, index: EventIndex, *, queue_max: int, queue_bytes_max: int = QUEUE_BYTES_MAX
+    ) -> None:
         self.index = index
         self.dropped = 0
         """Entries dropped since start (the queue was full)."""
         self._dropped_logged = 0
         self._queue: deque[_Received | _Attempted] = deque()
         self._queue_max = queue_max
+        self._queue_bytes_max = queue_bytes_max
+        self._queued_bytes = 0
         self._wake = asyncio.Event()
         self._known: OrderedDict[str, None] = OrderedDict()
 
-    def _put(self, entry: _Received | _Attempted) -> None:
-        if len(self._queue) >= self._queue_max:
+    def _put(self, entry: _Received | _Attempted, size: int) -> None:
+        if len(self._queue) >= self._queue_max or self._queued_bytes + size > self._queue_bytes_max:
             self.dropped += 1
             return
         self._queue.append(entry)
+        self._queued_bytes += size
         if len(self._queue) >= FLUSH_AT:
             self._wake.set()
 
     def received(
         self, *, topic: str, headers: Headers, body: bytes, status: int, outcome: str
     ) -> None:
-        self._put(_Received(topic, headers, body, status, outcome, time.time()))
+        self._put(_Received(topic, headers, body, status, outcome, time.time()), len(body))
 
     def attempted(self, handler: str, message: Message, **facts: Unpack[AttemptFacts]) -> None:
         if event_id := facts["event_id"]:
@@ -115,7 +124,7 @@ class IndexRecorder:
                 facts.get("detail") or "",
                 time.time(),
             )
-            self._put(entry)
+            self._put(entry, len(message.value))
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[IndexRecorder]:
@@ -142,6 +151,7 @@ class IndexRecorder:
             return
         entries = list(self._queue)
         self._queue.clear()
+        self._queued_bytes = 0
         try:
             # Read on the loop, a chunk at a time: a worker thread would only contend for
             # the GIL with the loop (more CPU per request, measured), and the chunks keep

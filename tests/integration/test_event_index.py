@@ -103,6 +103,24 @@ async def test_a_full_queue_drops_new_entries_and_counts_them(make_index: IndexF
     await index.close()
 
 
+async def test_the_queue_holds_bodies_up_to_its_byte_bound(make_index: IndexFactory) -> None:
+    """Large bodies fill it before its count does; written, they make room again."""
+    index = make_index(3600)
+    await index.open()
+    recorder = IndexRecorder(index, queue_max=100, queue_bytes_max=3 * 1024 * 1024)
+    large = event_body(event_id="evt_b") + b" " * (1024 * 1024 - 10_000)
+    for n in range(5):
+        recorder.received(topic="t", headers=headers(f"evt_b_{n}", f"whs_b_{n}"), body=large,
+                          status=202, outcome="accepted")  # fmt: skip
+    assert recorder.dropped == 2
+    await recorder.flush()
+    assert len(await index.recent()) == 3
+    recorder.received(topic="t", headers=headers("evt_b_5", "whs_b_5"), body=large,
+                      status=202, outcome="accepted")  # fmt: skip
+    assert recorder.dropped == 2  # room again after the write
+    await index.close()
+
+
 async def test_nothing_outlives_the_retention(make_index: IndexFactory) -> None:
     index = make_index(1)
     await index.open()
