@@ -7,8 +7,8 @@ takes what is queued every ``FLUSH_EVERY_S`` (or sooner once ``FLUSH_AT`` entrie
 reads the new bodies' fields (msgspec, ``pubrelay/console/fields.py``) a chunk at a time, and
 writes one transaction. When the queue is full (``queue_max`` entries, or bodies of
 ``QUEUE_BYTES_MAX`` bytes in all: each entry holds its body until it is written) new
-entries are dropped and counted (``dropped``): the index is a view for people; the bus, the ledger and the dead-letter
-topics stay the truth.
+entries are dropped and counted (``dropped``): the index is a view for people; the bus,
+the ledger and the dead-letter topics stay the truth.
 """
 
 from __future__ import annotations
