@@ -197,6 +197,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
+    request.app[CONSOLE].gate.end_session(request[SESSION])  # valid: the middleware checked
     response = web.Response(
         status=303, headers={"Location": str(request.app.router["login"].url_for())}
     )

@@ -3,8 +3,10 @@
 * **The token** (``PUBRELAY_CONSOLE__TOKEN``) is compared in constant time
   (``hmac.compare_digest``) whether it comes as ``Authorization: Bearer <token>`` (scripts)
   or from the login form.
-* **Sessions** are stateless: the cookie is ``<expiry>.<HMAC(token, expiry)>``, so the
-  server keeps nothing per session, and a new token ends every session. The cookie is
+* **Sessions** are signed, not stored: the cookie is ``<expiry>.<nonce>.<HMAC(token,
+  expiry.nonce)>``, and a new token ends every session. Logging out ends the session in
+  the process that served it (it remembers the sessions ended until they expire); a
+  cookie kept from before is refused there from then on. The cookie is
   ``HttpOnly``, ``SameSite=Strict``, limited to ``/console/``, and ``Secure`` when the
   request came over HTTPS (directly, or ``X-Forwarded-Proto: https`` from a proxy).
 * **Failed logins are slowed down** without remembering anyone: each failure holds one of
@@ -21,11 +23,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import secrets
 import time
 from typing import Final
 
 from aiohttp import web
 
+_NONCE_CHARS: Final = 16
+"""A session's random part: two logins in the same second are two sessions."""
 COOKIE: Final = "pubrelay_console"
 COOKIE_PATH: Final = "/console/"
 FAILURE_DELAY_S: Final = 1.0
@@ -47,6 +52,7 @@ class Gate:
         self.session_ttl_s = session_ttl_s
         self.failure_delay_s = failure_delay_s
         self._failing = asyncio.Semaphore(MAX_FAILING)
+        self._ended: dict[str, int] = {}  # sessions logged out: their expiry
 
     def _mac(self, purpose: str, value: str) -> str:
         return hmac.new(self._key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
@@ -63,16 +69,25 @@ class Gate:
         return False
 
     def new_session(self, now: float | None = None) -> str:
-        expiry = str(int((now or time.time()) + self.session_ttl_s))
-        return f"{expiry}.{self._mac('session', expiry)}"
+        signed = f"{int((now or time.time()) + self.session_ttl_s)}.{secrets.token_hex(8)}"
+        return f"{signed}.{self._mac('session', signed)}"
 
     def session_valid(self, value: str, now: float | None = None) -> bool:
-        expiry, _, mac = value.partition(".")
-        if not expiry.isdigit() or len(expiry) > 12:
+        signed, _, mac = value.rpartition(".")
+        expiry, _, nonce = signed.partition(".")
+        if not expiry.isdigit() or len(expiry) > 12 or len(nonce) != _NONCE_CHARS:
             return False
-        if not hmac.compare_digest(_raw(mac), self._mac("session", expiry).encode()):
+        if not hmac.compare_digest(_raw(mac), self._mac("session", signed).encode()):
             return False
-        return int(expiry) > (now or time.time())
+        return int(expiry) > (now or time.time()) and value not in self._ended
+
+    def end_session(self, value: str, now: float | None = None) -> None:
+        """Log ``value`` out: refused from now on by this process, until it would have
+        expired anyway. Only a valid session (with its CSRF token) gets here, so the
+        ended ones are a few per operator; the expired ones are let go at each logout."""
+        current = now or time.time()
+        self._ended = {s: e for s, e in self._ended.items() if e > current}
+        self._ended[value] = int(value.partition(".")[0])
 
     def csrf_token(self, session: str) -> str:
         return self._mac("csrf", session)

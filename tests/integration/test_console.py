@@ -457,3 +457,15 @@ async def test_an_event_with_a_very_long_id_has_one_timeline(stack: Stack) -> No
     await send(stack, event_body(event_id=long_id))
     timeline = await wait_indexed(stack, long_id[:MAX_ID_CHARS], "badge done")
     assert "202" in timeline.split("<h2>Timeline</h2>")[1]  # the delivery, on the same page
+
+
+async def test_a_cookie_kept_from_before_a_logout_is_refused(stack: Stack) -> None:
+    csrf = await login(stack.client)
+    kept = stack.client.session.cookie_jar.filter_cookies(stack.client.make_url("/console/"))
+    cookie = kept["pubrelay_console"].value
+    out = await stack.client.post("/console/logout", data={"csrf": csrf}, allow_redirects=False)
+    assert out.status == 303
+    again = await stack.client.get(
+        "/console/events", headers={"Cookie": f"pubrelay_console={cookie}"}
+    )
+    assert again.status == 401

@@ -105,3 +105,12 @@ def test_a_token_that_could_be_guessed_is_refused_at_start(token: str) -> None:
 def test_a_token_of_sixteen_characters_or_none_is_accepted() -> None:
     assert ConsoleSettings(token=SecretStr("0123456789abcdef")).enabled
     assert not ConsoleSettings().enabled
+
+
+def test_a_logged_out_session_is_refused_and_others_live_on() -> None:
+    gate = Gate("token-a", session_ttl_s=60)
+    mine, other = gate.new_session(now=1000.0), gate.new_session(now=1000.0)
+    assert mine != other  # two logins in the same second are two sessions
+    gate.end_session(mine, now=1001.0)
+    assert not gate.session_valid(mine, now=1002.0)
+    assert gate.session_valid(other, now=1002.0)
