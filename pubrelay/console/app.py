@@ -91,12 +91,12 @@ class Console:
     read_timeout_s: float = 3.0
     """How long a reading of a topic may wait for its partitions (a Kafka group join)."""
     inspecting: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """One reading of a dead-letter or quarantine topic at a time (one group member)."""
     form_read_timeout_s: float = FORM_READ_TIMEOUT_S
     login_reads: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(MAX_LOGIN_READS)
     )
     """Login forms being read (``MAX_LOGIN_READS``)."""
-    """One reading of a dead-letter or quarantine topic at a time (one group member)."""
 
 
 CONSOLE: Final = web.AppKey("console", Console)
@@ -197,7 +197,8 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
-    request.app[CONSOLE].gate.end_session(request[SESSION])  # valid: the middleware checked
+    if session := request.get(SESSION):  # valid: the middleware checked (none with Bearer)
+        request.app[CONSOLE].gate.end_session(session)
     response = web.Response(
         status=303, headers={"Location": str(request.app.router["login"].url_for())}
     )

@@ -469,3 +469,8 @@ async def test_a_cookie_kept_from_before_a_logout_is_refused(stack: Stack) -> No
         "/console/events", headers={"Cookie": f"pubrelay_console={cookie}"}
     )
     assert again.status == 401
+
+
+async def test_a_logout_with_the_bearer_token_only_sends_to_the_login_page(stack: Stack) -> None:
+    out = await stack.client.post("/console/logout", headers=BEARER, allow_redirects=False)
+    assert out.status == 303
