@@ -47,7 +47,7 @@ class ConsoleSettings(BaseModel):
     @classmethod
     def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
         value = token.get_secret_value() if token is not None else ""
-        if value and len(value.strip()) < MIN_TOKEN_CHARS:
+        if value and len("".join(value.split())) < MIN_TOKEN_CHARS:
             raise ValueError(
                 f"the console token must have at least {MIN_TOKEN_CHARS} characters besides "
                 "spaces (4 guesses a second find a short one); generate one with "

@@ -96,7 +96,9 @@ async def test_a_token_or_cookie_that_is_not_utf_8_is_refused_not_an_error() -> 
     assert gate.csrf_valid(gate.new_session(), "\udcff") is False
 
 
-@pytest.mark.parametrize("token", ["abc", "short-token-15c", " " * 40, "  fifteen chars  "])
+@pytest.mark.parametrize(
+    "token", ["abc", "short-token-15c", " " * 40, "  fifteen chars  ", "a b c d e f g h i j k"]
+)
 def test_a_token_that_could_be_guessed_is_refused_at_start(token: str) -> None:
     with pytest.raises(ValidationError, match="at least 16 characters"):
         ConsoleSettings(token=SecretStr(token))
