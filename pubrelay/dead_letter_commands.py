@@ -14,12 +14,8 @@ from handlers.worker.dead_letters import DeadLetter
 from handlers.worker.replay import list_dead_letters, replay
 from pubrelay.bus_access import bus_url, check_known_handler, describe, with_existing_bus
 from pubrelay.settings import Settings
+from pubrelay.text import for_terminal
 from schemas.topics import dlq_topic
-
-
-def short(text: str | None, width: int) -> str:
-    text = (text or "").replace("\n", " ")
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def when(value: datetime | None) -> str:
@@ -49,15 +45,15 @@ def _print_table(letters: list[DeadLetter], *, full: bool) -> None:
     print(f"{'EVENT ID':<32} {'TYPE':<32} {'TRIES':>5} {'LAST FAILED (UTC)':<19}  ERROR")
     for letter in letters:
         row = (
-            f"{short(letter.event_id, 32):<32} {short(letter.event_type, 32):<32} "
+            f"{for_terminal(letter.event_id, 32):<32} {for_terminal(letter.event_type, 32):<32} "
             f"{letter.attempts or 0:>5} {when(letter.last_failed_at):<19}  "
         )
         if not full:
-            print(row + short(letter.error, 80))
+            print(row + for_terminal(letter.error, 80))
             continue
-        print(row + (letter.error_type or ""))
+        print(row + for_terminal(letter.error_type))
         for line in (letter.error or "-").splitlines() or ["-"]:
-            print(f"    {line}")
+            print(f"    {for_terminal(line)}")
 
 
 async def dlq_list(settings: Settings, args: argparse.Namespace) -> int:
@@ -112,7 +108,9 @@ async def replay_command(settings: Settings, args: argparse.Namespace) -> int:
         done += 1
         if interactive:
             bar = "#" * min(done, 30)
-            print(f"\r[{bar:<30}] {done} {short(letter.event_id, 40)}", end="", file=sys.stderr)
+            print(
+                f"\r[{bar:<30}] {done} {for_terminal(letter.event_id, 40)}", end="", file=sys.stderr
+            )
 
     async def work(bus: Bus) -> int:
         summary = await replay(
@@ -129,7 +127,7 @@ async def replay_command(settings: Settings, args: argparse.Namespace) -> int:
             print(file=sys.stderr)
         verb = "would replay" if summary.dry_run else "replayed"
         for event_id in summary.event_ids:
-            print(f"{verb} {event_id}")
+            print(f"{verb} {for_terminal(event_id)}")
         print(
             f"{verb} {summary.replayed if not summary.dry_run else summary.matched} of "
             f"{summary.read} dead letter(s) for handler {handler!r} "

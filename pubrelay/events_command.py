@@ -19,6 +19,7 @@ from pubrelay.console.sqlite_index import SqliteEventIndex
 from pubrelay.console_runtime import open_index
 from pubrelay.exit_codes import EXIT_CONFIG
 from pubrelay.settings import Settings
+from pubrelay.text import printable
 from schemas.masking import mask_address
 
 
@@ -40,14 +41,6 @@ def _row_json(row: EventRow) -> dict[str, object]:
         "channel": f.channel,
         "handlers": row.handlers,
     }
-
-
-def _printable(line: str) -> str:
-    """The line with each character a terminal would act on (escape sequences, other
-    controls) written as its ``\\x..`` escape: ids and codes come from signed bodies."""
-    if line.isprintable():
-        return line
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
 async def events(settings: Settings, args: argparse.Namespace) -> int:
@@ -74,7 +67,7 @@ async def events(settings: Settings, args: argparse.Namespace) -> int:
             customer = mask_address(f.customer_email) if f.customer_email else f.customer_id
             done = ", ".join(f"{h}: {o}" for h, o in row.handlers.items()) or "-"
             print(
-                _printable(
+                printable(
                     f"{_when(row.received_at):19}  {row.event_id:28}  {f.voucher_code:18}  "
                     f"{customer:28}  {done}"
                 )

@@ -15,8 +15,9 @@ import sys
 from bus.types import Bus
 from consumer.quarantine import QuarantinedRecord, Selection, list_quarantined, release
 from pubrelay.bus_access import bus_url, describe, with_existing_bus
-from pubrelay.dead_letter_commands import short, when
+from pubrelay.dead_letter_commands import when
 from pubrelay.settings import Settings
+from pubrelay.text import for_terminal
 from schemas.topics import quarantine_topic
 
 
@@ -57,10 +58,12 @@ async def quarantine_list(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         print(f"{'REASON':<18} {'EVENT ID':<32} {'RECEIVED AT (UTC)':<19} {'BYTES':>8}  DETAIL")
         for record in shown:
-            detail = record.detail or "" if args.full else short(record.detail, 60)
+            reason = for_terminal(record.reason, 18)
+            event_id = for_terminal(record.event_id or "-", 32)
+            detail = for_terminal(record.detail, None if args.full else 60)
             print(
-                f"{short(record.reason, 18):<18} {short(record.event_id or '-', 32):<32} "
-                f"{when(record.received_at):<19} {record.size_bytes:>8}  {detail}"
+                f"{reason:<18} {event_id:<32} {when(record.received_at):<19} "
+                f"{record.size_bytes:>8}  {detail}"
             )
         count = f"{len(shown)} of {len(records)}" if len(shown) < len(records) else len(records)
         print(f"{count} quarantined record(s) waiting")
@@ -92,13 +95,19 @@ async def quarantine_release(settings: Settings, args: argparse.Namespace) -> in
         )
         verb = "would release" if summary.dry_run else "released"
         for record in summary.released:
-            print(f"{verb} {record.event_id} ({record.event_type}, was {record.reason})")
+            print(
+                f"{verb} {for_terminal(record.event_id)} ({for_terminal(record.event_type)}, "
+                f"was {for_terminal(record.reason)})"
+            )
         for held in summary.held:
-            print(f"still quarantined {held.record.event_id or '-'}: {held.reason}: {held.detail}")
+            print(
+                f"still quarantined {for_terminal(held.record.event_id or '-')}: "
+                f"{for_terminal(held.reason)}: {for_terminal(held.detail)}"
+            )
         seen = {r.event_id for r in summary.released} | {h.record.event_id for h in summary.held}
         missing = [event_id for event_id in args.event_id or () if event_id not in seen]
         for event_id in missing:
-            print(f"not waiting in quarantine: {event_id}")
+            print(f"not waiting in quarantine: {for_terminal(event_id)}")
         print(
             f"{verb} {len(summary.released)}, still quarantined {len(summary.held)}, "
             f"of {summary.read} record(s) waiting"

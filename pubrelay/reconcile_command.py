@@ -18,20 +18,21 @@ from handlers.reconcile.reconciler import Reconciler, Summary
 from handlers.reconcile.store import create_store
 from pubrelay.exit_codes import EXIT_CONFIG, EXIT_RECONCILE_FAILED, EXIT_UNAVAILABLE
 from pubrelay.settings import Settings
+from pubrelay.text import for_terminal
 from schemas.errors import ApiError, BusError, ReconcileBusy
 from schemas.masking import mask_address
 
 
 def _customer(pub: ListedPublication) -> str:
     email = pub.customer_email
-    return mask_address(email) if email else (pub.customer_id or "-")
+    return for_terminal(mask_address(email) if email else (pub.customer_id or "-"))
 
 
 def _row(pub: ListedPublication) -> str:
     created = pub.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
     return (
-        f"{pub.id:<36} {created:<19}  {(pub.channel or '-')[:20]:<20} "
-        f"{(pub.campaign or '-')[:24]:<24} {_customer(pub)}"
+        f"{for_terminal(pub.id):<36} {created:<19}  {for_terminal(pub.channel or '-', 20):<20} "
+        f"{for_terminal(pub.campaign or '-', 24):<24} {_customer(pub)}"
     )
 
 

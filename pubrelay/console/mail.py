@@ -25,6 +25,7 @@ from typing import Final
 from aiohttp import web
 
 from pubrelay.console.app import CONSOLE, render
+from pubrelay.text import clip
 
 MAX_LISTED: Final = 200
 MAX_MESSAGE_BYTES: Final = 2 * 1024 * 1024
@@ -105,8 +106,7 @@ def _mail(name: str, message: Message) -> Mail:
 
 
 def _shown(value: object) -> str:
-    text = str(value or "")
-    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 1] + "…"
+    return clip(str(value or ""), MAX_SHOWN_CHARS)
 
 
 async def _message(request: web.Request) -> tuple[str, EmailMessage]:

@@ -13,7 +13,14 @@ from pathlib import Path
 
 from bus.sqlite import SqliteBus
 from handlers.worker.dead_letters import dead_letter_headers
-from schemas.record import HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_ORIGIN, header
+from schemas.record import (
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_ORIGIN,
+    HEADER_QUARANTINE_DETAIL,
+    HEADER_QUARANTINE_REASON,
+    header,
+)
 from tests.fixtures.app import EXAMPLE, read_topic
 from tests.fixtures.process import Launcher, pubrelay_bin
 from tests.fixtures.smtp import SmtpServer
@@ -39,19 +46,21 @@ def cli(
     )
 
 
-def seed_dead_letters(bus_path: Path, count: int) -> None:
+def seed_dead_letters(
+    bus_path: Path, count: int, *, event_id: str = "evcus_dead_", error: str = LONG_ERROR
+) -> None:
     async def seed() -> None:
         bus = SqliteBus(bus_path)
         await bus.start()
         try:
             for n in range(count):
                 original = (
-                    (HEADER_EVENT_ID, f"evcus_dead_{n}".encode()),
+                    (HEADER_EVENT_ID, f"{event_id}{n}".encode()),
                     (HEADER_EVENT_TYPE, b"customer.publication.succeeded"),
                 )
                 headers = dead_letter_headers(
                     original,
-                    error=LONG_ERROR,
+                    error=error,
                     error_type="aiosmtplib.errors.SMTPRecipientRefused",
                     attempts=1,
                     first_failed_at="2026-12-01T10:00:00.000+00:00",
@@ -100,6 +109,51 @@ def test_dlq_list_and_replay_say_what_they_read_and_what_they_would_send(tmp_pat
     assert (
         "3 dead letter(s) waiting" in cli("dlq", "list", "--handler", "email", cwd=tmp_path).stdout
     )
+
+
+HOSTILE = "evt_\x1b]0;pwned\x07\x1b[2J\r"
+SHOWN = "evt_\\x1b]0;pwned\\x07\\x1b[2J\\r"
+
+
+def test_ids_and_errors_from_events_reach_the_terminal_escaped(tmp_path: Path) -> None:
+    """Ids, errors and quarantine details come from signed bodies and exceptions: no
+    command lets their control characters act on the operator's terminal."""
+    bus_path = tmp_path / "var" / "bus.sqlite3"
+    bus_path.parent.mkdir()
+    seed_dead_letters(bus_path, 1, event_id=HOSTILE, error=f"refused {HOSTILE}\nline two")
+
+    async def quarantine() -> None:
+        bus = SqliteBus(bus_path)
+        await bus.start()
+        try:
+            headers = (
+                (HEADER_QUARANTINE_REASON, HOSTILE.encode()),
+                (HEADER_QUARANTINE_DETAIL, f"detail {HOSTILE}".encode()),
+                (HEADER_EVENT_ID, HOSTILE.encode()),
+                (HEADER_EVENT_TYPE, HOSTILE.encode()),
+            )
+            await bus.publish("voucherify.quarantine", b"{}", key=b"q", headers=headers)
+        finally:
+            await bus.close()
+
+    asyncio.run(quarantine())
+    runs = {
+        "dlq list": cli("dlq", "list", "--handler", "email", cwd=tmp_path),
+        "dlq list --full": cli("dlq", "list", "--handler", "email", "--full", cwd=tmp_path),
+        "replay --dry-run": cli("replay", "--handler", "email", "--dry-run", cwd=tmp_path),
+        "quarantine list": cli("quarantine", "list", cwd=tmp_path),
+        "quarantine list --full": cli("quarantine", "list", "--full", cwd=tmp_path),
+        "quarantine release": cli("quarantine", "release", "--all", "--dry-run", cwd=tmp_path),
+    }
+    for name, run in runs.items():
+        assert "\x1b" not in run.stdout + run.stderr, name
+        assert "\x07" not in run.stdout + run.stderr, name
+        assert SHOWN[:20] in run.stdout, (name, run.stdout)
+    shown_line = SHOWN.removesuffix("\\r")  # --full splits the error at its line ends
+    assert f"    refused {shown_line}\n    line two\n" in runs["dlq list --full"].stdout
+    assert f"would replay {SHOWN}0" in runs["replay --dry-run"].stdout
+    assert f"detail {SHOWN}" in runs["quarantine list --full"].stdout
+    assert f"still quarantined {SHOWN}: " in runs["quarantine release"].stdout
 
 
 def test_an_unknown_handler_or_a_missing_bus_is_an_error_not_an_empty_list(

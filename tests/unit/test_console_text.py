@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pubrelay.console.app import path_segment
-from pubrelay.events_command import _printable
+from pubrelay.text import clip, for_terminal, printable
 
 
 @pytest.mark.parametrize(
@@ -25,6 +25,22 @@ def test_an_id_is_one_path_segment(value: str, segment: str) -> None:
 
 
 def test_a_terminal_gets_no_control_character_from_an_event() -> None:
-    line = _printable("evt_\x1b]0;pwned\x07  CODE\x1b[2J  é")
+    line = printable("evt_\x1b]0;pwned\x07  CODE\x1b[2J  é")
     assert line == "evt_\\x1b]0;pwned\\x07  CODE\\x1b[2J  é"
     assert line.isprintable()
+
+
+def test_a_cut_counts_what_the_terminal_shows() -> None:
+    shown = for_terminal("\x1b[2J" + "x" * 40, 12)
+    assert shown == "\\x1b[2Jxxxx…"
+    assert (len(shown), shown.isprintable()) == (12, True)
+    assert for_terminal(None) == ""
+    assert for_terminal("line one\nline two\r") == "line one\\nline two\\r"
+
+
+@pytest.mark.parametrize(
+    ("text", "width", "shown"),
+    [("abc", 3, "abc"), ("abcd", 3, "ab…"), ("", 1, ""), ("ab", 1, "…")],
+)
+def test_clip_keeps_what_fits_and_marks_a_cut(text: str, width: int, shown: str) -> None:
+    assert clip(text, width) == shown
