@@ -3,10 +3,11 @@
 Every process of a deployment (webhook and worker hosts) writes the same index. Keys,
 after ``PUBRELAY_CONSOLE__REDIS_KEY_PREFIX``, each with the retention as its TTL:
 
-* ``ev:<event id>``: a hash of the event's fields and body;
+* ``ev:<event id>``: a hash of the event's fields and body, as first received (a later
+  delivery of the same event id changes nothing, as in SQLite's ``INSERT OR IGNORE``);
 * ``term:<value>``: a sorted set of the event ids with that searchable value (lower-cased;
-  the event id itself is looked up as it is), scored by received time; ``recent``: every
-  event id, the same way;
+  the event id itself is looked up as it is), scored by the time first received;
+  ``recent``: every event id, the same way;
 * ``dl:<event id>``, ``at:<event id>``: lists of its deliveries and outcomes (JSON);
 * ``st:<event id>``: a hash, handler to its latest outcome; ``hs:<handler>:<outcome>``:
   a sorted set of the events whose latest outcome for that handler it is, scored by time
@@ -49,6 +50,17 @@ _FIELDS: Final = (
 )
 
 
+# The event's hash is written, and its TTL set, only by the first delivery of its id, in one
+# step: KEYS[1] the hash, ARGV[1] received_at, ARGV[2] the TTL, then field, value, ...
+_FIRST_WRITE: Final = """
+if redis.call('HSETNX', KEYS[1], 'received_at', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -89,25 +101,27 @@ class RedisEventIndex:
         cutoff = time.time() - self.retention_s
         for e in batch.events:
             body = e.body[:MAX_STORED_BODY_BYTES]
-            mapping: dict[Any, Any] = {name: getattr(e.fields, name) for name in _FIELDS}
-            mapping.update(
-                event_type=e.event_type, body=body, body_truncated=int(len(body) < len(e.body))
-            )
-            key = self._k("ev", e.event_id)
-            pipe.hsetnx(key, "received_at", e.received_at)
-            pipe.hset(key, mapping=mapping)
-            pipe.expire(key, self._ttl)
+            values: list[Any] = [e.received_at, self._ttl]
+            for name in _FIELDS:
+                values += (name, getattr(e.fields, name))
+            values += ("event_type", e.event_type, "body", body)
+            values += ("body_truncated", int(len(body) < len(e.body)))
+            pipe.eval(_FIRST_WRITE, 1, self._k("ev", e.event_id), *values)
             for term in e.terms:
-                self._scored(pipe, self._k("term", term), e.event_id, e.received_at, cutoff)
-            self._scored(pipe, self._k("recent"), e.event_id, e.received_at, cutoff)
+                self._scored(
+                    pipe, self._k("term", term), e.event_id, e.received_at, cutoff, nx=True
+                )
+            self._scored(pipe, self._k("recent"), e.event_id, e.received_at, cutoff, nx=True)
         for d in batch.deliveries:
             self._delivery(pipe, d, cutoff)
         for a in batch.attempts:
             self._attempt(pipe, a, cutoff)
         await pipe.execute()
 
-    def _scored(self, pipe: Any, key: str, member: str, score: float, cutoff: float) -> None:
-        pipe.zadd(key, {member: score})
+    def _scored(
+        self, pipe: Any, key: str, member: str, score: float, cutoff: float, *, nx: bool = False
+    ) -> None:
+        pipe.zadd(key, {member: score}, nx=nx)
         pipe.zremrangebyscore(key, "-inf", cutoff)
         pipe.expire(key, self._ttl)
 
