@@ -2,8 +2,9 @@
 
 The inspection commands (``pubrelay dlq list``, ``replay``, ``quarantine list`` and
 ``release``) read a topic in a group of their own whose committed offset separates the
-records already dealt with from those still waiting: they read the waiting ones with
-:func:`read_pending`, act, and commit what they acted on.
+records already dealt with from those still waiting: they read the waiting ones
+(:func:`fetch_pending` a fetch at a time, :func:`scan_pending` to list them in bounded
+memory, :func:`read_pending` all at once), act, and commit what they acted on.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from bus.types import Message, Subscription
 
@@ -71,14 +72,25 @@ SMALL_BATCH_RECORDS = 32
 with 1 MiB records, 32 MiB held at once."""
 
 
-async def tail_pending(
-    sub: Subscription, *, keep: int, max_value_bytes: int, timeout_s: float, idle_timeout_s: float
+async def scan_pending(
+    sub: Subscription,
+    *,
+    keep: int | None,
+    newest: bool = False,
+    max_value_bytes: int,
+    accept: Callable[[Message], bool] | None = None,
+    timeout_s: float,
+    idle_timeout_s: float,
 ) -> tuple[list[tuple[Message, int]], int]:
-    """The last ``keep`` records the group has not committed (oldest first per partition),
-    each value cut to ``max_value_bytes`` and given with its whole size, and how many wait
-    in all. Memory is bounded by ``keep`` cut records and one small fetch, however many
-    wait (a page showing them must not hold them all)."""
-    tail: deque[tuple[Message, int]] = deque(maxlen=keep)
+    """The records the group has not committed that ``accept`` takes (all when it is
+    ``None``): the first ``keep`` of them, or with ``newest`` the last (all when ``keep`` is
+    ``None``), oldest first per partition, each value cut to ``max_value_bytes`` and given
+    with its whole size; and how many were taken in all.
+
+    Memory is bounded by ``keep`` cut records and one small fetch, however many wait: a
+    listing of a large dead-letter topic or quarantine must not hold all of it.
+    """
+    kept: deque[tuple[Message, int]] = deque(maxlen=keep if newest else None)
     total = 0
     async for batch in fetch_pending(
         sub,
@@ -87,11 +99,29 @@ async def tail_pending(
         idle_timeout_s=idle_timeout_s,
         batch_records=SMALL_BATCH_RECORDS,
     ):
-        total += len(batch)
         for message in batch:
+            if accept is not None and not accept(message):
+                continue
+            total += 1
+            if not newest and keep is not None and len(kept) >= keep:
+                continue
             size = len(message.value)
-            kept = message
+            cut = message
             if size > max_value_bytes:
-                kept = dataclasses.replace(message, value=message.value[:max_value_bytes])
-            tail.append((kept, size))
-    return sorted(tail, key=lambda kept: _order(kept[0])), total
+                cut = dataclasses.replace(message, value=message.value[:max_value_bytes])
+            kept.append((cut, size))
+    return sorted(kept, key=lambda item: _order(item[0])), total
+
+
+async def tail_pending(
+    sub: Subscription, *, keep: int, max_value_bytes: int, timeout_s: float, idle_timeout_s: float
+) -> tuple[list[tuple[Message, int]], int]:
+    """The last ``keep`` records the group has not committed (see :func:`scan_pending`)."""
+    return await scan_pending(
+        sub,
+        keep=keep,
+        newest=True,
+        max_value_bytes=max_value_bytes,
+        timeout_s=timeout_s,
+        idle_timeout_s=idle_timeout_s,
+    )

@@ -19,6 +19,7 @@ them again is harmless (the ledger turns an event already handled into a ``dupli
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from datetime import datetime
 
 import structlog
 
-from bus.pending import read_pending, tail_pending
+from bus.pending import SMALL_BATCH_RECORDS, fetch_pending, scan_pending, tail_pending
 from bus.types import Bus, Message, Subscription, TopicPartition
 from consumer.routing import Quarantined, Routed, classify, routed_headers
 from schemas.errors import TopicMissing
@@ -78,6 +79,14 @@ class QuarantinedRecord:
     @property
     def size_bytes(self) -> int:
         return len(self.message.value) if self.whole_size is None else self.whole_size
+
+    def without_body(self) -> QuarantinedRecord:
+        """The record with its headers and sizes, its body let go (for summaries)."""
+        if not self.message.value:
+            return self
+        return dataclasses.replace(
+            self, message=dataclasses.replace(self.message, value=b""), whole_size=self.size_bytes
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,16 +140,24 @@ async def list_quarantined(
     topic_prefix: str,
     group_prefix: str,
     selection: Selection = Selection(),
+    keep: int | None = None,
     timeout_s: float = 10.0,
     idle_timeout_s: float = 1.0,
-) -> list[QuarantinedRecord]:
-    """The quarantined records not yet released (oldest first); commits nothing."""
+) -> tuple[list[QuarantinedRecord], int]:
+    """The first ``keep`` (all when ``None``) quarantined records the selection matches
+    and not yet released (oldest first), without their bodies (``size_bytes`` is still
+    the body's), and how many match in all; commits nothing. Memory is bounded by
+    ``keep`` records' headers, however large the quarantine."""
     async with _quarantine(bus, topic_prefix, group_prefix) as sub:
-        messages = await read_pending(
-            sub, limit=None, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
+        kept, total = await scan_pending(
+            sub,
+            keep=keep,
+            max_value_bytes=0,
+            accept=lambda m: selection.matches(QuarantinedRecord.from_message(m)),
+            timeout_s=timeout_s,
+            idle_timeout_s=idle_timeout_s,
         )
-    records = [QuarantinedRecord.from_message(m) for m in messages]
-    return [r for r in records if selection.matches(r)]
+    return [QuarantinedRecord.from_message(m, whole_size=size) for m, size in kept], total
 
 
 async def tail_quarantined(
@@ -196,59 +213,109 @@ async def release(
 ) -> ReleaseSummary:
     """Route the selected quarantined records again; publish those that now pass.
 
-    Raises :class:`schemas.errors.BusUnavailable` when a publish fails; what was released
-    before it is committed first, so running it again continues where it stopped.
+    Records are read :data:`~bus.pending.SMALL_BATCH_RECORDS` at a time and let go, and
+    the summary keeps them without their bodies: memory does not grow with the
+    quarantine. What was released is committed after each fetch. Raises
+    :class:`schemas.errors.BusUnavailable` when a publish fails; what was released before
+    it is committed first, so running it again continues where it stopped.
     """
     summary = ReleaseSummary(dry_run=dry_run)
+    releaser = _Releaser(
+        bus,
+        selection,
+        summary,
+        topic_prefix=topic_prefix,
+        max_json_depth=max_json_depth,
+        max_event_age_s=max_event_age_s,
+        now=now,
+    )
     async with _quarantine(bus, topic_prefix, group_prefix) as sub:
-        messages = await read_pending(
-            sub, limit=None, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
-        )
-        summary.read = len(messages)
-        frontier: dict[TopicPartition, int] = {}
-        blocked: set[TopicPartition] = set()
         try:
-            for message in messages:
-                record = QuarantinedRecord.from_message(message)
-                decision = (
-                    classify(
-                        message.value,
-                        max_depth=max_json_depth,
-                        max_event_age_s=max_event_age_s,
-                        now=now,
-                    )
-                    if selection.matches(record)
-                    else None
-                )
-                if isinstance(decision, Quarantined):
-                    summary.held.append(Held(record, decision.reason, decision.detail))
-                if not isinstance(decision, Routed):
-                    blocked.add(message.tp)
-                    continue
-                if not dry_run:
-                    try:
-                        await bus.publish(
-                            topic_for(topic_prefix, decision.event_type),
-                            message.value,
-                            key=decision.key.encode(),
-                            headers=released_headers(record, decision),
-                        )
-                    except TopicMissing as err:
-                        summary.held.append(Held(record, "no_topic", str(err)))
-                        blocked.add(message.tp)
-                        continue
-                    log.info(
-                        "quarantine_released",
-                        event_id=decision.event_id,
-                        event_type=decision.event_type,
-                        reason=record.reason,
-                        offset=message.offset,
-                    )
-                summary.released.append(record)
-                if message.tp not in blocked:
-                    frontier[message.tp] = message.offset + 1
+            async for batch in fetch_pending(
+                sub,
+                limit=None,
+                timeout_s=timeout_s,
+                idle_timeout_s=idle_timeout_s,
+                batch_records=SMALL_BATCH_RECORDS,
+            ):
+                summary.read += len(batch)
+                for message in batch:
+                    await releaser.one(message)
+                await releaser.commit(sub)
         finally:
-            if frontier and not dry_run:
-                await sub.commit(frontier)
-                summary.committed = frontier
+            await releaser.commit(sub)
     return summary
+
+
+class _Releaser:
+    """Routes quarantined records again one by one and publishes those that pass; the
+    summary keeps each without its body. Per partition, the offset to commit advances
+    over the records released while none before them was left in place."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        selection: Selection,
+        summary: ReleaseSummary,
+        *,
+        topic_prefix: str,
+        max_json_depth: int,
+        max_event_age_s: float | None,
+        now: datetime | None,
+    ) -> None:
+        self.bus = bus
+        self.selection = selection
+        self.summary = summary
+        self.topic_prefix = topic_prefix
+        self.max_json_depth = max_json_depth
+        self.max_event_age_s = max_event_age_s
+        self.now = now
+        self.frontier: dict[TopicPartition, int] = {}
+        self.blocked: set[TopicPartition] = set()
+
+    async def one(self, message: Message) -> None:
+        record = QuarantinedRecord.from_message(message)
+        decision = (
+            classify(
+                message.value,
+                max_depth=self.max_json_depth,
+                max_event_age_s=self.max_event_age_s,
+                now=self.now,
+            )
+            if self.selection.matches(record)
+            else None
+        )
+        if isinstance(decision, Quarantined):
+            self.summary.held.append(Held(record.without_body(), decision.reason, decision.detail))
+        if not isinstance(decision, Routed):
+            self.blocked.add(message.tp)
+            return
+        if not self.summary.dry_run:
+            try:
+                await self.bus.publish(
+                    topic_for(self.topic_prefix, decision.event_type),
+                    message.value,
+                    key=decision.key.encode(),
+                    headers=released_headers(record, decision),
+                )
+            except TopicMissing as err:
+                self.summary.held.append(Held(record.without_body(), "no_topic", str(err)))
+                self.blocked.add(message.tp)
+                return
+            log.info(
+                "quarantine_released",
+                event_id=decision.event_id,
+                event_type=decision.event_type,
+                reason=record.reason,
+                offset=message.offset,
+            )
+        self.summary.released.append(record.without_body())
+        if message.tp not in self.blocked:
+            self.frontier[message.tp] = message.offset + 1
+
+    async def commit(self, sub: Subscription) -> None:
+        """Commit what was released since the last commit (nothing in a dry run)."""
+        if self.summary.dry_run or self.frontier == self.summary.committed:
+            return
+        await sub.commit(self.frontier)
+        self.summary.committed = dict(self.frontier)

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 from bus.types import Bus
 from handlers.worker.dead_letters import DeadLetter
-from handlers.worker.replay import list_dead_letters, replay
+from handlers.worker.replay import replay, scan_dead_letters
 from pubrelay.bus_access import bus_url, check_known_handler, describe, with_existing_bus
 from pubrelay.settings import Settings
 from pubrelay.text import for_terminal
@@ -61,35 +61,28 @@ async def dlq_list(settings: Settings, args: argparse.Namespace) -> int:
     topic = dlq_topic(settings.bus.topic_prefix, handler)
 
     async def work(bus: Bus) -> int:
-        letters = await list_dead_letters(
+        shown, total = await scan_dead_letters(
             bus,
             handler,
+            keep=args.limit,
             topic_prefix=settings.bus.topic_prefix,
             group_prefix=settings.worker.group_prefix,
             event_id=args.event_id,
-            limit=None,
         )
-        shown = letters[: args.limit]
         if args.json:
             document = {
                 "bus": bus_url(settings),
                 "topic": topic,
                 "handler": handler,
-                "total": len(letters),
+                "total": total,
                 "shown": len(shown),
                 "dead_letters": [letter_json(letter) for letter in shown],
             }
             print(json.dumps(document, indent=2))
             return 0
         _print_table(shown, full=args.full)
-        count = (
-            f"{len(shown)} of {len(letters)}" if len(shown) < len(letters) else f"{len(letters)}"
-        )
-        more = (
-            f" (--limit {args.limit}: raise it to see the rest)"
-            if len(shown) < len(letters)
-            else ""
-        )
+        count = f"{len(shown)} of {total}" if len(shown) < total else f"{total}"
+        more = f" (--limit {args.limit}: raise it to see the rest)" if len(shown) < total else ""
         print(f"{count} dead letter(s) waiting for handler {handler!r}{more}")
         return 0
 

@@ -39,18 +39,18 @@ async def quarantine_list(settings: Settings, args: argparse.Namespace) -> int:
     selection = Selection(event_ids=args.event_id or (), reasons=args.reason or ())
 
     async def work(bus: Bus) -> int:
-        records = await list_quarantined(
+        shown, total = await list_quarantined(
             bus,
             topic_prefix=settings.bus.topic_prefix,
             group_prefix=settings.worker.group_prefix,
             selection=selection,
+            keep=args.limit,
         )
-        shown = records[: args.limit]
         if args.json:
             document = {
                 "bus": bus_url(settings),
                 "topic": topic,
-                "total": len(records),
+                "total": total,
                 "shown": len(shown),
                 "records": [_record_json(r) for r in shown],
             }
@@ -65,7 +65,7 @@ async def quarantine_list(settings: Settings, args: argparse.Namespace) -> int:
                 f"{reason:<18} {event_id:<32} {when(record.received_at):<19} "
                 f"{record.size_bytes:>8}  {detail}"
             )
-        count = f"{len(shown)} of {len(records)}" if len(shown) < len(records) else len(records)
+        count = f"{len(shown)} of {total}" if len(shown) < total else total
         print(f"{count} quarantined record(s) waiting")
         return 0
 

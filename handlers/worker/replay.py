@@ -2,8 +2,8 @@
 
 Both read a handler's dead-letter topic ``<prefix>dlq.<handler>`` in the consumer group
 ``<group prefix>replay.<handler>``; that group's committed offset separates dead letters
-already replayed from those still waiting, so ``list_dead_letters`` shows what a
-``replay`` would send.
+already replayed from those still waiting, so ``scan_dead_letters`` (and
+``list_dead_letters``) show what a ``replay`` would send.
 
 ``replay`` re-publishes the original record (value, key, headers without ``dlq-*``) to
 ``<prefix>retry.<handler>``, which only that handler's consumer group reads, and then
@@ -17,6 +17,7 @@ The dead-letter format itself (the ``dlq-*`` headers) is :mod:`handlers.worker.d
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from datetime import datetime
 
 import structlog
 
-from bus.pending import SMALL_BATCH_RECORDS, fetch_pending, read_pending
+from bus.pending import SMALL_BATCH_RECORDS, fetch_pending, read_pending, scan_pending
 from bus.types import Bus, Message, Subscription, TopicPartition
 from handlers.types import check_handler_name
 from handlers.worker.dead_letters import DeadLetter
@@ -67,6 +68,38 @@ async def _dead_letter_topic(
         await sub.close()
 
 
+async def scan_dead_letters(
+    bus: Bus,
+    handler: str,
+    *,
+    keep: int | None,
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX,
+    group_prefix: str = DEFAULT_GROUP_PREFIX,
+    event_id: str | None = None,
+    max_value_bytes: int = 0,
+    timeout_s: float = 10.0,
+    idle_timeout_s: float = 1.0,
+) -> tuple[list[DeadLetter], int]:
+    """The first ``keep`` (all when ``None``) dead letters of ``handler`` not yet replayed
+    (of one ``event_id``, if given), oldest first, each body cut to ``max_value_bytes``
+    (none by default: a listing shows headers), and how many wait in all; commits
+    nothing. Memory is bounded by ``keep`` of them, however many wait."""
+    async with _dead_letter_topic(bus, handler, topic_prefix, group_prefix) as sub:
+        kept, total = await scan_pending(
+            sub,
+            keep=keep,
+            max_value_bytes=max_value_bytes,
+            accept=None if event_id is None else lambda m: _event_id(m) == event_id,
+            timeout_s=timeout_s,
+            idle_timeout_s=idle_timeout_s,
+        )
+    return [DeadLetter.from_message(m) for m, _ in kept], total
+
+
+def _event_id(message: Message) -> str | None:
+    return DeadLetter.from_message(message).event_id
+
+
 async def list_dead_letters(
     bus: Bus,
     handler: str,
@@ -78,14 +111,20 @@ async def list_dead_letters(
     timeout_s: float = 10.0,
     idle_timeout_s: float = 1.0,
 ) -> list[DeadLetter]:
-    """The dead letters of ``handler`` not yet replayed (oldest first; all of them, or the
-    first ``limit`` read); commits nothing."""
-    async with _dead_letter_topic(bus, handler, topic_prefix, group_prefix) as sub:
-        messages = await read_pending(
-            sub, limit=limit, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
-        )
-    letters = [DeadLetter.from_message(m) for m in messages]
-    return [d for d in letters if event_id is None or d.event_id == event_id]
+    """The first ``limit`` (all when ``None``) dead letters of ``handler`` not yet
+    replayed, whole (see :func:`scan_dead_letters`); commits nothing."""
+    letters, _ = await scan_dead_letters(
+        bus,
+        handler,
+        keep=limit,
+        topic_prefix=topic_prefix,
+        group_prefix=group_prefix,
+        event_id=event_id,
+        max_value_bytes=sys.maxsize,
+        timeout_s=timeout_s,
+        idle_timeout_s=idle_timeout_s,
+    )
+    return letters
 
 
 async def _at_once(read: Awaitable[list[Message]]) -> AsyncIterator[list[Message]]:

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from consumer.quarantine import tail_quarantined
 from handlers.worker.dead_letters import DeadLetter
-from handlers.worker.replay import list_dead_letters, replay
+from handlers.worker.replay import replay, scan_dead_letters
 from pubrelay.console.app import CONSOLE, Console, render
 from pubrelay.console.views import when
 
@@ -53,19 +53,25 @@ def _filters(values: dict[str, str]) -> tuple[str | None, datetime | None]:
 async def dead_letters(request: web.Request) -> web.Response:
     console = request.app[CONSOLE]
     by_handler: dict[str, list[DeadLetter]] = {}
+    totals: dict[str, int] = {}
     async with console.inspecting:
         for name in console.handlers:
-            by_handler[name] = await list_dead_letters(
+            by_handler[name], totals[name] = await scan_dead_letters(
                 console.bus,
                 name,
+                keep=MAX_SHOWN,
                 topic_prefix=console.topic_prefix,
                 group_prefix=console.group_prefix,
-                limit=MAX_SHOWN,
                 timeout_s=console.read_timeout_s,
                 idle_timeout_s=IDLE_TIMEOUT_S,
             )
     return render(
-        request, "dead_letters.html", by_handler=by_handler, failed_at=_failed_at, when=when
+        request,
+        "dead_letters.html",
+        by_handler=by_handler,
+        totals=totals,
+        failed_at=_failed_at,
+        when=when,
     )
 
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +48,12 @@ def cli(
 
 
 def seed_dead_letters(
-    bus_path: Path, count: int, *, event_id: str = "evcus_dead_", error: str = LONG_ERROR
+    bus_path: Path,
+    count: int,
+    *,
+    event_id: str = "evcus_dead_",
+    error: str = LONG_ERROR,
+    body: bytes = b"{}",
 ) -> None:
     async def seed() -> None:
         bus = SqliteBus(bus_path)
@@ -68,7 +74,7 @@ def seed_dead_letters(
                     handler="email",
                     source_topic=TOPIC,
                 )
-                await bus.publish("voucherify.dlq.email", b"{}", key=b"c", headers=headers)
+                await bus.publish("voucherify.dlq.email", body, key=b"c", headers=headers)
         finally:
             await bus.close()
 
@@ -154,6 +160,79 @@ def test_ids_and_errors_from_events_reach_the_terminal_escaped(tmp_path: Path) -
     assert f"would replay {SHOWN}0" in runs["replay --dry-run"].stdout
     assert f"detail {SHOWN}" in runs["quarantine list --full"].stdout
     assert f"still quarantined {SHOWN}: " in runs["quarantine release"].stdout
+
+
+BIG_BODY_BYTES = 900 * 1024
+BIG_RECORDS = 160  # 140 MiB in each topic
+
+
+def peak_rss_mib(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run the CLI under a small Python parent that reports its child's peak RSS."""
+    probe = (
+        "import resource, subprocess, sys; "
+        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "sys.stdout.write(done.stdout); sys.stderr.write(done.stderr); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+        "sys.exit(done.returncode)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, pubrelay_bin(), *args],
+        cwd=cwd,
+        env={**os.environ, "PUBRELAY_LOG__LEVEL": "warning"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    *err, peak_kib = done.stderr.splitlines()
+    done.stderr = "\n".join(err)
+    return done, int(peak_kib) / 1024
+
+
+def test_listing_and_releasing_do_not_hold_every_body_waiting(tmp_path: Path) -> None:
+    """The CLI reads dead letters and quarantined records a small fetch at a time and
+    keeps what it shows without bodies: 140 MiB waiting in each topic does not become
+    140 MiB in the process."""
+    bus_path = tmp_path / "var" / "bus.sqlite3"
+    bus_path.parent.mkdir()
+    seed_dead_letters(bus_path, BIG_RECORDS, body=b"x" * BIG_BODY_BYTES)
+
+    async def quarantine() -> None:
+        bus = SqliteBus(bus_path)
+        await bus.start()
+        try:
+            for n in range(BIG_RECORDS):
+                headers = (
+                    (HEADER_QUARANTINE_REASON, b"not_json"),
+                    (HEADER_QUARANTINE_DETAIL, b"not JSON"),
+                    (HEADER_EVENT_ID, f"evt_big_{n}".encode()),
+                )
+                body = b"y" * BIG_BODY_BYTES
+                await bus.publish("voucherify.quarantine", body, key=b"q", headers=headers)
+        finally:
+            await bus.close()
+
+    asyncio.run(quarantine())
+    empty, baseline = peak_rss_mib("dlq", "list", "--handler", "crm", cwd=tmp_path)
+    assert "0 dead letter(s) waiting" in empty.stdout, empty.stdout + empty.stderr
+    runs = {
+        "dlq list": peak_rss_mib("dlq", "list", "--handler", "email", "--limit", "5", cwd=tmp_path),
+        "quarantine list": peak_rss_mib("quarantine", "list", "--limit", "5", cwd=tmp_path),
+        "quarantine release": peak_rss_mib(
+            "quarantine", "release", "--event-id", "evt_big_150", cwd=tmp_path
+        ),
+    }
+    dlq, _ = runs["dlq list"]
+    assert f"5 of {BIG_RECORDS} dead letter(s) waiting" in dlq.stdout, dlq.stdout + dlq.stderr
+    listing, _ = runs["quarantine list"]
+    assert f"5 of {BIG_RECORDS} quarantined record(s) waiting" in listing.stdout
+    assert str(BIG_BODY_BYTES) in listing.stdout.splitlines()[2]  # the body's size, kept
+    released, _ = runs["quarantine release"]
+    assert "still quarantined evt_big_150: not_json" in released.stdout, released.stdout
+    assert f"of {BIG_RECORDS} record(s) waiting" in released.stdout
+    grown = {name: round(peak - baseline) for name, (_, peak) in runs.items()}
+    # One fetch of 32 records is 28 MiB; all of them would be 140.
+    assert all(mib < 90 for mib in grown.values()), (baseline, grown)
 
 
 def test_an_unknown_handler_or_a_missing_bus_is_an_error_not_an_empty_list(
