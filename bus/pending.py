@@ -79,13 +79,15 @@ async def scan_pending(
     newest: bool = False,
     max_value_bytes: int,
     accept: Callable[[Message], bool] | None = None,
+    read_limit: int | None = None,
     timeout_s: float,
     idle_timeout_s: float,
 ) -> tuple[list[tuple[Message, int]], int]:
     """The records the group has not committed that ``accept`` takes (all when it is
     ``None``): the first ``keep`` of them, or with ``newest`` the last (all when ``keep`` is
     ``None``), oldest first per partition, each value cut to ``max_value_bytes`` and given
-    with its whole size; and how many were taken in all.
+    with its whole size; and how many were taken in all (of the first ``read_limit`` read,
+    when given: a page that must answer soon reads a bounded number).
 
     Memory is bounded by ``keep`` cut records and one small fetch, however many wait: a
     listing of a large dead-letter topic or quarantine must not hold all of it.
@@ -94,7 +96,7 @@ async def scan_pending(
     total = 0
     async for batch in fetch_pending(
         sub,
-        limit=None,
+        limit=read_limit,
         timeout_s=timeout_s,
         idle_timeout_s=idle_timeout_s,
         batch_records=SMALL_BATCH_RECORDS,

@@ -77,19 +77,22 @@ async def scan_dead_letters(
     group_prefix: str = DEFAULT_GROUP_PREFIX,
     event_id: str | None = None,
     max_value_bytes: int = 0,
+    read_limit: int | None = None,
     timeout_s: float = 10.0,
     idle_timeout_s: float = 1.0,
 ) -> tuple[list[DeadLetter], int]:
     """The first ``keep`` (all when ``None``) dead letters of ``handler`` not yet replayed
     (of one ``event_id``, if given), oldest first, each body cut to ``max_value_bytes``
-    (none by default: a listing shows headers), and how many wait in all; commits
-    nothing. Memory is bounded by ``keep`` of them, however many wait."""
+    (none by default: a listing shows headers), and how many wait in all (among the first
+    ``read_limit`` read, when given); commits nothing. Memory is bounded by ``keep`` of
+    them, however many wait."""
     async with _dead_letter_topic(bus, handler, topic_prefix, group_prefix) as sub:
         kept, total = await scan_pending(
             sub,
             keep=keep,
             max_value_bytes=max_value_bytes,
             accept=None if event_id is None else lambda m: _event_id(m) == event_id,
+            read_limit=read_limit,
             timeout_s=timeout_s,
             idle_timeout_s=idle_timeout_s,
         )

@@ -60,6 +60,7 @@ async def dead_letters(request: web.Request) -> web.Response:
                 console.bus,
                 name,
                 keep=MAX_SHOWN,
+                read_limit=MAX_SHOWN + 1,  # one more tells "more than": the page reads 201
                 topic_prefix=console.topic_prefix,
                 group_prefix=console.group_prefix,
                 timeout_s=console.read_timeout_s,

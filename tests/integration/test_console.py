@@ -31,6 +31,7 @@ from handlers.builtin.email.outbox import OutboxTransport
 from handlers.types import Event
 from handlers.worker.ledger import SqliteLedger
 from handlers.worker.service import Worker
+from pubrelay.console import operations
 from pubrelay.console.app import CONSOLE, CSP, MAX_LOGIN_READS, create_console_app
 from pubrelay.console.mail import FRAME_CSP, MAX_SHOWN_CHARS
 from pubrelay.console.recorder import MAX_ID_CHARS, IndexRecorder
@@ -429,9 +430,12 @@ async def test_an_event_id_with_a_slash_links_to_its_own_page(stack: Stack) -> N
     assert 'href="/console/events/evt%2Fwith%2Fslashes"' in listing
 
 
-async def test_a_replay_preview_lists_dead_letters_read_in_several_fetches(stack: Stack) -> None:
+async def test_a_replay_preview_lists_dead_letters_read_in_several_fetches(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The dry run reads SMALL_BATCH_RECORDS at a time (memory bounded): it still lists
-    every dead letter, in order."""
+    every dead letter, in order. The dead-letter page reads one more than it shows, and
+    says so when there are more."""
     ids = [f"evt_many_{n:02}" for n in range(SMALL_BATCH_RECORDS + 8)]
     stack.failing.update(ids)
     for event_id in ids:
@@ -449,6 +453,12 @@ async def test_a_replay_preview_lists_dead_letters_read_in_several_fetches(stack
         await asyncio.sleep(0.1)
     assert f"Replay {len(ids)} dead letters" in text
     assert [text.index(f">{i}<") for i in ids] == sorted(text.index(f">{i}<") for i in ids)
+    page = await (await stack.client.get("/console/dead-letters", headers=HTML)).text()
+    assert f"{len(ids)} waiting for replay" in page
+    monkeypatch.setattr(operations, "MAX_SHOWN", 30)
+    page = await (await stack.client.get("/console/dead-letters", headers=HTML)).text()
+    assert "more than 30 waiting for replay, the oldest shown" in page
+    assert [i for i in ids if f">{i}<" in page] == ids[:30]
 
 
 async def test_an_event_with_a_very_long_id_has_one_timeline(stack: Stack) -> None:
