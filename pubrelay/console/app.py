@@ -22,6 +22,7 @@ from typing import Any, Final
 from urllib.parse import quote
 
 import jinja2
+import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -34,10 +35,13 @@ from pubrelay.console.auth import (
     TooManyFailures,
     bearer,
     safe_next,
+    session_id,
     set_session,
 )
 from pubrelay.console.index import EventIndex
 from pubrelay.console.recorder import IndexRecorder
+
+log = structlog.get_logger("pubrelay.console")
 
 MAX_FORM_BYTES: Final = 16 * 1024
 FORM_READ_TIMEOUT_S: Final = 5.0
@@ -136,7 +140,7 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
             raise web.HTTPTooManyRequests(text="too many failed attempts; retry later") from None
         raise web.HTTPUnauthorized(text="invalid token", headers={"WWW-Authenticate": "Bearer"})
     session = request.cookies.get(COOKIE, "")
-    if not session or not gate.session_valid(session):
+    if not session or not gate.session_valid(session) or await _ended_elsewhere(request, session):
         if _wants_html(request):
             login = request.app.router["login"].url_for().with_query(next=request.path_qs)
             raise web.HTTPSeeOther(location=str(login))
@@ -147,6 +151,20 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
         if not gate.csrf_valid(session, str(form.get("csrf", ""))):
             raise web.HTTPForbidden(text="missing or invalid CSRF token; reload the page")
     return await handler(request)
+
+
+async def _ended_elsewhere(request: web.Request, session: str) -> bool:
+    """Whether another process logged this (valid) session out: the index every process
+    of the deployment writes remembers logouts. Without the index, 503: a logged-out
+    session must not come back while the index cannot tell."""
+    index = request.app[CONSOLE].index
+    if index is None:
+        return False
+    try:
+        return await index.session_ended(session_id(session))
+    except Exception as err:
+        log.warning("console_session_check_failed", error_type=type(err).__name__)
+        raise web.HTTPServiceUnavailable(text="the event index is unavailable") from None
 
 
 async def _small_form(request: web.Request) -> Any:
@@ -197,8 +215,14 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
+    console = request.app[CONSOLE]
     if session := request.get(SESSION):  # valid: the middleware checked (none with Bearer)
-        request.app[CONSOLE].gate.end_session(session)
+        ended, expiry = console.gate.end_session(session)
+        if console.index is not None:  # for the other processes
+            try:
+                await console.index.end_session(ended, expiry)
+            except Exception as err:  # this process refuses it; say the others may not
+                log.warning("console_logout_not_shared", error_type=type(err).__name__)
     response = web.Response(
         status=303, headers={"Location": str(request.app.router["login"].url_for())}
     )

@@ -81,19 +81,28 @@ class Gate:
             return False
         return int(expiry) > (now or time.time()) and value not in self._ended
 
-    def end_session(self, value: str, now: float | None = None) -> None:
+    def end_session(self, value: str, now: float | None = None) -> tuple[str, int]:
         """Log ``value`` out: refused from now on by this process, until it would have
-        expired anyway. Only a valid session (with its CSRF token) gets here, so the
-        ended ones are a few per operator; the expired ones are let go at each logout."""
+        expired anyway; returns its id and expiry, for the other processes (the event
+        index remembers them). Only a valid session (with its CSRF token) gets here, so
+        the ended ones are a few per operator; the expired ones are let go at each
+        logout."""
         current = now or time.time()
         self._ended = {s: e for s, e in self._ended.items() if e > current}
-        self._ended[value] = int(value.partition(".")[0])
+        expiry = int(value.partition(".")[0])
+        self._ended[value] = expiry
+        return session_id(value), expiry
 
     def csrf_token(self, session: str) -> str:
         return self._mac("csrf", session)
 
     def csrf_valid(self, session: str, given: str) -> bool:
         return hmac.compare_digest(_raw(given), self.csrf_token(session).encode())
+
+
+def session_id(value: str) -> str:
+    """A session's random part: what names it where logouts are shared (never the MAC)."""
+    return value.split(".")[1]
 
 
 def _raw(text: str) -> bytes:

@@ -131,6 +131,15 @@ class EventIndex(Protocol):
         """Intake outcomes per bucket of equal width from ``since`` to now."""
         ...
 
+    async def end_session(self, session_id: str, expiry: float) -> None:
+        """Remember that a console session was logged out, until ``expiry`` (when it would
+        have expired anyway), for every process that reads this index."""
+        ...
+
+    async def session_ended(self, session_id: str) -> bool:
+        """Whether the session was logged out (in any process)."""
+        ...
+
 
 def index_path(url: str, data_dir: Path) -> Path:
     """The SQLite file ``PUBRELAY_CONSOLE__INDEX_URL`` names, else ``<data dir>/index.sqlite3``."""

@@ -13,6 +13,7 @@ after ``PUBRELAY_CONSOLE__REDIS_KEY_PREFIX``, each with the retention as its TTL
   a sorted set of the events whose latest outcome for that handler it is, scored by time
   (the overview's counts and oldest retrying); ``handlers``: the handler names seen;
 * ``in:m:<minute>``, ``in:h:<hour>``: intake outcomes counted per minute and per hour.
+* ``ended:<session id>``: a console session logged out, until it would have expired.
 
 A batch is one pipeline (no transaction: a view, not a record). Sorted sets drop what is
 older than the retention as they are written; the other keys expire.
@@ -208,6 +209,12 @@ class RedisEventIndex:
         ]
         attempts.sort(key=lambda a: a.at)
         return Timeline(rows[0], sorted(deliveries, key=lambda d: d.at), attempts)
+
+    async def end_session(self, session_id: str, expiry: float) -> None:
+        await self._redis().set(self._k("ended", session_id), b"1", exat=math.ceil(expiry))
+
+    async def session_ended(self, session_id: str) -> bool:
+        return bool(await self._redis().exists(self._k("ended", session_id)))
 
     async def counts(self, since: float) -> Counts:
         r = self._redis()

@@ -1,8 +1,9 @@
 """The event index in one SQLite file beside the ledger (``pubrelay/console/index.py``).
 
 Tables: ``events`` (one row per event id, with its search fields and body), ``terms``
-(every searchable value, lower-cased, to its event id), ``deliveries``, ``attempts``, and
-``handler_state`` (each handler's latest outcome per event). Written in one transaction
+(every searchable value, lower-cased, to its event id), ``deliveries``, ``attempts``,
+``handler_state`` (each handler's latest outcome per event), and ``ended_sessions`` (the
+console sessions logged out, until they would have expired). Written in one transaction
 per batch with ``synchronous=NORMAL`` (a view, not a record); purged every so often.
 """
 
@@ -82,6 +83,10 @@ CREATE TABLE IF NOT EXISTS handler_state (
     PRIMARY KEY (handler, event_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS handler_state_outcome ON handler_state (handler, outcome, at);
+CREATE TABLE IF NOT EXISTS ended_sessions (
+    session_id TEXT PRIMARY KEY,
+    expiry REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -130,6 +135,26 @@ class SqliteEventIndex:
     async def series(self, since: float, buckets: int) -> dict[str, list[int]]:
         """Intake outcomes per bucket of equal width from ``since`` to now."""
         return await self._conn.run(_series, since, time.time(), buckets)
+
+    async def end_session(self, session_id: str, expiry: float) -> None:
+        await self._conn.run(_end_session, session_id, expiry, time.time())
+
+    async def session_ended(self, session_id: str) -> bool:
+        return await self._conn.run(_session_ended, session_id, time.time())
+
+
+def _end_session(conn: sqlite3.Connection, session_id: str, expiry: float, now: float) -> None:
+    """Remember one logout; let go of those past their expiry (a few per operator)."""
+    with transaction(conn):
+        conn.execute("DELETE FROM ended_sessions WHERE expiry <= ?", (now,))
+        conn.execute("INSERT OR REPLACE INTO ended_sessions VALUES (?, ?)", (session_id, expiry))
+
+
+def _session_ended(conn: sqlite3.Connection, session_id: str, now: float) -> bool:
+    found = conn.execute(
+        "SELECT 1 FROM ended_sessions WHERE session_id = ? AND expiry > ?", (session_id, now)
+    )
+    return found.fetchone() is not None
 
 
 def _insert(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[object]]) -> None:

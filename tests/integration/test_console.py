@@ -481,6 +481,35 @@ async def test_a_cookie_kept_from_before_a_logout_is_refused(stack: Stack) -> No
     assert again.status == 401
 
 
+async def test_a_logout_ends_the_session_in_every_process_that_shares_the_index(
+    stack: Stack, aiohttp_client: ClientFactory
+) -> None:
+    """Another process serving the console (a worker's, say) reads the same index: the
+    cookie logged out in one is refused by the other, which accepted it before."""
+    first = stack.console[CONSOLE]
+    other_console = create_console_app(
+        token=TOKEN,
+        session_ttl_s=600,
+        bus=stack.bus,
+        index=first.index,
+        recorder=None,
+        handlers=["recorder"],
+        topic_prefix=first.topic_prefix,
+        group_prefix=first.group_prefix,
+    )
+    other_app = web.Application()
+    other_app.add_subapp("/console/", other_console)
+    other = await aiohttp_client(other_app)
+    csrf = await login(stack.client)
+    kept = stack.client.session.cookie_jar.filter_cookies(stack.client.make_url("/console/"))
+    cookie = {"Cookie": f"pubrelay_console={kept['pubrelay_console'].value}"}
+    assert (await other.get("/console/events", headers=cookie)).status == 200
+    out = await stack.client.post("/console/logout", data={"csrf": csrf}, allow_redirects=False)
+    assert out.status == 303
+    assert (await other.get("/console/events", headers=cookie)).status == 401
+    assert (await other.get("/console/events", headers=BEARER)).status == 200
+
+
 async def test_a_logout_with_the_bearer_token_only_sends_to_the_login_page(stack: Stack) -> None:
     out = await stack.client.post("/console/logout", headers=BEARER, allow_redirects=False)
     assert out.status == 303

@@ -5,6 +5,7 @@ it is bounded, and nothing outlives the retention."""
 from __future__ import annotations
 
 import asyncio
+import math
 import stat
 import time
 import uuid
@@ -141,6 +142,23 @@ async def test_nothing_outlives_the_retention(make_index: IndexFactory) -> None:
     assert await index.search("evt_old") == []
     timeline = await index.timeline("evt_old")
     assert timeline is None
+    await index.close()
+
+
+async def test_a_logout_is_remembered_until_the_session_would_have_expired(
+    make_index: IndexFactory,
+) -> None:
+    index = make_index(3600)
+    await index.open()
+    now = time.time()
+    await index.end_session("0123456789abcdef", now + 1.5)
+    await index.end_session("fedcba9876543210", now + 3600)
+    assert await index.session_ended("0123456789abcdef")
+    assert not await index.session_ended("00000000000000ff")  # never logged out
+    # Redis keeps it to the whole second after its expiry
+    await asyncio.sleep(max(0.0, math.ceil(now + 1.5) + 0.2 - time.time()))
+    assert not await index.session_ended("0123456789abcdef")  # past its expiry: let go
+    assert await index.session_ended("fedcba9876543210")
     await index.close()
 
 
