@@ -510,6 +510,19 @@ async def test_a_logout_ends_the_session_in_every_process_that_shares_the_index(
     assert (await other.get("/console/events", headers=BEARER)).status == 200
 
 
+async def test_a_session_is_refused_while_the_index_cannot_tell_if_it_ended(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await login(stack.client)
+    unreachable = SqliteEventIndex(tmp_path / "never-opened.sqlite3", retention_s=60)
+    monkeypatch.setattr(stack.console[CONSOLE], "index", unreachable)
+    refused = await stack.client.get("/console/dead-letters")
+    assert refused.status == 503
+    assert "the event index is unavailable" in await refused.text()
+    letters = await stack.client.get("/console/dead-letters", headers=BEARER)
+    assert letters.status == 200  # the token itself needs no index
+
+
 async def test_a_logout_with_the_bearer_token_only_sends_to_the_login_page(stack: Stack) -> None:
     out = await stack.client.post("/console/logout", headers=BEARER, allow_redirects=False)
     assert out.status == 303
