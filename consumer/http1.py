@@ -337,7 +337,9 @@ class Connection(asyncio.Protocol):
         if length == 0:
             return None  # the parser took the message as complete: aiohttp answers it
         self._parser = parser
-        return fields, length, parser.should_keep_alive()
+        # HTTP/1.0 keeps a connection only when the answer says so, which these answers
+        # never do: one that asks for keep-alive is answered "Connection: close".
+        return fields, length, parser.should_keep_alive() and parts[2] == b"HTTP/1.1"
 
     def _respond(self, answer: Answer) -> None:
         """Write the answer (the intake calls this once per request), then serve the next

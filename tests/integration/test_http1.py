@@ -153,6 +153,25 @@ async def test_a_delivery_connection_lives_while_used_and_closes_after_the_keepa
     assert len(await read_topic(sqlite_bus, TOPIC)) == 5
 
 
+async def test_an_http_1_0_delivery_asking_to_keep_alive_is_answered_and_closed(
+    front: Front, sqlite_bus: SqliteBus
+) -> None:
+    """An HTTP/1.0 connection stays open only if the answer says ``keep-alive``: this one
+    says ``close``, and closes, so the client does not wait on an open connection."""
+    assert front.port is not None
+    request = post(event_body()).replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+    try:
+        writer.write(request.replace(b"Host: x\r\n", b"Host: x\r\nConnection: keep-alive\r\n"))
+        answer = await asyncio.wait_for(reader.read(), 10)  # to the end: the server closed
+    finally:
+        writer.close()
+    head = answer.split(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 202")
+    assert b"Connection: close" in head
+    assert len(await read_topic(sqlite_bus, TOPIC)) == 1
+
+
 async def test_a_pipelined_burst_of_requests_answered_at_once_is_served_in_order(
     front: Front, sqlite_bus: SqliteBus
 ) -> None:
