@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from bus.types import Message, Subscription
 
@@ -24,7 +24,7 @@ async def fetch_pending(
     timeout_s: float,
     idle_timeout_s: float,
     batch_records: int = 500,
-) -> AsyncIterator[list[Message]]:
+) -> AsyncGenerator[list[Message], None]:
     """The fetches of what the group has not committed (at most ``limit`` records, each
     partition's in offset order), until one comes back empty.
 

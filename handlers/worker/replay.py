@@ -18,14 +18,14 @@ The dead-letter format itself (the ``dlq-*`` headers) is :mod:`handlers.worker.d
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import structlog
 
-from bus.pending import SMALL_BATCH_RECORDS, fetch_pending, read_pending, scan_pending
+from bus.pending import SMALL_BATCH_RECORDS, fetch_pending, scan_pending
 from bus.types import Bus, Message, Subscription, TopicPartition
 from handlers.types import check_handler_name
 from handlers.worker.dead_letters import DeadLetter
@@ -130,8 +130,30 @@ async def list_dead_letters(
     return letters
 
 
-async def _at_once(read: Awaitable[list[Message]]) -> AsyncIterator[list[Message]]:
-    yield await read
+async def _last_offsets(
+    bus: Bus,
+    handler: str,
+    *,
+    topic_prefix: str,
+    group_prefix: str,
+    limit: int | None,
+    timeout_s: float,
+    idle_timeout_s: float,
+) -> dict[TopicPartition, int]:
+    """Per partition, the offset of the last dead letter waiting now (of the first
+    ``limit``): what a replay sends, read once a fetch at a time and let go."""
+    last: dict[TopicPartition, int] = {}
+    async with _dead_letter_topic(bus, handler, topic_prefix, group_prefix) as sub:
+        async for batch in fetch_pending(
+            sub,
+            limit=limit,
+            timeout_s=timeout_s,
+            idle_timeout_s=idle_timeout_s,
+            batch_records=SMALL_BATCH_RECORDS,
+        ):
+            for message in batch:
+                last[message.tp] = max(message.offset, last.get(message.tp, -1))
+    return last
 
 
 async def replay(
@@ -151,68 +173,84 @@ async def replay(
     """Send ``handler``'s dead letters (all, one ``event_id``, or failed ``since``) back to it.
 
     ``progress`` is called once per dead letter replayed (or, in a dry run, that would be).
-    A replay reads every waiting dead letter before it sends the first: the ones that fail
-    again meanwhile are dead letters of a later run, not of this one. A dry run sends
-    nothing, so it reads :data:`~bus.pending.SMALL_BATCH_RECORDS` at a time and keeps only
-    the ids: the console's preview, in the webhook's process, does not grow with them.
-    Raises :class:`schemas.errors.BusUnavailable` when a publish fails; what was replayed
-    before it is committed first, so running it again continues where it stopped.
+    A replay sends the dead letters waiting when it starts, not those that fail again
+    while it runs (they are dead letters of a later run): it first reads where each
+    partition's waiting ones end, then reads them again from the group's offset and sends
+    them up to there. Both readings fetch :data:`~bus.pending.SMALL_BATCH_RECORDS` at a
+    time and let each go, and the summary keeps only ids: memory does not grow with the
+    topic (the console replays in the webhook's process). A dry run sends nothing, so it
+    reads once. What was replayed is committed after each fetch. Raises
+    :class:`schemas.errors.BusUnavailable` when a publish fails; what was replayed before
+    it is committed first, so running it again continues where it stopped.
     """
     target = retry_topic(topic_prefix, handler)
     summary = ReplaySummary(handler=handler, dry_run=dry_run)
+    upto: dict[TopicPartition, int] | None = None  # a dry run reads what is there
+    if not dry_run:
+        upto = await _last_offsets(
+            bus,
+            handler,
+            topic_prefix=topic_prefix,
+            group_prefix=group_prefix,
+            limit=limit,
+            timeout_s=timeout_s,
+            idle_timeout_s=idle_timeout_s,
+        )
+        if not upto:
+            log.info("replay_finished", handler=handler, dry_run=False, read=0, matched=0,
+                     replayed=0)  # fmt: skip
+            return summary
+
     async with _dead_letter_topic(bus, handler, topic_prefix, group_prefix) as sub:
         # Per partition: the next offset to commit while replayed records are contiguous.
         frontier: dict[TopicPartition, int] = {}
         blocked: set[TopicPartition] = set()
-        try:
-            batches = (
-                fetch_pending(
-                    sub,
-                    limit=limit,
-                    timeout_s=timeout_s,
-                    idle_timeout_s=idle_timeout_s,
-                    batch_records=SMALL_BATCH_RECORDS,
-                )
-                if dry_run
-                else _at_once(
-                    read_pending(
-                        sub, limit=limit, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
-                    )
-                )
-            )
-            async for batch in batches:
-                summary.read += len(batch)
-                for message in batch:
-                    letter = DeadLetter.from_message(message)
-                    matches = (event_id is None or letter.event_id == event_id) and (
-                        since is None or letter.failed_since(since)
-                    )
-                    if not matches:
-                        blocked.add(message.tp)
-                        continue
-                    summary.matched += 1
-                    summary.event_ids.append(letter.event_id or "-")
-                    if progress is not None:
-                        progress(letter)
-                    if dry_run:
-                        continue
-                    await bus.publish(
-                        target, message.value, key=message.key, headers=letter.original_headers
-                    )
-                    summary.replayed += 1
-                    log.info(
-                        "dead_letter_replayed",
-                        handler=handler,
-                        event_id=letter.event_id,
-                        offset=message.offset,
-                        target=target,
-                    )
-                    if message.tp not in blocked:
-                        frontier[message.tp] = message.offset + 1
-        finally:
-            if frontier and not dry_run:
+
+        async def commit() -> None:
+            if frontier and not dry_run and frontier != summary.committed:
                 await sub.commit(frontier)
-                summary.committed = frontier
+                summary.committed = dict(frontier)
+
+        fetches = fetch_pending(
+            sub,
+            limit=limit if upto is None else None,
+            timeout_s=timeout_s,
+            idle_timeout_s=idle_timeout_s,
+            batch_records=SMALL_BATCH_RECORDS,
+        )
+        try:
+            async with aclosing(fetches):
+                async for batch in fetches:
+                    for message in batch:
+                        last = None if upto is None else upto.get(message.tp)
+                        if upto is not None and (last is None or message.offset > last):
+                            upto.pop(message.tp, None)  # dead-lettered after the start
+                            continue
+                        summary.read += 1
+                        letter = DeadLetter.from_message(message)
+                        matches = (event_id is None or letter.event_id == event_id) and (
+                            since is None or letter.failed_since(since)
+                        )
+                        if not matches:
+                            blocked.add(message.tp)
+                        else:
+                            await _send(
+                                bus,
+                                message,
+                                letter,
+                                target=target,
+                                summary=summary,
+                                progress=progress,
+                            )
+                            if message.tp not in blocked and not dry_run:
+                                frontier[message.tp] = message.offset + 1
+                        if upto is not None and message.offset == last:
+                            del upto[message.tp]  # this partition's are all sent
+                    await commit()
+                    if upto is not None and not upto:
+                        break
+        finally:
+            await commit()
     log.info(
         "replay_finished",
         handler=handler,
@@ -222,3 +260,30 @@ async def replay(
         replayed=summary.replayed,
     )
     return summary
+
+
+async def _send(
+    bus: Bus,
+    message: Message,
+    letter: DeadLetter,
+    *,
+    target: str,
+    summary: ReplaySummary,
+    progress: Callable[[DeadLetter], object] | None,
+) -> None:
+    """Replay one matching dead letter (in a dry run, only count it)."""
+    summary.matched += 1
+    summary.event_ids.append(letter.event_id or "-")
+    if progress is not None:
+        progress(letter)
+    if summary.dry_run:
+        return
+    await bus.publish(target, message.value, key=message.key, headers=letter.original_headers)
+    summary.replayed += 1
+    log.info(
+        "dead_letter_replayed",
+        handler=summary.handler,
+        event_id=letter.event_id,
+        offset=message.offset,
+        target=target,
+    )

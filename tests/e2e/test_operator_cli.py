@@ -221,6 +221,7 @@ def test_listing_and_releasing_do_not_hold_every_body_waiting(tmp_path: Path) ->
         "quarantine release": peak_rss_mib(
             "quarantine", "release", "--event-id", "evt_big_150", cwd=tmp_path
         ),
+        "replay": peak_rss_mib("replay", "--handler", "email", cwd=tmp_path),
     }
     dlq, _ = runs["dlq list"]
     assert f"5 of {BIG_RECORDS} dead letter(s) waiting" in dlq.stdout, dlq.stdout + dlq.stderr
@@ -230,6 +231,13 @@ def test_listing_and_releasing_do_not_hold_every_body_waiting(tmp_path: Path) ->
     released, _ = runs["quarantine release"]
     assert "still quarantined evt_big_150: not_json" in released.stdout, released.stdout
     assert f"of {BIG_RECORDS} record(s) waiting" in released.stdout
+    replayed, _ = runs["replay"]
+    assert f"replayed {BIG_RECORDS} of {BIG_RECORDS} dead letter(s)" in replayed.stdout, (
+        replayed.stdout + replayed.stderr
+    )
+    assert (
+        "0 dead letter(s) waiting" in cli("dlq", "list", "--handler", "email", cwd=tmp_path).stdout
+    )
     grown = {name: round(peak - baseline) for name, (_, peak) in runs.items()}
     # One fetch of 32 records is 28 MiB; all of them would be 140.
     assert all(mib < 90 for mib in grown.values()), (baseline, grown)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from bus.pending import SMALL_BATCH_RECORDS
 from bus.types import Bus
 from handlers.config import HandlersSettings, LedgerSettings
 from handlers.types import Event
@@ -299,6 +300,45 @@ async def test_a_body_the_model_rejects_goes_straight_to_the_dead_letter_topic(
         header(record.headers, "dlq-error-type") == b"pydantic_core._pydantic_core.ValidationError"
     )
     assert header(record.headers, "dlq-attempts") == b"1"
+
+
+async def test_a_replay_sends_what_waited_when_it_began_though_each_fails_again_at_once(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    """More dead letters than one fetch, each dead-lettered again as soon as it is
+    replayed (a permanent error): the replay, reading a fetch at a time, sends each
+    once and leaves the new dead letters for a later run."""
+
+    async def script(event: Event) -> None:
+        raise HandlerError(f"still broken for {event.id}")
+
+    handler = ScriptedHandler(script=script)
+    ids = [f"ev_again_{n:02}" for n in range(SMALL_BATCH_RECORDS + 8)]
+    async with running(make_worker([handler], bus, ledger, registry, topic_prefix)):
+        for event_id in ids:
+            await publish_event(bus, topic_prefix, event_id=event_id, customer_id=event_id)
+        await eventually(
+            lambda: outcome(registry, "recorder", "dead_lettered") == len(ids),
+            what="every event dead-lettered",
+        )
+        summary = await asyncio.wait_for(  # one that kept reading new ones would not end
+            replay(
+                bus, "recorder", topic_prefix=topic_prefix, group_prefix=topic_prefix, timeout_s=15
+            ),
+            60,
+        )
+        assert summary.replayed == len(ids)
+        assert sorted(summary.event_ids) == ids
+        await eventually(
+            lambda: outcome(registry, "recorder", "dead_lettered") == 2 * len(ids),
+            what="every replayed event dead-lettered again",
+        )
+    assert sorted(handler.calls) == ids
+    assert set(handler.calls.values()) == {2}
+    waiting = await list_dead_letters(
+        bus, "recorder", topic_prefix=topic_prefix, group_prefix=topic_prefix, timeout_s=15
+    )
+    assert sorted(d.event_id or "" for d in waiting) == ids
 
 
 async def test_a_permanent_handler_error_is_not_retried(
