@@ -4,7 +4,7 @@ The inspection commands (``pubrelay dlq list``, ``replay``, ``quarantine list`` 
 ``release``) read a topic in a group of their own whose committed offset separates the
 records already dealt with from those still waiting: they read the waiting ones
 (:func:`fetch_pending` a fetch at a time, :func:`scan_pending` to list them in bounded
-memory, :func:`read_pending` all at once), act, and commit what they acted on.
+memory), act, and commit what they acted on.
 """
 
 from __future__ import annotations
@@ -51,20 +51,6 @@ async def fetch_pending(
 
 def _order(message: Message) -> tuple[str, int, int]:
     return message.topic, message.partition, message.offset
-
-
-async def read_pending(
-    sub: Subscription, *, limit: int | None, timeout_s: float, idle_timeout_s: float
-) -> list[Message]:
-    """Read what the group has not committed (at most ``limit``), oldest first per
-    partition (see :func:`fetch_pending`)."""
-    out: list[Message] = []
-    async for batch in fetch_pending(
-        sub, limit=limit, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
-    ):
-        out.extend(batch)
-    out.sort(key=_order)
-    return out
 
 
 SMALL_BATCH_RECORDS = 32

@@ -251,6 +251,13 @@ async def replay(
                         break
         finally:
             await commit()
+    if upto:  # the second reading ended early (a group join past timeout_s, say)
+        log.warning(
+            "replay_incomplete",
+            handler=handler,
+            partitions=[f"{tp.topic}[{tp.partition}]" for tp in upto],
+            hint="run the replay again: what was sent is committed",
+        )
     log.info(
         "replay_finished",
         handler=handler,
