@@ -16,6 +16,10 @@ from collections.abc import AsyncGenerator, Callable
 
 from bus.types import Message, Subscription
 
+SMALL_BATCH_RECORDS = 32
+"""Records per fetch: each is dealt with and let go before the next fetch, so with 1 MiB
+records about 32 MiB are held at once."""
+
 
 async def fetch_pending(
     sub: Subscription,
@@ -23,7 +27,7 @@ async def fetch_pending(
     limit: int | None,
     timeout_s: float,
     idle_timeout_s: float,
-    batch_records: int = 500,
+    batch_records: int = SMALL_BATCH_RECORDS,
 ) -> AsyncGenerator[list[Message], None]:
     """The fetches of what the group has not committed (at most ``limit`` records, each
     partition's in offset order), until one comes back empty.
@@ -53,11 +57,6 @@ def _order(message: Message) -> tuple[str, int, int]:
     return message.topic, message.partition, message.offset
 
 
-SMALL_BATCH_RECORDS = 32
-"""Records per fetch where each is dealt with and let go (:func:`tail_pending`, a replay):
-with 1 MiB records, 32 MiB held at once."""
-
-
 async def scan_pending(
     sub: Subscription,
     *,
@@ -85,7 +84,6 @@ async def scan_pending(
         limit=read_limit,
         timeout_s=timeout_s,
         idle_timeout_s=idle_timeout_s,
-        batch_records=SMALL_BATCH_RECORDS,
     ):
         for message in batch:
             if accept is not None and not accept(message):

@@ -27,7 +27,7 @@ from datetime import datetime
 
 import structlog
 
-from bus.pending import SMALL_BATCH_RECORDS, fetch_pending, scan_pending, tail_pending
+from bus.pending import fetch_pending, scan_pending, tail_pending
 from bus.types import Bus, Message, Subscription, TopicPartition
 from consumer.routing import Quarantined, Routed, classify, routed_headers
 from schemas.errors import TopicMissing
@@ -236,7 +236,6 @@ async def release(
                 limit=None,
                 timeout_s=timeout_s,
                 idle_timeout_s=idle_timeout_s,
-                batch_records=SMALL_BATCH_RECORDS,
             ):
                 summary.read += len(batch)
                 for message in batch:

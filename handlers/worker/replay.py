@@ -25,7 +25,7 @@ from datetime import datetime
 
 import structlog
 
-from bus.pending import SMALL_BATCH_RECORDS, fetch_pending, scan_pending
+from bus.pending import fetch_pending, scan_pending
 from bus.types import Bus, Message, Subscription, TopicPartition
 from handlers.types import check_handler_name
 from handlers.worker.dead_letters import DeadLetter
@@ -149,7 +149,6 @@ async def _last_offsets(
             limit=limit,
             timeout_s=timeout_s,
             idle_timeout_s=idle_timeout_s,
-            batch_records=SMALL_BATCH_RECORDS,
         ):
             for message in batch:
                 last[message.tp] = max(message.offset, last.get(message.tp, -1))
@@ -216,7 +215,6 @@ async def replay(
             limit=limit if upto is None else None,
             timeout_s=timeout_s,
             idle_timeout_s=idle_timeout_s,
-            batch_records=SMALL_BATCH_RECORDS,
         )
         try:
             async with aclosing(fetches):
