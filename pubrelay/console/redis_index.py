@@ -211,7 +211,8 @@ class RedisEventIndex:
         return Timeline(rows[0], sorted(deliveries, key=lambda d: d.at), attempts)
 
     async def end_session(self, session_id: str, expiry: float) -> None:
-        await self._redis().set(self._k("ended", session_id), b"1", exat=math.ceil(expiry))
+        ttl_s = max(1, math.ceil(expiry - time.time()))  # EX: any Redis (EXAT needs 6.2)
+        await self._redis().set(self._k("ended", session_id), b"1", ex=ttl_s)
 
     async def session_ended(self, session_id: str) -> bool:
         return bool(await self._redis().exists(self._k("ended", session_id)))

@@ -5,7 +5,6 @@ it is bounded, and nothing outlives the retention."""
 from __future__ import annotations
 
 import asyncio
-import math
 import stat
 import time
 import uuid
@@ -155,8 +154,7 @@ async def test_a_logout_is_remembered_until_the_session_would_have_expired(
     await index.end_session("fedcba9876543210", now + 3600)
     assert await index.session_ended("0123456789abcdef")
     assert not await index.session_ended("00000000000000ff")  # never logged out
-    # Redis keeps it to the whole second after its expiry
-    await asyncio.sleep(max(0.0, math.ceil(now + 1.5) + 0.2 - time.time()))
+    await asyncio.sleep(max(0.0, now + 2.5 - time.time()))  # Redis: a TTL in whole seconds
     assert not await index.session_ended("0123456789abcdef")  # past its expiry: let go
     assert await index.session_ended("fedcba9876543210")
     await index.close()
