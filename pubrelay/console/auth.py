@@ -4,9 +4,10 @@
   (``hmac.compare_digest``) whether it comes as ``Authorization: Bearer <token>`` (scripts)
   or from the login form.
 * **Sessions** are signed, not stored: the cookie is ``<expiry>.<nonce>.<HMAC(token,
-  expiry.nonce)>``, and a new token ends every session. Logging out ends the session in
-  the process that served it (it remembers the sessions ended until they expire); a
-  cookie kept from before is refused there from then on. The cookie is
+  expiry.nonce)>``, and a new token ends every session. Logging out ends the session: the
+  process that served it remembers it until it would have expired, and the event index
+  tells every other process (``app.py``); a cookie kept from before is refused from then
+  on. The cookie is
   ``HttpOnly``, ``SameSite=Strict``, limited to ``/console/``, and ``Secure`` when the
   request came over HTTPS (directly, or ``X-Forwarded-Proto: https`` from a proxy).
 * **Failed logins are slowed down** without remembering anyone: each failure holds one of
@@ -74,7 +75,7 @@ class Gate:
 
     def session_valid(self, value: str, now: float | None = None) -> bool:
         signed, _, mac = value.rpartition(".")
-        expiry, _, nonce = signed.partition(".")
+        expiry, nonce = _expiry_and_nonce(value)
         if not expiry.isdigit() or len(expiry) > 12 or len(nonce) != _NONCE_CHARS:
             return False
         if not hmac.compare_digest(_raw(mac), self._mac("session", signed).encode()):
@@ -89,9 +90,9 @@ class Gate:
         logout."""
         current = now or time.time()
         self._ended = {s: e for s, e in self._ended.items() if e > current}
-        expiry = int(value.partition(".")[0])
-        self._ended[value] = expiry
-        return session_id(value), expiry
+        expiry, nonce = _expiry_and_nonce(value)
+        self._ended[value] = int(expiry)
+        return nonce, int(expiry)
 
     def csrf_token(self, session: str) -> str:
         return self._mac("csrf", session)
@@ -100,9 +101,16 @@ class Gate:
         return hmac.compare_digest(_raw(given), self.csrf_token(session).encode())
 
 
+def _expiry_and_nonce(value: str) -> tuple[str, str]:
+    """A cookie's ``<expiry>.<nonce>`` parts, unchecked (``"", ""`` when it has fewer)."""
+    signed = value.rpartition(".")[0]
+    expiry, _, nonce = signed.partition(".")
+    return expiry, nonce
+
+
 def session_id(value: str) -> str:
     """A session's random part: what names it where logouts are shared (never the MAC)."""
-    return value.split(".")[1]
+    return _expiry_and_nonce(value)[1]
 
 
 def _raw(text: str) -> bytes:
