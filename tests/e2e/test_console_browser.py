@@ -114,6 +114,8 @@ async def test_an_operator_finds_a_code_and_replays_its_dead_letter_in_a_browser
             assert await page.locator("script").count() == 0  # the error text stayed text
 
             await page.click("text=Dead letters")
+            await page.get_by_text("1 waiting for replay").wait_for()
+            await shot(page, shots, "console-dead-letters")
             await page.get_by_role("link", name="Replay…").click()
             await page.get_by_text("Dry run: nothing was sent").wait_for()
             await shot(page, shots, "console-replay-preview")
