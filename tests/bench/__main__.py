@@ -19,7 +19,9 @@ under a steady load vs its idle RSS, and of `pubrelay worker` draining a backlog
 million records; see memory.py).
 The intake and kafka sections alternate their runs with bare aiohttp's, BENCH_ROUNDS
 times (bare, pubrelay, bare, …, bare): each pubrelay run is divided by the mean of the bare
-runs just before and after it, and the round with the median ratio is the figure.
+runs just before and after it, and the round with the median ratio is the figure. The
+worker section runs the in-memory and the SQLite ledger in turns, BENCH_ROUNDS times too,
+and keeps the round with the median SQLite-ledger rate.
 Environment: BENCH_SECONDS (per load run, default 8), BENCH_ROUNDS (default 3),
 BENCH_CONNECTIONS (default 64),
 BENCH_WORKER_EVENTS (default 30000: about 2 s per worker run), BENCH_E2E_RATE (the e2e
@@ -142,7 +144,9 @@ def bench_worker(tmp: Path) -> None:
         await bus.start()
         return bus
 
-    record_worker("sqlite", run_as_in_production(bench_worker_on("sqlite", sqlite_bus, tmp, count)))
+    record_worker(
+        "sqlite", run_as_in_production(bench_worker_on("sqlite", sqlite_bus, tmp, count, ROUNDS))
+    )
     broker = TansuBroker(tmp / "tansu-worker.log")
     broker.start()
     try:
@@ -153,7 +157,8 @@ def bench_worker(tmp: Path) -> None:
             return bus
 
         record_worker(
-            "kafka", run_as_in_production(bench_worker_on("kafka", kafka_bus, tmp, count))
+            "kafka",
+            run_as_in_production(bench_worker_on("kafka", kafka_bus, tmp, count, ROUNDS)),
         )
     finally:
         broker.stop()
