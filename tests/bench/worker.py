@@ -207,7 +207,7 @@ def tuned_as_in_production() -> Iterator[None]:
 
 
 async def bench_worker_on(
-    name: str, make_bus: Callable[[], Awaitable[Bus]], tmp: Path, count: int, rounds: int = 1
+    name: str, make_bus: Callable[[], Awaitable[Bus]], tmp: Path, count: int, rounds: int
 ) -> dict[str, float]:
     """Print and return events/s: the bus alone, then the worker with the in-memory and
     the SQLite ledger in turns, ``rounds`` times (each run a consumer group and a ledger of
