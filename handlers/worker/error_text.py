@@ -1,4 +1,4 @@
-"""An exception as the worker writes it in log lines and headers: printable, bounded.
+"""An exception as the worker writes it (log lines, headers, the console's index): bounded.
 
 A handler's error message may quote customer data decoded from JSON, where a lone
 surrogate (``"\\ud83d"``) is valid, while headers and JSON log lines must be UTF-8; and a
@@ -8,6 +8,8 @@ plugin's exception may fail in its own ``__str__``. Nothing here raises.
 from __future__ import annotations
 
 from typing import Final
+
+from schemas.masking import mask_emails
 
 SHORT_ERROR_CHARS: Final = 300
 
@@ -28,3 +30,10 @@ def error_message(err: BaseException) -> str:
 def short_error(err: BaseException) -> str:
     """The error message for a log line: printable and at most 300 characters."""
     return error_message(err)[:SHORT_ERROR_CHARS]
+
+
+def masked_error(err: BaseException) -> str:
+    """The error message as stored beside the event (the console's index, whose pages are
+    the operators' and outlive the log): printable, customer e-mail addresses masked, cut
+    to 300 characters without leaving the start of an address."""
+    return mask_emails(error_message(err), max_chars=SHORT_ERROR_CHARS)

@@ -66,6 +66,8 @@ async def stack(
 
     async def script(event: Event) -> None:
         if event.id in failing:
+            if event.id.startswith("evt_mailbox"):  # a relay's refusal quoting an address
+                raise HandlerError("550 5.1.1 <owner.private@example.org>: mailbox unavailable")
             raise HandlerError("the downstream refused it <b>bold</b>")
 
     handler = ScriptedHandler(name="recorder", script=script)
@@ -269,6 +271,16 @@ async def test_an_attacker_controlled_body_is_escaped_in_every_field(stack: Stac
         assert "<b>bold</b>" not in page  # the handler's error is escaped too
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in timeline
     assert "evt_xss_1" in found
+
+
+async def test_an_e_mail_address_in_a_handler_error_is_masked_in_the_timeline(
+    stack: Stack,
+) -> None:
+    stack.failing.add("evt_mailbox_1")
+    await send(stack, event_body(event_id="evt_mailbox_1"))
+    timeline = await wait_indexed(stack, "evt_mailbox_1", "dead lettered")
+    assert "owner.private@example.org" not in timeline
+    assert "o***@example.org" in timeline  # enough to tell addresses apart
 
 
 async def test_a_dead_letter_replayed_from_the_console_turns_done(stack: Stack) -> None:
