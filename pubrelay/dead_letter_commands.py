@@ -126,6 +126,13 @@ async def replay_command(settings: Settings, args: argparse.Namespace) -> int:
             f"{summary.read} dead letter(s) for handler {handler!r} "
             f"({summary.matched} matched the filters)"
         )
+        if summary.incomplete:
+            print(
+                "the replay ended before the last dead letter waiting at its start, in "
+                f"{', '.join(summary.incomplete)}: run it again (what was sent is committed)",
+                file=sys.stderr,
+            )
+            return 1
         return 0
 
     print(describe(settings, dlq_topic(settings.bus.topic_prefix, handler)))

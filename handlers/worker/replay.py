@@ -52,6 +52,10 @@ class ReplaySummary:
     event_ids: list[str] = field(default_factory=list)
     """The event ids of the dead letters that matched (replayed, or in a dry run would be)."""
     committed: dict[TopicPartition, int] = field(default_factory=dict)
+    incomplete: list[str] = field(default_factory=list)
+    """The partitions (``topic[n]``) whose dead letters waiting at the start were not all
+    read again: the second reading ended early (a group join past ``timeout_s``, or
+    records gone meanwhile, say to retention). What was sent is committed."""
 
 
 @asynccontextmanager
@@ -250,10 +254,11 @@ async def replay(
         finally:
             await commit()
     if upto:  # the second reading ended early (a group join past timeout_s, say)
+        summary.incomplete = sorted(f"{tp.topic}[{tp.partition}]" for tp in upto)
         log.warning(
             "replay_incomplete",
             handler=handler,
-            partitions=[f"{tp.topic}[{tp.partition}]" for tp in upto],
+            partitions=summary.incomplete,
             hint="run the replay again: what was sent is committed",
         )
     log.info(

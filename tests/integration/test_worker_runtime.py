@@ -5,20 +5,25 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from bus.pending import SMALL_BATCH_RECORDS
+from bus.sqlite import SqliteBus
 from bus.types import Bus
 from handlers.config import HandlersSettings, LedgerSettings
 from handlers.types import Event
+from handlers.worker.dead_letters import DeadLetter, dead_letter_headers
 from handlers.worker.ledger import Ledger
 from handlers.worker.replay import list_dead_letters, replay
 from handlers.worker.service import run_worker
 from schemas.errors import HandlerError, PluginError, RetryLater, SkipEvent
-from schemas.record import header
+from schemas.record import HEADER_EVENT_ID, header
 from schemas.topics import dlq_topic, retry_topic, topic_for
 from tests.fixtures.worker import (
     EVENT_TYPE,
@@ -339,6 +344,64 @@ async def test_a_replay_sends_what_waited_when_it_began_though_each_fails_again_
         bus, "recorder", topic_prefix=topic_prefix, group_prefix=topic_prefix, timeout_s=15
     )
     assert sorted(d.event_id or "" for d in waiting) == ids
+
+
+async def test_a_replay_whose_second_reading_ends_early_says_so_and_keeps_what_it_sent(
+    tmp_path: Path, topic_prefix: str
+) -> None:
+    """Dead letters gone between the two readings (the embedded bus's retention, say):
+    the replay sends what it still finds, commits it, and names the partition it could
+    not finish, in its summary and in a warning."""
+    path = tmp_path / "bus.sqlite3"
+    bus = SqliteBus(path, poll_interval_s=0.05)
+    await bus.start()
+    try:
+        dlq = dlq_topic(topic_prefix, "recorder")
+        ids = [f"ev_gone_{n:02}" for n in range(SMALL_BATCH_RECORDS + 5)]
+        for event_id in ids:
+            value, key, headers = event_record(event_id=event_id, customer_id=event_id)
+            letter = dead_letter_headers(
+                headers,
+                error="HandlerError: broken",
+                error_type="schemas.errors.HandlerError",
+                attempts=1,
+                first_failed_at="2026-12-04T00:00:00+00:00",
+                last_failed_at="2026-12-04T00:00:00+00:00",
+                handler="recorder",
+                source_topic=topic_for(topic_prefix, EVENT_TYPE),
+            )
+            await bus.publish(dlq, value, key=key, headers=letter)
+        kept = ids[:SMALL_BATCH_RECORDS]
+
+        def expire_the_rest(letter: DeadLetter) -> None:
+            if letter.event_id == ids[0]:  # the first fetch of the second reading is in
+                with closing(sqlite3.connect(path, timeout=5)) as conn, conn:
+                    conn.execute("DELETE FROM log WHERE topic = ?", (dlq,))
+
+        with capture_logs() as logs:
+            summary = await asyncio.wait_for(
+                replay(
+                    bus,
+                    "recorder",
+                    topic_prefix=topic_prefix,
+                    group_prefix=topic_prefix,
+                    progress=expire_the_rest,
+                    timeout_s=5,
+                    idle_timeout_s=0.3,
+                ),
+                30,
+            )
+        assert summary.event_ids == kept
+        assert summary.replayed == len(kept)
+        assert summary.incomplete == [f"{dlq}[0]"]
+        [warning] = [line for line in logs if line["event"] == "replay_incomplete"]
+        assert warning["partitions"] == [f"{dlq}[0]"]
+        replayed = await read_all(bus, retry_topic(topic_prefix, "recorder"), expect=len(kept))
+        assert [header(r.headers, HEADER_EVENT_ID) for r in replayed] == [i.encode() for i in kept]
+        again = await replay(bus, "recorder", topic_prefix=topic_prefix, group_prefix=topic_prefix)
+        assert (again.read, again.replayed, again.incomplete) == (0, 0, [])
+    finally:
+        await bus.close()
 
 
 async def test_a_permanent_handler_error_is_not_retried(
