@@ -189,6 +189,8 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: WebhookServer) -> None:
         self.server = server
+        # Looked up once: on Python 3.11 each get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
         self.answering = False  # a request was taken and is not answered yet
         self._keep_alive = True  # the request being answered's
         self._advancing = False  # in _advance: an answer given at once must not recurse
@@ -357,7 +359,7 @@ class Connection(asyncio.Protocol):
         self._start_idle_timer()
         if self._buffer:
             if self._advancing:  # answered at once: the next one in a later loop turn
-                asyncio.get_running_loop().call_soon(self._advance)
+                self._loop.call_soon(self._advance)
             else:
                 self._advance()
 
@@ -389,7 +391,7 @@ class Connection(asyncio.Protocol):
         """The connection is idle from now on. One timer per connection, moved on only
         when it fires: a call_later and a cancel per request cost 3% of the loop
         (``docs/performance.md``)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._idle_since = loop.time()
         if self._idle_timer is None:
             timeout = self.server.keepalive_timeout_s
@@ -401,7 +403,7 @@ class Connection(asyncio.Protocol):
         self._idle_timer = None
         if self._closed or self._transport is None:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         timeout = self.server.keepalive_timeout_s
         due = self._idle_since + timeout
         now = loop.time()

@@ -133,19 +133,26 @@ class _Lines:
     def __init__(self) -> None:
         self._waiting: list[tuple[IO[str], str]] = []
         self._lock = threading.Lock()
-        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush waits on
+        # The loop a flush waits on, and its thread (one attribute: set at once).
+        self._flush_on: tuple[asyncio.AbstractEventLoop, int] | None = None
         self._lost = 0  # lines that could not be written, not yet reported
 
     def add(self, file: IO[str], line: str) -> None:
         with self._lock:
             self._waiting.append((file, line))
+        due = self._flush_on
+        thread = threading.get_ident()
+        if due is not None and due[1] == thread and due[0].is_running():
+            # This thread's running loop writes them at the end of its turn. Checked
+            # before get_running_loop(), which on Python 3.11 is a getpid() system call.
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
             return
-        if self._flush_on is not loop:
-            self._flush_on = loop
+        if due is None or due[0] is not loop:
+            self._flush_on = (loop, thread)
             loop.call_soon(self.flush)
 
     def flush(self) -> None:

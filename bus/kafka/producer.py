@@ -170,6 +170,9 @@ class KafkaBus:
         self._sender: asyncio.Task[None] | None = None
         self._deadlines = Deadlines[_Waiting](self._timed_out)
         self._tasks: set[asyncio.Task[None]] = set()  # a refused batch's records, alone
+        # The loop it was started on, looked up once: on Python 3.11 each
+        # get_running_loop() is a getpid() system call (docs/performance.md).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -229,6 +232,7 @@ class KafkaBus:
         if self._producer is not None:
             return
         self._producer = await self._start_producer()
+        self._loop = asyncio.get_running_loop()
         log.info(
             "bus_started",
             bus="kafka",
@@ -280,6 +284,7 @@ class KafkaBus:
         self._waiting = []
         for record in self._deadlines.unanswered():
             record.future.set_exception(BusUnavailable("the Kafka bus is closed"))
+        self._loop = None
 
     async def _current_producer(self) -> Any:
         producer = self._producer
@@ -323,7 +328,7 @@ class KafkaBus:
         """As :meth:`publish`, without a coroutine (:class:`bus.types.SubmittingBus`):
         the record waits for the loop's next turn and goes out in one batch with the
         others of its topic and partition."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = (self._loop or asyncio.get_running_loop()).create_future()
         if self._producer is None:
             future.set_exception(BusUnavailable("the Kafka bus is not started"))
             return future

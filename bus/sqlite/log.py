@@ -111,6 +111,9 @@ class SqliteBus:
         self._next_retention = 0.0  # monotonic time the next retention pass starts
         self._retention: RetentionPass | None = None
         self._closing = False
+        # The loop it was started on, looked up once: on Python 3.11 each
+        # get_running_loop() is a getpid() system call (docs/performance.md).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def writer_pid(self) -> int | None:
@@ -133,6 +136,7 @@ class SqliteBus:
         except (OSError, sqlite3.Error) as err:
             raise BusUnavailable(f"cannot open the embedded bus at {self.path}: {err}") from err
         self._process = process
+        self._loop = asyncio.get_running_loop()
         self._retainer = asyncio.create_task(self._retention_loop(), name="sqlite-bus-retention")
 
     async def close(self) -> None:
@@ -152,6 +156,7 @@ class SqliteBus:
         if self._process is not None:
             process, self._process = self._process, None
             await process.close()
+        self._loop = None
 
     # -- publishing -----------------------------------------------------------------
 
@@ -178,7 +183,7 @@ class SqliteBus:
         timeout_s: float | None = None,
     ) -> asyncio.Future[None]:
         """:meth:`publish` without a coroutine (:class:`bus.types.SubmittingBus`)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         if self._retainer is None or self._closing:
             _fail(future, BusUnavailable("the embedded bus is not started"))
