@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
+from bus.pending import SMALL_BATCH_RECORDS
 from bus.sqlite import SqliteBus
 from handlers.worker.dead_letters import dead_letter_headers
 from schemas.record import (
@@ -115,6 +118,42 @@ def test_dlq_list_and_replay_say_what_they_read_and_what_they_would_send(tmp_pat
     assert (
         "3 dead letter(s) waiting" in cli("dlq", "list", "--handler", "email", cwd=tmp_path).stdout
     )
+
+
+def test_a_replay_that_cannot_finish_says_which_partition_is_left_and_exits_1(
+    tmp_path: Path,
+) -> None:
+    """Dead letters gone between the replay's two readings (retention, say): it sends what
+    it still finds, names the partition it could not finish, and exits 1 so a script
+    notices; run again, it finds nothing left and exits 0."""
+    bus_path = tmp_path / "var" / "bus.sqlite3"
+    bus_path.parent.mkdir()
+    seed_dead_letters(bus_path, SMALL_BATCH_RECORDS + 5)
+    with closing(sqlite3.connect(bus_path)) as conn, conn:
+        # The first replayed record expires every dead letter, as retention would: the
+        # second reading has its first fetch and finds nothing after it.
+        conn.execute(
+            "CREATE TRIGGER expire AFTER INSERT ON log WHEN NEW.topic = 'voucherify.retry.email' "
+            "BEGIN DELETE FROM log WHERE topic = 'voucherify.dlq.email'; END"
+        )
+
+    cut = cli("replay", "--handler", "email", cwd=tmp_path)
+    assert cut.returncode == 1, cut.stdout + cut.stderr
+    count = SMALL_BATCH_RECORDS
+    assert f"replayed {count} of {count} dead letter(s) for handler 'email'" in cut.stdout
+    assert "replay ended before the last dead letter waiting at its start" in cut.stderr
+    assert "voucherify.dlq.email[0]: run it again" in cut.stderr
+    assert f"replayed evcus_dead_{count - 1}\n" in cut.stdout
+    assert f"evcus_dead_{count}\n" not in cut.stdout
+    with closing(sqlite3.connect(bus_path)) as conn:
+        retried = conn.execute(
+            "SELECT count(*) FROM log WHERE topic = 'voucherify.retry.email'"
+        ).fetchone()
+    assert retried == (count,)
+
+    again = cli("replay", "--handler", "email", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "replayed 0 of 0 dead letter(s)" in again.stdout
 
 
 HOSTILE = "evt_\x1b]0;pwned\x07\x1b[2J\r"

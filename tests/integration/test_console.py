@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sqlite3
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import closing
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -38,6 +40,7 @@ from pubrelay.console.recorder import MAX_ID_CHARS, IndexRecorder
 from pubrelay.console.sqlite_index import SqliteEventIndex
 from pubrelay.settings import Settings
 from schemas.errors import HandlerError
+from schemas.topics import dlq_topic, retry_topic
 from tests.fixtures.app import event_body, signed_headers
 from tests.fixtures.worker import ScriptedHandler, eventually, fast_worker_settings
 
@@ -143,6 +146,20 @@ async def login(client: TestClient[Any, Any]) -> str:
     found = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
     assert found, page
     return found.group(1)
+
+
+async def replay_preview(stack: Stack, waiting: int) -> str:
+    """The replay preview, once it lists ``waiting`` dead letters (each is written just
+    after its last attempt)."""
+    text = ""
+    for _ in range(100):
+        preview = await stack.client.get("/console/dead-letters/recorder/replay", headers=HTML)
+        text = await preview.text()
+        if f"Replay {waiting} dead letters" in text:
+            break
+        await asyncio.sleep(0.1)
+    assert f"Replay {waiting} dead letters" in text
+    return text
 
 
 async def outcome_of(stack: Stack, event_id: str) -> str:
@@ -456,14 +473,7 @@ async def test_a_replay_preview_lists_dead_letters_read_in_several_fetches(
         lambda: sum(stack.handler.calls[i] for i in ids) == len(ids), what="every attempt"
     )
     await login(stack.client)
-    text = ""
-    for _ in range(50):  # the dead letters are written just after the attempts
-        preview = await stack.client.get("/console/dead-letters/recorder/replay", headers=HTML)
-        text = await preview.text()
-        if f"Replay {len(ids)} dead letters" in text:
-            break
-        await asyncio.sleep(0.1)
-    assert f"Replay {len(ids)} dead letters" in text
+    text = await replay_preview(stack, len(ids))
     assert [text.index(f">{i}<") for i in ids] == sorted(text.index(f">{i}<") for i in ids)
     page = await (await stack.client.get("/console/dead-letters", headers=HTML)).text()
     assert f"{len(ids)} waiting for replay" in page
@@ -471,6 +481,42 @@ async def test_a_replay_preview_lists_dead_letters_read_in_several_fetches(
     page = await (await stack.client.get("/console/dead-letters", headers=HTML)).text()
     assert "more than 30 waiting for replay, the oldest shown" in page
     assert [i for i in ids if f">{i}<" in page] == ids[:30]
+
+
+async def test_a_replay_that_cannot_finish_says_so_on_its_page(
+    stack: Stack, tmp_path: Path, settings: Settings
+) -> None:
+    """Dead letters gone between the replay's two readings (retention, say): the page
+    shows what was sent and, as an alert, the partition it could not finish."""
+    ids = [f"evt_cut_{n:02}" for n in range(SMALL_BATCH_RECORDS + 5)]
+    stack.failing.update(ids)
+    for event_id in ids:
+        await send(stack, event_body(event_id=event_id))
+    csrf = await login(stack.client)
+    await replay_preview(stack, len(ids))
+    dlq = dlq_topic(settings.bus.topic_prefix, "recorder")
+    retry = retry_topic(settings.bus.topic_prefix, "recorder")
+    with closing(sqlite3.connect(tmp_path / "bus.sqlite3", timeout=5)) as conn, conn:
+        # The first replayed record expires every dead letter, as retention would.
+        conn.execute(
+            f"CREATE TRIGGER expire AFTER INSERT ON log WHEN NEW.topic = '{retry}' "
+            f"BEGIN DELETE FROM log WHERE topic = '{dlq}'; END"
+        )
+    stack.failing.difference_update(ids)
+    replayed = await stack.client.post(
+        "/console/dead-letters/recorder/replay", data={"csrf": csrf}, headers=HTML
+    )
+    assert replayed.status == 200
+    page = await replayed.text()
+    assert f"<strong>{SMALL_BATCH_RECORDS}</strong> dead letters sent back to recorder" in page
+    alert = re.search(r'<p class="error" role="alert">([^<]*)</p>', page)
+    assert alert, page
+    assert f"in {dlq}[0]: replay again" in alert.group(1)
+    sent = ids[:SMALL_BATCH_RECORDS]
+    assert [i for i in ids if f">{i}<" in page] == sent
+    with closing(sqlite3.connect(tmp_path / "bus.sqlite3", timeout=5)) as conn:
+        [(retried,)] = conn.execute("SELECT count(*) FROM log WHERE topic = ?", (retry,))
+    assert retried == SMALL_BATCH_RECORDS
 
 
 async def test_an_event_with_a_very_long_id_has_one_timeline(stack: Stack) -> None:
