@@ -77,7 +77,8 @@ class BusSettings(BaseModel):
         default="all",
         description=(
             "producer acknowledgement; `1` or `0` can lose events already answered "
-            "2xx and stop start-up unless `ALLOW_UNSAFE_ACKS` is set"
+            "2xx and stop start-up unless `ALLOW_UNSAFE_ACKS` is set (and "
+            "`ENABLE_IDEMPOTENCE=false`: an idempotent producer needs `all`)"
         ),
     )
     allow_unsafe_acks: bool = Field(
@@ -176,6 +177,11 @@ class BusSettings(BaseModel):
                 f"PUBRELAY_BUS__ACKS={self.acks} lets the webhook answer 2xx for an event "
                 "that one broker failure loses; keep ACKS=all, or set "
                 "PUBRELAY_BUS__ALLOW_UNSAFE_ACKS=true to accept that"
+            )
+        if self.acks != "all" and self.enable_idempotence:
+            raise ValueError(
+                f"PUBRELAY_BUS__ACKS={self.acks} needs PUBRELAY_BUS__ENABLE_IDEMPOTENCE=false: "
+                "an idempotent producer is only possible with ACKS=all"
             )
         if self.min_insync_replicas > self.replication_factor:
             raise ValueError(

@@ -101,6 +101,24 @@ def test_config_check_reports_every_problem_one_line_each_and_fails(tmp_path: Pa
     assert "relay-password" not in checked.stderr
 
 
+def test_config_check_refuses_unsafe_acks_the_producer_would_refuse_at_start(
+    tmp_path: Path,
+) -> None:
+    env = {
+        "PUBRELAY_BUS__URL": "kafka://127.0.0.1:9",
+        "PUBRELAY_BUS__ACKS": "1",
+        "PUBRELAY_BUS__ALLOW_UNSAFE_ACKS": "true",
+    }
+    checked = run_cli("config", "--check", cwd=tmp_path, env=env)
+    assert checked.returncode == EXIT_CONFIG, checked.stdout
+    assert "PUBRELAY_BUS__ENABLE_IDEMPOTENCE=false" in checked.stderr
+
+    env["PUBRELAY_BUS__ENABLE_IDEMPOTENCE"] = "false"
+    checked = run_cli("config", "--check", cwd=tmp_path, env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.startswith("configuration OK")
+
+
 def test_a_mistyped_variable_stops_the_worker_before_it_starts(tmp_path: Path) -> None:
     started = run_cli("worker", cwd=tmp_path, env={"PUBRELAY_HANDLER__ENABLED": '["noop"]'})
     assert started.returncode == EXIT_CONFIG

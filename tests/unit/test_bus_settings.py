@@ -26,6 +26,10 @@ def test_acks_below_all_stop_start_up_unless_explicitly_allowed(
         load_settings()
 
     monkeypatch.setenv("PUBRELAY_BUS__ALLOW_UNSAFE_ACKS", "true")
+    with pytest.raises(ConfigError, match="PUBRELAY_BUS__ENABLE_IDEMPOTENCE=false"):
+        load_settings()  # the producer would refuse it at start: said before, by --check too
+
+    monkeypatch.setenv("PUBRELAY_BUS__ENABLE_IDEMPOTENCE", "false")
     assert load_settings().bus.acks == acks
 
 
