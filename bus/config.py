@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Final, Literal, Self
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
@@ -168,6 +169,10 @@ class BusSettings(BaseModel):
     def _known_scheme(cls, value: str) -> str:
         if value and not value.startswith(("sqlite:///", "kafka://")):
             raise ValueError("must start with sqlite:/// or kafka://")
+        if value == "sqlite:///":
+            raise ValueError("sqlite:/// needs a file path (empty: <data dir>/bus.sqlite3)")
+        if value.startswith("kafka://") and not value.removeprefix("kafka://").strip(", "):
+            raise ValueError("kafka:// needs at least one host:port")
         return value
 
     @model_validator(mode="after")
@@ -189,7 +194,38 @@ class BusSettings(BaseModel):
                 f"PUBRELAY_BUS__REPLICATION_FACTOR={self.replication_factor}: no write could "
                 "ever be acknowledged (a single development broker: set both to 1)"
             )
+        if self.kind == "kafka":
+            self._kafka_client_usable()
         return self
+
+    def _kafka_client_usable(self) -> None:
+        """What the Kafka client would refuse at start, said when the settings are read
+        (so ``pubrelay config --check`` says it too)."""
+        protocol = self.security_protocol
+        if protocol.startswith("SASL_"):
+            missing = [
+                f"PUBRELAY_BUS__{name.upper()}"
+                for name in ("sasl_mechanism", "sasl_username", "sasl_password")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                names = ", ".join(missing[:-1]) + " and " if len(missing) > 1 else ""
+                raise ValueError(
+                    f"{names}{missing[-1]} {'are' if len(missing) > 1 else 'is'} required "
+                    f"with PUBRELAY_BUS__SECURITY_PROTOCOL={protocol}"
+                )
+        if protocol in ("SSL", "SASL_SSL"):
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                path = getattr(self, name)
+                if path is not None and not Path(path).is_file():
+                    raise ValueError(f"PUBRELAY_BUS__{name.upper()}={path}: no such file")
+            if self.ssl_keyfile is not None and self.ssl_certfile is None:
+                raise ValueError("PUBRELAY_BUS__SSL_KEYFILE needs PUBRELAY_BUS__SSL_CERTFILE")
+        if self.compression != "none" and not _has_codec(self.compression):
+            raise ValueError(
+                f"PUBRELAY_BUS__COMPRESSION={self.compression} needs the cramjam package, "
+                "which is not installed (pip install cramjam); gzip needs nothing"
+            )
 
     @property
     def kind(self) -> Literal["sqlite", "kafka"]:
@@ -198,3 +234,11 @@ class BusSettings(BaseModel):
     @property
     def kafka_bootstrap(self) -> list[str]:
         return [h for h in self.url.removeprefix("kafka://").split(",") if h]
+
+
+def _has_codec(name: str) -> bool:
+    """Whether aiokafka can compress with ``name`` here."""
+    from aiokafka import codec  # noqa: PLC0415 - only a Kafka bus with compression needs it
+
+    has: bool = getattr(codec, f"has_{name}")()
+    return has

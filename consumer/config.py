@@ -132,6 +132,17 @@ class WebhookSettings(BaseModel):
     )
     retry_after_s: int = Field(default=30, gt=0, description="`Retry-After` of a 503")
 
+    @field_validator("path")
+    @classmethod
+    def _plain_path(cls, value: str) -> str:
+        # Matched byte for byte against the request line (consumer/http1.py).
+        plain = value.isascii() and value.isprintable() and not set(value) & set(" ?#")
+        if not value.startswith("/") or not plain:
+            raise ValueError(
+                "must start with / and hold only printable ASCII without spaces, ? or #"
+            )
+        return value
+
     @field_validator("secrets")
     @classmethod
     def _no_empty_secret(cls, value: list[SecretStr]) -> list[SecretStr]:

@@ -15,6 +15,7 @@ import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -61,6 +62,14 @@ class HandlersSettings(BaseModel):
         examples=[["email", "crm"]],
         description='JSON list of handler names to run, e.g. `["email", "crm", "metrics"]`',
     )
+
+    @field_validator("enabled")
+    @classmethod
+    def _each_once(cls, value: list[str]) -> list[str]:
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"listed twice: {', '.join(twice)} (each handler runs once)")
+        return value
 
 
 class WorkerSettings(BaseModel):
@@ -170,6 +179,13 @@ class LedgerSettings(BaseModel):
     def _known_scheme(cls, value: str) -> str:
         if value and not value.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
             raise ValueError("must start with sqlite:///, redis://, rediss:// or unix://")
+        if value == "sqlite:///":
+            raise ValueError("sqlite:/// needs a file path (empty: <data dir>/ledger.sqlite3)")
+        if value.startswith(("redis://", "rediss://")):
+            try:
+                urlsplit(value).port  # noqa: B018 - raises for a port that is not a number
+            except ValueError as err:
+                raise ValueError(f"not a Redis URL: {err}") from None
         return value
 
 

@@ -56,6 +56,15 @@ class ConsoleSettings(BaseModel):
             )
         return token
 
+    @field_validator("index_url")
+    @classmethod
+    def _sqlite_file(cls, value: str) -> str:
+        if "://" in value and not value.startswith("sqlite:///"):
+            raise ValueError("must be sqlite:///path (or empty: beside the ledger)")
+        if value == "sqlite:///":
+            raise ValueError("sqlite:/// needs a file path (empty: beside the ledger)")
+        return value
+
     @property
     def enabled(self) -> bool:
         return self.token is not None and bool(self.token.get_secret_value())

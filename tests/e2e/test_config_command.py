@@ -8,6 +8,8 @@ import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
+
 from pubrelay.exit_codes import EXIT_CONFIG
 from tests.fixtures.process import pubrelay_bin
 
@@ -117,6 +119,85 @@ def test_config_check_refuses_unsafe_acks_the_producer_would_refuse_at_start(
     checked = run_cli("config", "--check", cwd=tmp_path, env=env)
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout.startswith("configuration OK")
+
+
+KAFKA = {"PUBRELAY_BUS__URL": "kafka://127.0.0.1:9"}
+MAIL = {
+    "PUBRELAY_HANDLERS__ENABLED": '["email"]',
+    "PUBRELAY_EMAIL__SENDER": "Shop <shop@example.com>",
+    "PUBRELAY_EMAIL__SMTP_URL": "smtp://127.0.0.1:2525",
+}
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"PUBRELAY_BUS__URL": "kafka://"}, "PUBRELAY_BUS__URL=kafka://: kafka:// needs at least"),
+        ({"PUBRELAY_BUS__URL": "sqlite:///"}, "PUBRELAY_BUS__URL=sqlite:///: sqlite:/// needs a"),
+        (
+            {**KAFKA, "PUBRELAY_BUS__SECURITY_PROTOCOL": "SASL_SSL"},
+            "PUBRELAY_BUS__SASL_MECHANISM, PUBRELAY_BUS__SASL_USERNAME and "
+            "PUBRELAY_BUS__SASL_PASSWORD are required with PUBRELAY_BUS__SECURITY_PROTOCOL=SASL",
+        ),
+        (
+            {
+                **KAFKA,
+                "PUBRELAY_BUS__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                "PUBRELAY_BUS__SASL_MECHANISM": "PLAIN",
+                "PUBRELAY_BUS__SASL_USERNAME": "relay",
+            },
+            "PUBRELAY_BUS__SASL_PASSWORD is required with",
+        ),
+        (
+            {
+                **KAFKA,
+                "PUBRELAY_BUS__SECURITY_PROTOCOL": "SSL",
+                "PUBRELAY_BUS__SSL_CAFILE": "ca.pem",
+            },
+            "PUBRELAY_BUS__SSL_CAFILE=ca.pem: no such file",
+        ),
+        ({"PUBRELAY_HANDLERS__ENABLED": '["noop", "noop"]'}, "listed twice: noop"),
+        ({**MAIL, "PUBRELAY_EMAIL__CA_FILE": "relay-ca.pem"}, "relay-ca.pem: no such file"),
+        ({"PUBRELAY_WEBHOOK__PATH": "webhooks"}, "PUBRELAY_WEBHOOK__PATH=webhooks: must start"),
+        ({"PUBRELAY_WEBHOOK__PATH": "/wébhook"}, "must start with / and hold only printable"),
+        ({"PUBRELAY_LEDGER__URL": "redis://127.0.0.1:abc/0"}, "not a Redis URL: Port could not"),
+        ({"PUBRELAY_LEDGER__URL": "sqlite:///"}, "sqlite:/// needs a file path"),
+        ({"PUBRELAY_CONSOLE__INDEX_URL": "sqlite:///"}, "sqlite:/// needs a file path"),
+        ({"PUBRELAY_CONSOLE__INDEX_URL": "redis://127.0.0.1:6379/0"}, "must be sqlite:///path"),
+    ],
+)
+def test_config_check_refuses_what_start_up_would_refuse(
+    tmp_path: Path, env: dict[str, str], said: str
+) -> None:
+    """Each of these stopped `serve`, `webhook` or `worker` at start while `config --check`
+    said "configuration OK": a deploy script's check let them through."""
+    checked = run_cli("config", "--check", cwd=tmp_path, env=env)
+    assert checked.returncode == EXIT_CONFIG, checked.stdout
+    [line] = checked.stderr.splitlines()
+    assert said in line
+
+
+def test_config_check_passes_the_settings_those_refusals_ask_for(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("not read by --check\n")
+    env = {
+        **KAFKA,
+        "PUBRELAY_BUS__SECURITY_PROTOCOL": "SASL_SSL",
+        "PUBRELAY_BUS__SASL_MECHANISM": "SCRAM-SHA-512",
+        "PUBRELAY_BUS__SASL_USERNAME": "relay",
+        "PUBRELAY_BUS__SASL_PASSWORD": "relay-password",
+        "PUBRELAY_BUS__SSL_CAFILE": "ca.pem",
+        "PUBRELAY_BUS__COMPRESSION": "zstd",
+        "PUBRELAY_WEBHOOK__PATH": "/hooks/voucherify-v2",
+        "PUBRELAY_LEDGER__URL": "redis://127.0.0.1:6379/0",
+        "PUBRELAY_CONSOLE__INDEX_URL": "sqlite:///var/index.sqlite3",
+        **MAIL,
+        "PUBRELAY_EMAIL__CA_FILE": "ca.pem",
+    }
+    checked = run_cli("config", "--check", cwd=tmp_path, env=env)
+    assert (checked.returncode, checked.stdout) == (
+        0,
+        "configuration OK (handlers enabled: email)\n",
+    )
 
 
 def test_a_mistyped_variable_stops_the_worker_before_it_starts(tmp_path: Path) -> None:

@@ -69,6 +69,23 @@ async def read_topic(bootstrap: str, topic: str) -> list[bytes]:
     return [r.value for records in batches.values() for r in records]
 
 
+@pytest.mark.parametrize("compression", ["gzip", "snappy", "lz4", "zstd"])
+async def test_each_compression_the_settings_offer_stores_records_read_back_whole(
+    kafka_broker: TansuBroker, compression: str
+) -> None:
+    settings = kafka_bus_settings(kafka_broker, compression=compression)
+    bus = make_kafka_bus(settings)
+    await bus.start()
+    topic = f"{settings.topic_prefix}compressed"
+    values = [f"record {n} ".encode() * 200 for n in range(20)]
+    try:
+        await bus.ensure_topics([topic])
+        await asyncio.gather(*(bus.publish(topic, v, key=b"k") for v in values))
+    finally:
+        await bus.close()
+    assert sorted(await read_topic(kafka_broker.bootstrap, topic)) == sorted(values)
+
+
 async def test_ensure_topics_creates_missing_topics_with_configured_partitions(
     kafka_broker: TansuBroker,
 ) -> None:

@@ -92,7 +92,11 @@ class EmailSettings(BaseModel):
     allow_plaintext_auth: bool = Field(
         default=False, description="allow AUTH over a connection without TLS"
     )
-    ca_file: Path | None = Field(default=None, description="PEM bundle trusted for the relay")
+    ca_file: Path | None = Field(
+        default=None,
+        examples=["/etc/ssl/certs/relay-ca.pem"],
+        description="PEM bundle trusted for the relay",
+    )
     verify_tls: bool = Field(default=True, description="check the relay's certificate")
     helo_hostname: str | None = Field(
         default=None, description="EHLO name (default: this host's FQDN)"
@@ -138,6 +142,13 @@ class EmailSettings(BaseModel):
         "sibling event listing them all, before the API or a partial e-mail (one retry of "
         "PUBRELAY_WORKER__MAX_ATTEMPTS; capped by PUBRELAY_WORKER__RETRY_MAX_DELAY_S); 0: none",
     )
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value}: no such file")
+        return value
 
     @field_validator("smtp_url")
     @classmethod
