@@ -184,8 +184,8 @@ class LedgerSettings(BaseModel):
         if value.startswith(("redis://", "rediss://")):
             try:
                 urlsplit(value).port  # noqa: B018 - raises for a port that is not a number
-            except ValueError as err:
-                raise ValueError(f"not a Redis URL: {err}") from None
+            except ValueError:  # its text quotes the URL, a password included
+                raise ValueError("not a Redis URL: its port is not a number") from None
         return value
 
 

@@ -43,7 +43,10 @@ _PROBLEMS: Final = {
     "extra_forbidden": "not a setting of this section",
 }
 _SECRET_WORDS: Final = re.compile(r"(SECRET|TOKEN|PASSWORD)")
-_URL_USERINFO: Final = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)(?P<userinfo>[^@/\s]*)@")
+# Up to the last "@" of the URL: a password may hold "/", "#" or "@" unencoded.
+_URL_USERINFO: Final = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)(?P<userinfo>\S*)@")
+_URL_QUERY: Final = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^\s?#]*\?)(?P<query>[^\s#]*)")
+_QUERY_VALUE: Final = re.compile(r"(?P<name>(?:^|&)[^=&]*=)[^&]*")
 MASK: Final = "****"
 
 
@@ -70,6 +73,23 @@ def is_secret(name: str, field: FieldInfo | None) -> bool:
         return False
     text = repr(field.annotation)
     return "SecretStr" in text
+
+
+def is_map_field(field: FieldInfo) -> bool:
+    """Whether the variable's value is a JSON map (headers and the like: its values may be
+    credentials under any name)."""
+    return any((typing.get_origin(m) or m) is dict for m in _unwrapped(field.annotation))
+
+
+def masked_map(text: str) -> str:
+    """A JSON map's keys, each value masked; text that is not a JSON map, hidden whole."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return "<hidden: not a JSON map>"
+    if not isinstance(value, dict):
+        return "<hidden: not a JSON map>"
+    return json.dumps(dict.fromkeys(value, MASK))
 
 
 def is_json_field(field: FieldInfo) -> bool:
@@ -129,20 +149,24 @@ def example_value(field: FieldInfo) -> str | None:
     """A good value of ``field`` as an operator writes it, or None when none can be given."""
     if field.examples:
         return _format(field.examples[0])
-    default = field.get_default(call_default_factory=True)
+    default = None if field.is_required() else field.get_default(call_default_factory=True)
     if default not in (None, "", [], {}) and not isinstance(default, SecretStr | BaseModel):
         return _format(default)
     return _example_for_type(field)
 
 
 def mask_url(text: str) -> str:
-    """``text`` with the password (or a lone token) of every URL's userinfo masked."""
+    """``text`` with the password (or a lone token) of every URL's userinfo masked, and
+    the values of its query string (``?access_token=...``)."""
 
     def masked(match: re.Match[str]) -> str:
         user, colon, _ = match["userinfo"].partition(":")
         return f"{match['scheme']}{user}:{MASK}@" if colon else f"{match['scheme']}{MASK}@"
 
-    return _URL_USERINFO.sub(masked, text)
+    def query(match: re.Match[str]) -> str:
+        return match["head"] + _QUERY_VALUE.sub(rf"\g<name>{MASK}", match["query"])
+
+    return _URL_QUERY.sub(query, _URL_USERINFO.sub(masked, text))
 
 
 def shown(name: str, value: str, field: FieldInfo | None) -> str:
@@ -150,6 +174,8 @@ def shown(name: str, value: str, field: FieldInfo | None) -> str:
     shortened, shell-quoted."""
     if is_secret(name, field):
         return "<hidden>"
+    if field is not None and is_map_field(field):
+        value = masked_map(value)
     value = mask_url(value)
     cut = value if len(value) <= _SHOWN_CHARS else value[: _SHOWN_CHARS - 1] + "…"
     return shlex.quote(cut) if cut else "''"

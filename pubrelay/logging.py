@@ -428,3 +428,6 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING) if numeric > logging.DEBUG else logging.DEBUG)
+    # aiokafka's connections log every request at DEBUG, a SASL PLAIN password inside
+    # the authentication request's bytes: never below INFO, whatever the level.
+    logging.getLogger("aiokafka.conn").setLevel(logging.INFO)

@@ -24,22 +24,37 @@ MAX_MASKED_CHARS: Final = 65_536
 
 TRUNCATED_MARKER: Final = "…[truncated {count} chars]"
 
-_LOCAL_CHARS: Final = "".join(
-    [chr(c) for c in range(ord("A"), ord("Z") + 1)]
-    + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    + [str(d) for d in range(10)]
-    + list("._%+-")
-)
-_ADDRESS_CHARS: Final = _LOCAL_CHARS + "@"
+_NOT_LOCAL: Final = '\\s@<>()\\[\\],;:"=/\\\\|'
+_LOCAL_RUN_REVERSED: Final = re.compile(f"[^{_NOT_LOCAL}]*")
+"""A local part's characters, matched on the reversed text before an ``@`` (linear in
+the run, where a pattern anchored at the ``@`` would be tried from each earlier position):
+anything but spaces and the delimiters around addresses in text, so ``jörg.müller``,
+``o'neil`` and ``a+tag`` are local parts whole."""
+_ADDRESS_RUN_REVERSED: Final = re.compile(f"[^{_NOT_LOCAL.replace('@', '')}]*")
+"""An address's characters, ``@`` included (a cut inside an address drops its start)."""
 _MAX_ADDRESS_CHARS: Final = 320
-_DOMAIN: Final = re.compile(r"[A-Za-z0-9.-]+")
+_DOMAIN: Final = re.compile(r"[\w.-]+")
+
+
+def _local_length(before_at: str) -> int:
+    """How many characters at the end of ``before_at`` are an address's local part (a
+    quoted one, ``"jane doe"``, included)."""
+    if before_at.endswith('"'):
+        opening = before_at.rfind('"', max(0, len(before_at) - _MAX_ADDRESS_CHARS), -1)
+        if opening >= 0:
+            return len(before_at) - opening
+    found = _LOCAL_RUN_REVERSED.match(before_at[::-1])
+    run = found.end() if found is not None else 0
+    # o'neil is a local part, but in 'jane@example.com' the quote is the text's.
+    return len(before_at[len(before_at) - run :].lstrip("'`")) if run else 0
 
 
 def mask_emails(text: str, *, max_chars: int | None = MAX_MASKED_CHARS) -> str:
     """Mask every e-mail address inside ``text``, cut first to ``max_chars`` (``None``: whole).
 
-    An address is a run of ``A-Za-z0-9._%+-``, ``@`` and a run of ``A-Za-z0-9.-``; all of
-    it but the first character of the local part becomes ``***``.
+    An address is a local part (a run of anything but spaces and the delimiters around
+    addresses in text, or a quoted string), ``@`` and a run of letters, digits, ``.`` and
+    ``-``; all of it but the first character of the local part becomes ``***``.
     """
     if max_chars is not None and len(text) > max_chars:
         text = _truncated(text, max_chars)
@@ -51,8 +66,7 @@ def mask_emails(text: str, *, max_chars: int | None = MAX_MASKED_CHARS) -> str:
     at = text.find("@")
     while at >= 0:
         start = max(done, after_at)
-        segment = text[start:at]
-        local = len(segment) - len(segment.rstrip(_LOCAL_CHARS))
+        local = _local_length(text[start:at])
         domain = _DOMAIN.match(text, at + 1) if local else None
         if domain is not None:
             first = at - local
@@ -66,11 +80,13 @@ def mask_emails(text: str, *, max_chars: int | None = MAX_MASKED_CHARS) -> str:
 
 def _truncated(text: str, max_chars: int) -> str:
     head = text[:max_chars]
-    if text[max_chars] in _ADDRESS_CHARS:
+    if _ADDRESS_RUN_REVERSED.match(text[max_chars]).end():  # type: ignore[union-attr]
         # The cut may split an address: drop its start (at most an address's length,
         # RFC 5321: 64 + 1 + 255) rather than keep it unmasked.
         kept = max(0, max_chars - _MAX_ADDRESS_CHARS)
-        head = head[:kept] + head[kept:].rstrip(_ADDRESS_CHARS)
+        tail = head[kept:]
+        run = _ADDRESS_RUN_REVERSED.match(tail[::-1]).end()  # type: ignore[union-attr]
+        head = head[:kept] + tail[: len(tail) - run]
     return head + TRUNCATED_MARKER.format(count=len(text) - len(head))
 
 

@@ -250,7 +250,7 @@ class HttpHandler:
         except aiohttp.ClientError as err:
             self._count("network_error", started)
             raise RetryLater(f"cannot reach the receiver: {type(err).__name__}") from err
-        snippet = mask_emails(head.decode("utf-8", "replace")[:_SNIPPET_CHARS]).strip()
+        snippet = mask_emails(head.decode("utf-8", "replace"), max_chars=_SNIPPET_CHARS).strip()
         if 200 <= status < 300:
             self._count("ok", started)
             return

@@ -44,6 +44,7 @@ from schemas.errors import (
     ApiUnavailable,
     PageLimitReached,
 )
+from schemas.masking import mask_emails
 
 __all__ = [
     "MAX_LIMIT",
@@ -293,7 +294,9 @@ class VoucherifyApi:
                 await self._back_off(attempt, retry_after)
                 continue
             message = error.get("message") or error.get("details") or ""
-            raise ApiError(f"{where}: {status} {key or ''} {str(message)[:200]}".strip())
+            raise ApiError(
+                f"{where}: {status} {key or ''} {mask_emails(str(message), max_chars=200)}".strip()
+            )
         if failure.startswith(f"{where}: 429"):
             raise ApiQuotaError(f"{failure}, still after {self.settings.max_retries} retries")
         raise ApiUnavailable(f"{failure}, still after {self.settings.max_retries} retries")

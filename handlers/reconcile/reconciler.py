@@ -46,6 +46,7 @@ from handlers.reconcile.record import build_record
 from handlers.reconcile.store import Received, ReceivedStore
 from schemas.errors import ApiError, PageLimitReached, PubrelayError, ReconcileBusy
 from schemas.events import CUSTOMER_PUBLICATION_SUCCEEDED
+from schemas.masking import mask_emails
 from schemas.topics import topic_for
 
 log = structlog.get_logger("pubrelay.reconcile")
@@ -296,7 +297,11 @@ async def run_periodically(reconciler: Reconciler, interval_s: float, stop: asyn
         except PubrelayError as err:
             log.error("reconcile_failed", error_type=type(err).__name__, error=str(err))
         except Exception as err:  # a bug or a store failure: the worker keeps running
-            log.error("reconcile_failed", error_type=type(err).__name__, error=str(err)[:300])
+            log.error(
+                "reconcile_failed",
+                error_type=type(err).__name__,
+                error=mask_emails(str(err), max_chars=300),
+            )
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval_s)
         except TimeoutError:

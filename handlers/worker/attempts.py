@@ -46,7 +46,7 @@ from bus.types import Bus
 from handlers.config import WorkerSettings
 from handlers.types import Claim, Event, Handler
 from handlers.worker.dead_letters import dead_letter_headers, error_text, error_type_name
-from handlers.worker.error_text import error_message, masked_error, short_error
+from handlers.worker.error_text import error_message, short_error
 from handlers.worker.identity import Identity, Unidentified, age_s, identify, to_event
 from handlers.worker.lease import Lease
 from handlers.worker.ledger import Ledger
@@ -248,7 +248,7 @@ class EventProcessor:
             event_id=ident.event_id if ident else None,
             outcome=outcome,
             attempt=attempt,
-            detail=None if error is None else masked_error(error),
+            detail=None if error is None else short_error(error),
         )
 
     async def _release(self, ident: Identity, token: str, *, forget: bool = False) -> None:

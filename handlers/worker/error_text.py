@@ -28,12 +28,7 @@ def error_message(err: BaseException) -> str:
 
 
 def short_error(err: BaseException) -> str:
-    """The error message for a log line: printable and at most 300 characters."""
-    return error_message(err)[:SHORT_ERROR_CHARS]
-
-
-def masked_error(err: BaseException) -> str:
-    """The error message as stored beside the event (the console's index, whose pages are
-    the operators' and outlive the log): printable, customer e-mail addresses masked, cut
-    to 300 characters without leaving the start of an address."""
+    """The error message as the worker writes it (log lines, the console's index):
+    printable, customer e-mail addresses masked, cut to 300 characters without leaving
+    the start of an address (the log's own masking comes after a cut, too late for that)."""
     return mask_emails(error_message(err), max_chars=SHORT_ERROR_CHARS)

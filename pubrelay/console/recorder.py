@@ -27,6 +27,7 @@ from bus.types import Message
 from handlers.worker.observer import AttemptFacts
 from pubrelay.console.fields import read_fields
 from pubrelay.console.index import Attempt, Batch, Delivery, EventIndex, NewEvent
+from schemas.masking import mask_emails
 from schemas.record import (
     HEADER_DELIVERY_ID,
     HEADER_EVENT_ID,
@@ -166,7 +167,7 @@ class IndexRecorder:
                 "event_index_write_failed",
                 entries=len(entries),
                 error_type=type(err).__name__,
-                error=str(err)[:200],
+                error=mask_emails(str(err), max_chars=200),
             )
         if self.dropped > self._dropped_logged:
             log.warning("event_index_entries_dropped", dropped=self.dropped - self._dropped_logged)

@@ -160,7 +160,10 @@ MAIL = {
         ({**MAIL, "PUBRELAY_EMAIL__CA_FILE": "relay-ca.pem"}, "relay-ca.pem: no such file"),
         ({"PUBRELAY_WEBHOOK__PATH": "webhooks"}, "PUBRELAY_WEBHOOK__PATH=webhooks: must start"),
         ({"PUBRELAY_WEBHOOK__PATH": "/wébhook"}, "must start with / and hold only printable"),
-        ({"PUBRELAY_LEDGER__URL": "redis://127.0.0.1:abc/0"}, "not a Redis URL: Port could not"),
+        (
+            {"PUBRELAY_LEDGER__URL": "redis://127.0.0.1:abc/0"},
+            "not a Redis URL: its port is not a number",
+        ),
         ({"PUBRELAY_LEDGER__URL": "sqlite:///"}, "sqlite:/// needs a file path"),
         ({"PUBRELAY_CONSOLE__INDEX_URL": "sqlite:///"}, "sqlite:/// needs a file path"),
         ({"PUBRELAY_CONSOLE__INDEX_URL": "redis://127.0.0.1:6379/0"}, "must be sqlite:///path"),

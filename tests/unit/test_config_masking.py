@@ -1,5 +1,6 @@
-"""`pubrelay config` shows values with every secret masked: SecretStr fields, URL
-credentials, credential-like keys of maps (README "Configuration")."""
+"""`pubrelay config` and the configuration errors show values with every secret masked:
+SecretStr fields, URL credentials and query strings, every value of a map (README
+"Configuration")."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
+from handlers.config_errors import shown
 from pubrelay.config_command import shown_value
 
 
@@ -30,7 +32,17 @@ from pubrelay.config_command import shown_value
         (
             "PUBRELAY_FORWARD__HEADERS",
             {"Authorization": "Bearer t", "X-Api-Key": "k", "X-Trace": "1"},
-            '{"Authorization": "****", "X-Api-Key": "****", "X-Trace": "1"}',
+            '{"Authorization": "****", "X-Api-Key": "****", "X-Trace": "****"}',
+        ),
+        (
+            "PUBRELAY_LEDGER__URL",  # a password with "/" and "@" unencoded
+            "redis://:Zm9v/Y@mFy@redis.internal:6379/0",
+            "redis://:****@redis.internal:6379/0",
+        ),
+        (
+            "PUBRELAY_FORWARD__URL",
+            "https://hooks.example/x?access_token=sk_live_1&v=2",
+            "https://hooks.example/x?access_token=****&v=****",
         ),
         ("PUBRELAY_HTTP__PORT", 8080, "8080"),
     ],
@@ -38,3 +50,21 @@ from pubrelay.config_command import shown_value
 def test_pubrelay_config_masks_every_secret_it_shows(name: str, value: object, shown: str) -> None:
     field = FieldInfo(annotation=type(value))
     assert shown_value(name, value, field) == shown
+
+
+@pytest.mark.parametrize(
+    ("value", "seen"),
+    [
+        (
+            '{"Authorization": "Bearer sk_live_1", "Host": "x"}',
+            '{"Authorization": "****", "Host": "****"}',
+        ),
+        ('{"X-Hub-Access": "sk_live_1"', "<hidden: not a JSON map>"),
+    ],
+)
+def test_a_rejected_map_shows_its_keys_only(value: str, seen: str) -> None:
+    """A configuration error quotes the value it refuses: a header map's values may be
+    credentials under any name, and a map that does not parse may be one whole."""
+    line = shown("PUBRELAY_FORWARD__HEADERS", value, FieldInfo(annotation=dict[str, str]))
+    assert "sk_live_1" not in line
+    assert seen in line

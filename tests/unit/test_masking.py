@@ -21,6 +21,13 @@ MB = 1_000_000
         ("a@b.c%x@d.e", "a***@b.c%***@d.e"),  # a second address right after the first
         ("a@b@c", "a***@b@c"),
         ("no address @ all", "no address @ all"),
+        # Local parts beyond ASCII letters (a CRM quoting the address it refused):
+        ("invalid: jörg.müller@beispiel.de", "invalid: j***@beispiel.de"),
+        ("mary-jane.o'neil@example.com", "m***@example.com"),
+        ("input_value='jane@example.com'", "input_value='j***@example.com'"),
+        ('"jane doe"@example.com refused', '"***@example.com refused'),
+        ("email=jane@example.com", "email=j***@example.com"),
+        ("user@exämple.de", "u***@exämple.de"),
         ("", ""),
     ],
 )
@@ -37,8 +44,16 @@ def test_normal_texts_are_masked_as_before(text: str, masked: str) -> None:
         ("a@" + "b" * MB + ",", MB + 6),  # one address: a***@bbb…,
         ("a@" * (MB // 2), MB + 3 * (MB // 4)),  # "a@a" masked, then a bare "@"
         ("@" * MB, MB),
+        ('"' * MB + "@x", MB + 4),  # quotes before the "@": the last pair is masked
     ],
-    ids=["local-run-then-bare-at", "many-local-runs", "long-domain", "a-at-repeated", "at-only"],
+    ids=[
+        "local-run-then-bare-at",
+        "many-local-runs",
+        "long-domain",
+        "a-at-repeated",
+        "at-only",
+        "quotes",
+    ],
 )
 def test_masking_a_megabyte_of_hostile_text_takes_linear_time(
     hostile: str, masked_length: int
@@ -63,3 +78,5 @@ def test_a_cut_inside_an_address_keeps_no_part_of_it() -> None:
     text = "x" * 95 + " jane.doe@example.com"
     masked = mask_emails(text, max_chars=101)  # the cut falls inside "jane.doe"
     assert masked == "x" * 95 + " …[truncated 20 chars]"
+    accented = "x" * 95 + " jörg.müller@beispiel.de"
+    assert mask_emails(accented, max_chars=101) == "x" * 95 + " …[truncated 23 chars]"

@@ -83,6 +83,19 @@ def test_library_log_records_come_out_as_json_lines(capsys: pytest.CaptureFixtur
     structlog.reset_defaults()
 
 
+def test_at_debug_kafka_requests_are_not_logged_they_carry_the_sasl_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("debug", "json")
+    sasl = "SaslAuthenticateRequest_v1(sasl_auth_bytes=b'\\x00svc\\x00S3cr3t-Pw')"
+    logging.getLogger("aiokafka.conn").debug("Request to b1:9092 3: %s", sasl)
+    logging.getLogger("aiokafka.consumer").debug("fetching from b1:9092")
+    err = capsys.readouterr().err
+    assert "S3cr3t-Pw" not in err
+    assert "fetching from b1:9092" in err  # the rest of aiokafka's debug lines stay
+    structlog.reset_defaults()
+
+
 def test_tracebacks_nested_secrets_and_odd_text_are_masked_without_breaking_the_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -286,6 +286,17 @@ def test_dead_letter_error_text_masks_customer_addresses() -> None:
     assert text == "ValueError: input_value='j***@example.com' is not valid"
 
 
+def test_a_short_error_cut_inside_an_address_keeps_none_of_it() -> None:
+    """Log lines' errors are cut to 300 characters: a cut before the "@" would leave the
+    start of an address the log's own masking no longer recognises."""
+    from handlers.worker.error_text import short_error  # noqa: PLC0415 - a helper under test
+
+    text = short_error(ValueError("HubSpot refused: " + "x" * 270 + " value jane.doe@example.com"))
+    assert "jane" not in text
+    assert text.startswith("HubSpot refused: xxx")
+    assert text.endswith("chars]")
+
+
 def _message(body: bytes, headers: Headers) -> Message:
     return Message("voucherify.customer.publication.succeeded", 0, 7, b"cust_1", body, headers, 0)
 

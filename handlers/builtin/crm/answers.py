@@ -126,7 +126,7 @@ def _strings(value: Any) -> Iterable[str]:
 def error_summary(status: int | None, body: Mapping[str, Any]) -> str:
     """``400 VALIDATION_ERROR: <masked message> (correlationId ...)``, bounded."""
     category = body.get("category") or body.get("errorType") or ""
-    message = mask_emails(str(body.get("message") or "")[:300])
+    message = mask_emails(str(body.get("message") or ""), max_chars=300)
     text = f"{status or ''} {category}".strip()
     if message:
         text += f": {message}"

@@ -19,6 +19,7 @@ from structlog.typing import FilteringBoundLogger
 from handlers.builtin.publication_codes import PublicationCodes
 from handlers.builtin.voucherify_api import VoucherifyApi, VoucherifySettings
 from schemas.errors import ApiError
+from schemas.masking import mask_emails
 from schemas.voucher import Voucher
 
 __all__ = ["VoucherLookup"]
@@ -63,7 +64,7 @@ class VoucherLookup:
                         event_id=event_id,
                         voucher_id=voucher_id,
                         error_type=type(err).__name__,
-                        error=str(err)[:300],
+                        error=mask_emails(str(err), max_chars=300),
                     )
                     continue
                 self._lookups.labels("found").inc()
