@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from datetime import datetime
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 from consumer.signature import sign
 from pubrelay import bus_access, dead_letter_commands, quarantine_command, send_command
-from pubrelay.exit_codes import EXIT_CONFIG
+from pubrelay.exit_codes import EXIT_BROKEN_PIPE, EXIT_CONFIG
 from pubrelay.logging import configure_logging, flush_log_lines
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings, load_settings
@@ -291,6 +292,18 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader left (`| head`): stop quietly. Python would flush stdout again at
+        # exit and fail on the same pipe, so stdout goes to /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "config":
         # It loads the settings itself, to report every problem rather than the first.
@@ -305,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(err).splitlines():  # a configuration error: one line per variable
             print(f"pubrelay: {line}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        raise  # the output's reader left: main ends quietly
     except OSError as err:  # a missing file, an unwritable data directory...
         where = f": {err.filename}" if err.filename else ""
         print(f"pubrelay: {err.strerror or err}{where}", file=sys.stderr)

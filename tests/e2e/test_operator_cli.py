@@ -17,6 +17,7 @@ from pathlib import Path
 from bus.pending import SMALL_BATCH_RECORDS
 from bus.sqlite import SqliteBus
 from handlers.worker.dead_letters import dead_letter_headers
+from pubrelay.exit_codes import EXIT_BROKEN_PIPE
 from schemas.record import (
     HEADER_EVENT_ID,
     HEADER_EVENT_TYPE,
@@ -154,6 +155,29 @@ def test_a_replay_that_cannot_finish_says_which_partition_is_left_and_exits_1(
     again = cli("replay", "--handler", "email", cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "replayed 0 of 0 dead letter(s)" in again.stdout
+
+
+def test_a_listing_whose_reader_leaves_early_ends_quietly(tmp_path: Path) -> None:
+    """`pubrelay dlq list | head`: no traceback, no "Broken pipe" error, the exit code of a
+    command SIGPIPE ended (141), as `ls | head` gives."""
+    bus_path = tmp_path / "var" / "bus.sqlite3"
+    bus_path.parent.mkdir()
+    seed_dead_letters(bus_path, 2000)  # ~400 KB of table: more than a pipe holds
+    listing = subprocess.Popen(
+        [pubrelay_bin(), "dlq", "list", "--handler", "email", "--full"],
+        cwd=tmp_path,
+        env={**os.environ, "PUBRELAY_LOG__LEVEL": "warning"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert listing.stdout is not None
+    assert listing.stderr is not None
+    first = listing.stdout.readline()
+    listing.stdout.close()  # as `head -1` does
+    assert listing.wait(timeout=60) == EXIT_BROKEN_PIPE
+    assert b"topic voucherify.dlq.email" in first
+    assert listing.stderr.read() == b""
+    listing.stderr.close()
 
 
 HOSTILE = "evt_\x1b]0;pwned\x07\x1b[2J\r"
