@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from consumer.signature import sign
 from pubrelay import bus_access, dead_letter_commands, quarantine_command, send_command
-from pubrelay.exit_codes import EXIT_BROKEN_PIPE, EXIT_CONFIG
+from pubrelay.exit_codes import EXIT_BROKEN_PIPE, EXIT_CONFIG, EXIT_INTERRUPTED
 from pubrelay.logging import configure_logging, flush_log_lines
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings, load_settings
@@ -301,6 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        # Ctrl-C: what a replay or a release sent is committed (they commit as they go).
+        print("pubrelay: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _main(argv: Sequence[str] | None) -> int:

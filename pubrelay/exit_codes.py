@@ -19,3 +19,6 @@ the API lists (its last page, or the request budget)."""
 EXIT_BROKEN_PIPE: Final = 141
 """The reader of the output went away (``pubrelay dlq list | head``): what a command that
 SIGPIPE ends exits with in a shell, without a message."""
+EXIT_INTERRUPTED: Final = 130
+"""Ctrl-C (SIGINT) stopped a command (``serve``, ``webhook`` and ``worker`` take SIGINT as a
+request to stop and exit 0)."""

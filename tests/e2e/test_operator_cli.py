@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 from bus.pending import SMALL_BATCH_RECORDS
 from bus.sqlite import SqliteBus
 from handlers.worker.dead_letters import dead_letter_headers
-from pubrelay.exit_codes import EXIT_BROKEN_PIPE
+from pubrelay.exit_codes import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 from schemas.record import (
     HEADER_EVENT_ID,
     HEADER_EVENT_TYPE,
@@ -178,6 +179,56 @@ def test_a_listing_whose_reader_leaves_early_ends_quietly(tmp_path: Path) -> Non
     assert b"topic voucherify.dlq.email" in first
     assert listing.stderr.read() == b""
     listing.stderr.close()
+
+
+def test_a_replay_stopped_with_ctrl_c_keeps_what_it_sent_and_the_next_one_finishes(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C: one line and exit 130, no traceback; what it sent is committed, so the next
+    replay sends the rest and every dead letter is back on the retry topic (one may be
+    there twice: sent as the interrupt came, before its commit)."""
+    bus_path = tmp_path / "var" / "bus.sqlite3"
+    bus_path.parent.mkdir()
+    count = 4000  # the replay takes seconds: the interrupt comes in the middle
+    seed_dead_letters(bus_path, count)
+    replaying = subprocess.Popen(
+        [pubrelay_bin(), "replay", "--handler", "email"],
+        cwd=tmp_path,
+        env={**os.environ, "PUBRELAY_LOG__LEVEL": "warning"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    def retried() -> tuple[int, int]:
+        with closing(sqlite3.connect(bus_path, timeout=10)) as conn:
+            found: tuple[int, int] = conn.execute(
+                "SELECT count(*), count(DISTINCT headers) FROM log WHERE topic = ?",
+                ("voucherify.retry.email",),
+            ).fetchone()
+        return found
+
+    deadline = time.monotonic() + 60
+    while retried()[0] < 100:  # sending, past its first reading
+        assert replaying.poll() is None, "the replay ended before it was interrupted"
+        assert time.monotonic() < deadline, "the replay sent nothing within 60 s"
+        time.sleep(0.05)
+    replaying.send_signal(signal.SIGINT)
+    _, err = replaying.communicate(timeout=60)
+    assert replaying.returncode == EXIT_INTERRUPTED, err
+    assert err.decode().strip().splitlines()[-1] == "pubrelay: interrupted"
+    assert b"Traceback" not in err
+    sent_before, _ = retried()
+    assert 100 <= sent_before < count
+
+    again = cli("replay", "--handler", "email", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    rest = int(again.stdout.rsplit("replayed ", 1)[1].split()[0])
+    assert count - sent_before <= rest <= count - sent_before + 1  # not sent again
+    total, distinct = retried()
+    assert distinct == count  # every dead letter (their headers differ by event id)
+    assert total == sent_before + rest
+    left = cli("dlq", "list", "--handler", "email", cwd=tmp_path)
+    assert "0 dead letter(s) waiting" in left.stdout
 
 
 HOSTILE = "evt_\x1b]0;pwned\x07\x1b[2J\r"
