@@ -36,6 +36,13 @@ _MAX_ADDRESS_CHARS: Final = 320
 _DOMAIN: Final = re.compile(r"[\w.-]+")
 
 
+def _run_at_end(run_reversed: re.Pattern[str], text: str) -> int:
+    """How many characters at the end of ``text`` the pattern's run holds (it matches
+    the empty string, so it always matches)."""
+    found = run_reversed.match(text[::-1])
+    return found.end() if found is not None else 0
+
+
 def _local_length(before_at: str) -> int:
     """How many characters at the end of ``before_at`` are an address's local part (a
     quoted one, ``"jane doe"``, included)."""
@@ -43,8 +50,7 @@ def _local_length(before_at: str) -> int:
         opening = before_at.rfind('"', max(0, len(before_at) - _MAX_ADDRESS_CHARS), -1)
         if opening >= 0:
             return len(before_at) - opening
-    found = _LOCAL_RUN_REVERSED.match(before_at[::-1])
-    run = found.end() if found is not None else 0
+    run = _run_at_end(_LOCAL_RUN_REVERSED, before_at)
     # o'neil is a local part, but in 'jane@example.com' the quote is the text's.
     return len(before_at[len(before_at) - run :].lstrip("'`")) if run else 0
 
@@ -80,13 +86,12 @@ def mask_emails(text: str, *, max_chars: int | None = MAX_MASKED_CHARS) -> str:
 
 def _truncated(text: str, max_chars: int) -> str:
     head = text[:max_chars]
-    if _ADDRESS_RUN_REVERSED.match(text[max_chars]).end():  # type: ignore[union-attr]
+    if _run_at_end(_ADDRESS_RUN_REVERSED, text[max_chars]):
         # The cut may split an address: drop its start (at most an address's length,
         # RFC 5321: 64 + 1 + 255) rather than keep it unmasked.
         kept = max(0, max_chars - _MAX_ADDRESS_CHARS)
         tail = head[kept:]
-        run = _ADDRESS_RUN_REVERSED.match(tail[::-1]).end()  # type: ignore[union-attr]
-        head = head[:kept] + tail[: len(tail) - run]
+        head = head[:kept] + tail[: len(tail) - _run_at_end(_ADDRESS_RUN_REVERSED, tail)]
     return head + TRUNCATED_MARKER.format(count=len(text) - len(head))
 
 
