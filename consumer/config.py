@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from ipaddress import IPv4Network, IPv6Network
+from typing import Final
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
@@ -78,8 +79,14 @@ class HttpSettings(BaseModel):
     )
 
 
+_SERVED_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 class WebhookSettings(BaseModel):
-    path: str = Field(default="/webhooks/voucherify", description="the webhook path")
+    path: str = Field(
+        default="/webhooks/voucherify",
+        description="the webhook path (not `/healthz`, `/readyz`, `/metrics` or under `/console/`)",
+    )
     secrets: list[SecretStr] = Field(
         default_factory=list,
         description=(
@@ -140,6 +147,13 @@ class WebhookSettings(BaseModel):
         if not value.startswith("/") or not plain:
             raise ValueError(
                 "must start with / and hold only printable ASCII without spaces, ? or #"
+            )
+        # The same port serves these (consumer/app.py); a webhook on one of them would
+        # shadow the console's forms or share a path with a probe.
+        if value in _SERVED_PATHS or value == "/console" or value.startswith("/console/"):
+            raise ValueError(
+                "is served already: choose a path other than /healthz, /readyz, /metrics"
+                " and /console/"
             )
         return value
 

@@ -160,6 +160,8 @@ MAIL = {
         ({**MAIL, "PUBRELAY_EMAIL__CA_FILE": "relay-ca.pem"}, "relay-ca.pem: no such file"),
         ({"PUBRELAY_WEBHOOK__PATH": "webhooks"}, "PUBRELAY_WEBHOOK__PATH=webhooks: must start"),
         ({"PUBRELAY_WEBHOOK__PATH": "/wébhook"}, "must start with / and hold only printable"),
+        ({"PUBRELAY_WEBHOOK__PATH": "/metrics"}, "PUBRELAY_WEBHOOK__PATH=/metrics: is served"),
+        ({"PUBRELAY_WEBHOOK__PATH": "/console/login"}, "other than /healthz, /readyz"),
         (
             {"PUBRELAY_LEDGER__URL": "redis://127.0.0.1:abc/0"},
             "not a Redis URL: its port is not a number",
