@@ -7,8 +7,10 @@ before the process reports ready and closed in reverse order on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import importlib.metadata
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -72,17 +74,50 @@ def _version() -> str:
 
 SWITCH_INTERVAL_S: Final = 0.0005
 
+# glibc's mallopt(3) parameters (malloc.h) and the values tune_malloc sets.
+_M_TRIM_THRESHOLD: Final = -1
+_M_MMAP_THRESHOLD: Final = -3
+MMAP_THRESHOLD_BYTES: Final = 4 << 20
+TRIM_THRESHOLD_BYTES: Final = 8 << 20
+_MALLOC_ENV: Final = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def tune_malloc() -> bool:
+    """Keep buffers of up to 4 MiB on the heap, and up to 8 MiB of freed heap, so that a
+    Kafka produce request of a few hundred KB does not map fresh pages each time.
+
+    glibc serves allocations above its (adaptive) mmap threshold with a mapping of their
+    own and gives the heap's freed top back to the kernel above its trim threshold, so
+    each such request, and each of its copies, faulted its pages in anew: at 64 records a
+    batch 1.5 page faults a record, 12-16% of the Kafka path's CPU
+    (docs/performance.md, "Page faults of large batches"). True when set; False on a C
+    library without ``mallopt`` (musl, macOS) or when the environment tunes glibc's
+    malloc itself (``GLIBC_TUNABLES``, ``MALLOC_*_THRESHOLD_``), which is left to rule.
+    """
+    if any(name in os.environ for name in _MALLOC_ENV):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    set_mmap = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    set_trim = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    return bool(set_mmap and set_trim)
+
 
 def tune_runtime() -> None:
     """Fewer gen-0 collections and a frozen start-up heap remove the 35-45 ms full
     collections that dominated p99 under load; a shorter GIL switch interval lets the
     SQLite threads (the bus's writer and reader, the ledger's reads) take the GIL back
-    within 0.5 ms of a call rather than 5 ms while the event loop is busy
-    (docs/performance.md)."""
+    within 0.5 ms of a call rather than 5 ms while the event loop is busy; glibc's malloc
+    keeps large buffers on the heap (:func:`tune_malloc`) (docs/performance.md)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    tune_malloc()
 
 
 @asynccontextmanager
