@@ -355,6 +355,51 @@ def test_the_image_runs_pubrelay_serve_as_a_non_root_user() -> None:
     assert "/healthz" in text
 
 
+def _dockerfile_steps() -> list[str]:
+    """The build stage's instructions, each on one line (continuations joined)."""
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip()[:1] not in "#"]
+
+
+def test_the_image_exports_its_dependencies_from_what_it_has_copied(tmp_path: Path) -> None:
+    """The build's `uv export` runs with only the files copied before it: the lock file
+    also names the example plugin the tests install from tests/, which the image has not
+    (`--locked` looked for it and stopped every `docker build`)."""
+    uv = ROOT / ".tools" / f"uv-{_makefile_uv_version()}" / "bin" / "uv"
+    if not uv.exists():
+        pytest.skip(f"{uv.relative_to(ROOT)} is installed by `make test`")
+    steps = _dockerfile_steps()
+    export = next(step for step in steps if "uv export" in step)
+    copied = next(
+        step.split()[1:-1]
+        for step in steps[: steps.index(export)]
+        if step.startswith("COPY ") and "uv.lock" in step
+    )
+    for name in copied:
+        shutil.copy(ROOT / name, tmp_path / name)
+    args = export.split("uv export", 1)[1].split(">", 1)[0].split()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "UV_OFFLINE": "1"}
+
+    def export_in(where: Path) -> subprocess.CompletedProcess[str]:
+        command = [str(uv), "export", *args]
+        return subprocess.run(
+            command, cwd=where, env=env, capture_output=True, text=True, check=False
+        )
+
+    image, checkout = export_in(tmp_path), export_in(ROOT)
+    assert image.returncode == 0, image.stderr
+    assert checkout.returncode == 0, checkout.stderr
+    assert image.stdout == checkout.stdout
+    assert re.search(r"^aiohttp==\S+ \\$", image.stdout, re.M)
+    assert "--hash=sha256:" in image.stdout
+
+
+def _makefile_uv_version() -> str:
+    found = re.search(r"^UV_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert found is not None
+    return found.group(1)
+
+
 # --- Kubernetes -----------------------------------------------------------------------
 
 
