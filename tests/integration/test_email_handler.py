@@ -6,6 +6,7 @@ import asyncio
 import copy
 import dataclasses
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -304,6 +305,41 @@ async def test_both_publication_events_of_one_publication_send_one_email(
 
     assert len(smtp_server.mailbox) == 1
     assert smtp_server.mailbox[0].message["Message-ID"] == "<pubrelay.pub_shared@shop.example>"
+
+
+async def test_a_sent_publication_the_store_refuses_to_record_is_recorded_once_it_can(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    """The ledger refuses the record of the mail (a full disk, for 1.5 s): the handler keeps
+    trying, so the sibling event on a restarted worker still finds the mail recorded and
+    sends nothing. Given up at once, the record was lost and the sibling mailed it again
+    once the claim expired."""
+    project_level = multi_code(6, ["SPRING-0006"], publication_id="pub_full_disk")
+    customer_level = envelope(6, publication_id="pub_full_disk")
+    async with sqlite_ledger(tmp_path) as ledger:
+        with sqlite3.connect(tmp_path / "ledger.sqlite3") as db:
+            db.executescript(
+                f"""
+                CREATE TABLE refuse_until (at REAL);
+                INSERT INTO refuse_until VALUES ({time.time() + 1.5});
+                CREATE TRIGGER refuse BEFORE INSERT ON ledger
+                WHEN NEW.event_id = 'publication:pub_full_disk'
+                 AND (julianday('now') - 2440587.5) * 86400.0 < (SELECT at FROM refuse_until)
+                BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;
+                """
+            )
+        async with running_email(smtp_server.url, tmp_path, ledger=ledger) as h:
+            await h.handler.handle(as_event(project_level))
+            assert "email_dedupe_record_retrying" in h.log_events()
+            assert "email_dedupe_recorded" in h.log_events()
+            assert "disk is full" in h.log_text()
+        assert await ledger.is_done("email", "publication:pub_full_disk")
+
+        async with running_email(smtp_server.url, tmp_path / "b", ledger=ledger) as h:
+            with pytest.raises(SkipEvent, match="already sent"):
+                await h.handler.handle(as_event(customer_level))
+
+    assert len(smtp_server.mailbox) == 1
 
 
 async def test_two_workers_sending_the_two_events_of_one_publication_at_once_send_one_email(

@@ -93,6 +93,10 @@ _HELD_WAIT_S: Final = 10.0
 """How long a send waits for another worker mailing the same publication (polling), before
 it is retried once that worker's claim would have expired."""
 _HELD_POLL_S: Final = 0.5
+_RECORD_RETRY_FIRST_S: Final = 0.05
+_RECORD_RETRY_MAX_S: Final = 2.0
+"""Recording a sent publication the store refused is retried after the first, doubling up
+to the second."""
 
 
 class _KeyLocks:
@@ -268,10 +272,31 @@ class EmailHandler:
             self._sent.popitem(last=False)
         if self._ledger is None:
             return
-        try:
-            await self._ledger.mark_done(self.name, key)
-        except Exception as err:  # the mail is out: failing now would only send it again
-            self._log.error("email_dedupe_record_failed", key=key, error=repr(err))
+        # The mail is out: failing now would only send it again, and giving up would let a
+        # sibling event, on another worker or after a restart, send it again once the
+        # claim expires. So the record is retried until the store takes it (a full disk,
+        # a Redis away), bounded only by the worker's handler timeout and shutdown.
+        delay_s = _RECORD_RETRY_FIRST_S
+        failures = 0
+        while True:
+            try:
+                await self._ledger.mark_done(self.name, key)
+            except Exception as err:  # the store's own error types
+                failures += 1
+                if failures == 1:
+                    self._log.warning("email_dedupe_record_retrying", key=key, error=repr(err))
+                try:
+                    await asyncio.sleep(delay_s)
+                except asyncio.CancelledError:
+                    self._log.error(
+                        "email_dedupe_record_failed", key=key, failures=failures, error=repr(err)
+                    )
+                    raise
+                delay_s = min(delay_s * 2, _RECORD_RETRY_MAX_S)
+            else:
+                if failures:
+                    self._log.info("email_dedupe_recorded", key=key, failures=failures)
+                return
 
     async def _compose_and_send(
         self, envelope: WebhookEnvelope[Any], codes: PublicationCodes | None = None
