@@ -98,7 +98,8 @@ class IndexRecorder:
         self._queue_bytes_max = queue_bytes_max
         self._queued_bytes = 0
         self._wake = asyncio.Event()
-        self._known: OrderedDict[str, None] = OrderedDict()
+        self._known: OrderedDict[str, None] = OrderedDict()  # in the index already
+        self._batch_ids: set[str] = set()  # events of the batch being built
 
     def _put(self, entry: _Received | _Attempted, size: int) -> None:
         if len(self._queue) >= self._queue_max or self._queued_bytes + size > self._queue_bytes_max:
@@ -158,10 +159,16 @@ class IndexRecorder:
             # the GIL with the loop (more CPU per request, measured), and the chunks keep
             # each step short for the requests in flight.
             batch = Batch()
+            self._batch_ids.clear()
             for start in range(0, len(entries), _CHUNK):
                 self._add(batch, entries[start : start + _CHUNK])
                 await asyncio.sleep(0)
             await self.index.write(batch)
+            # Known once written: a batch that failed leaves its events to later entries.
+            for event in batch.events:
+                self._known[event.event_id] = None
+            while len(self._known) > _KNOWN_MAX:
+                self._known.popitem(last=False)
         except Exception as err:  # the index is a view: the intake and worker go on
             log.warning(
                 "event_index_write_failed",
@@ -206,11 +213,9 @@ class IndexRecorder:
     def _new_event(
         self, batch: Batch, event_id: str, headers: Headers, body: bytes, at: float
     ) -> None:
-        if event_id in self._known:
+        if event_id in self._known or event_id in self._batch_ids:
             return
-        self._known[event_id] = None
-        if len(self._known) > _KNOWN_MAX:
-            self._known.popitem(last=False)
+        self._batch_ids.add(event_id)
         fields, terms = read_fields(body)
         batch.events.append(
             NewEvent(

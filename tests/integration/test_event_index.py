@@ -5,6 +5,7 @@ it is bounded, and nothing outlives the retention."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import stat
 import time
 import uuid
@@ -103,6 +104,42 @@ async def test_a_full_queue_drops_new_entries_and_counts_them(make_index: IndexF
     assert recorder.dropped == 2
     await recorder.flush()
     assert len(await index.recent()) == 3
+    await index.close()
+
+
+async def test_an_event_whose_first_write_failed_is_written_with_its_next_entry(
+    tmp_path: Path,
+) -> None:
+    """A write the index refused (a full disk) loses that batch, not the event: before,
+    the recorder took the event as written and its later entries had no event row to
+    show them (the timeline was empty for good)."""
+    index = SqliteEventIndex(tmp_path / "index.sqlite3", retention_s=3600)
+    await index.open()
+    with sqlite3.connect(index.path) as db:
+        db.executescript(
+            """
+            CREATE TABLE refuse (x);
+            INSERT INTO refuse VALUES (1);
+            CREATE TRIGGER refuse BEFORE INSERT ON deliveries WHEN EXISTS (SELECT 1 FROM refuse)
+            BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;
+            """
+        )
+    recorder = IndexRecorder(index, queue_max=10)
+    body = event_body(event_id="evt_full", delivery_id="whs_full", customer_id="cust_full")
+    recorder.received(topic="voucherify.customer.publication.succeeded",
+                      headers=headers("evt_full", "whs_full"), body=body, status=202,
+                      outcome="accepted")  # fmt: skip
+    await recorder.flush()
+    assert await index.timeline("evt_full") is None
+    with sqlite3.connect(index.path) as db:
+        db.execute("DELETE FROM refuse")
+    message = Message("voucherify.customer.publication.succeeded", 0, 3, b"cust_full", body, (), 0)
+    recorder.attempted("email", message, event_id="evt_full", outcome="done", attempt=1)
+    await recorder.flush()
+    timeline = await index.timeline("evt_full")
+    assert timeline is not None
+    assert timeline.event.handlers == {"email": "done"}
+    assert [r.event_id for r in await index.search("cust_full")] == ["evt_full"]
     await index.close()
 
 
