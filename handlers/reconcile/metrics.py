@@ -39,6 +39,7 @@ class ReconcileMetrics:
         )
         self.webhook_newest = Gauge(
             "pubrelay_reconcile_webhook_newest_publication_timestamp_seconds",
-            "Creation time of the newest publication that arrived by webhook (Unix time).",
+            "Creation time of the newest publication that arrived by webhook (Unix time);"
+            " before the first, when reconciliation first looked.",
             registry=registry,
         )

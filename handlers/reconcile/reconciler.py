@@ -264,9 +264,7 @@ class Reconciler:
     async def _observe(self, summary: Summary) -> None:
         if self.metrics is None:
             return
-        newest_webhook = await self.store.newest_webhook()
-        if newest_webhook is not None:
-            self.metrics.webhook_newest.set(newest_webhook)
+        self.metrics.webhook_newest.set(await self.store.newest_webhook())
         if summary.newest is not None:
             self.metrics.api_newest.set(summary.newest.timestamp())
 

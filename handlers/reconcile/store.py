@@ -78,8 +78,10 @@ class ReceivedStore(Protocol):
 
     async def set_watermark(self, created_at: float) -> None: ...
 
-    async def newest_webhook(self) -> float | None:
-        """The creation time of the newest publication that came by webhook."""
+    async def newest_webhook(self) -> float:
+        """The creation time of the newest publication that came by webhook; before the
+        first came, the time this was first asked (none came since). Without that, an
+        installation no webhook had reached yet read as silent since 1970."""
         ...
 
     async def acquire_lease(self, owner: str, ttl_s: float) -> bool:
@@ -144,8 +146,8 @@ class SqliteReceivedStore:
     async def set_watermark(self, created_at: float) -> None:
         await self._conn.run(_set_state, _WATERMARK, created_at)
 
-    async def newest_webhook(self) -> float | None:
-        return await self._conn.run(_state, _NEWEST_WEBHOOK)
+    async def newest_webhook(self) -> float:
+        return await self._conn.run(_newest_webhook, time.time())
 
     async def acquire_lease(self, owner: str, ttl_s: float) -> bool:
         return await self._conn.run(_acquire, owner, time.time(), ttl_s)
@@ -155,7 +157,7 @@ class SqliteReceivedStore:
 
 
 def _record(conn: sqlite3.Connection, entries: Sequence[Received], now: float) -> None:
-    newest = max((e.created_at for e in entries if e.origin == "webhook"), default=None)
+    newest = _newest_by_webhook(entries, now)
     with transaction(conn):
         conn.executemany(
             "INSERT INTO received (publication_id, created_at, origin, recorded_at) "
@@ -168,6 +170,23 @@ def _record(conn: sqlite3.Connection, entries: Sequence[Received], now: float) -
                 "DO UPDATE SET value = excluded.value WHERE excluded.value > value",
                 (_NEWEST_WEBHOOK, newest),
             )
+
+
+def _newest_by_webhook(entries: Sequence[Received], now: float) -> float | None:
+    """The newest creation time among the webhook's entries; one that lacked it counts as
+    created now (it proves the webhook alive, and 0 would read as silent since 1970)."""
+    return max((e.created_at or now for e in entries if e.origin == "webhook"), default=None)
+
+
+def _newest_webhook(conn: sqlite3.Connection, now: float) -> float:
+    with transaction(conn):
+        conn.execute(
+            "INSERT INTO reconcile_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            (_NEWEST_WEBHOOK, now),
+        )
+    newest = _state(conn, _NEWEST_WEBHOOK)
+    assert newest is not None  # written above
+    return newest
 
 
 def _found(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
@@ -281,7 +300,7 @@ class RedisReceivedStore:
                     px=ttl_ms,
                     nx=True,
                 )
-            newest = max((e.created_at for e in entries if e.origin == "webhook"), default=None)
+            newest = _newest_by_webhook(entries, time.time())
             if newest is not None:
                 pipe.eval(_SET_IF_NEWER, 1, self.key_prefix + _NEWEST_WEBHOOK, str(newest))
             await pipe.execute()
@@ -303,8 +322,11 @@ class RedisReceivedStore:
     async def set_watermark(self, created_at: float) -> None:
         await self._require().set(self.key_prefix + _WATERMARK, str(created_at))
 
-    async def newest_webhook(self) -> float | None:
-        return await self._float(_NEWEST_WEBHOOK)
+    async def newest_webhook(self) -> float:
+        client, key = self._require(), self.key_prefix + _NEWEST_WEBHOOK
+        await client.set(key, repr(time.time()), nx=True)
+        value = await client.get(key)
+        return float(value) if value is not None else time.time()
 
     async def acquire_lease(self, owner: str, ttl_s: float) -> bool:
         ttl_ms = max(1, math.ceil(ttl_s * 1000))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -140,6 +141,37 @@ async def test_only_publications_never_received_are_injected_and_only_once(
     assert parsed.data.channel == "Automation"
     assert registry.get_sample_value("pubrelay_reconcile_missing_total") == 3
     assert registry.get_sample_value("pubrelay_reconcile_runs_total", {"outcome": "success"}) == 1
+
+
+async def test_an_installation_no_webhook_reached_yet_is_not_silent_since_1970(
+    fake_voucherify: FakeVoucherify, store: ReceivedStore, bus: Bus
+) -> None:
+    """PubrelayWebhookSilentWhileApiPublishes pages when the API's newest publication is 3 h
+    newer than the webhook's: before the first webhook the webhook's gauge stayed at 0, so
+    a fresh installation whose API listed a day-old publication paged at once. It now
+    reads the time reconciliation first looked, and a webhook's publication moves it on."""
+    created = now() - timedelta(hours=24)
+    fake_voucherify.publications = [list_item_from_event(event(1, created))]
+    registry = CollectorRegistry()
+    run = reconciler(fake_voucherify, store, bus)
+    run.metrics = ReconcileMetrics(registry)
+    looked = time.time()
+
+    await run.run_once()
+
+    def gauge(name: str) -> float:
+        value = registry.get_sample_value(f"pubrelay_reconcile_{name}_timestamp_seconds")
+        assert value is not None
+        return value
+
+    assert gauge("api_newest_publication") == created.timestamp()
+    first_look = gauge("webhook_newest_publication")
+    assert looked <= first_look <= time.time()
+    assert gauge("api_newest_publication") - first_look < 0  # the alert's expression: quiet
+
+    await store.record([Received("pub_by_webhook", 0.0, "webhook")])  # no creation time
+    await run.run_once()
+    assert gauge("webhook_newest_publication") > first_look
 
 
 async def test_the_second_run_reads_back_only_to_the_watermark_minus_the_overlap(
