@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
+import sqlite3
 import sys
 from collections.abc import Coroutine, Sequence
 from datetime import datetime
@@ -17,7 +19,12 @@ from typing import Any, TypeVar
 
 from consumer.signature import sign
 from pubrelay import bus_access, dead_letter_commands, quarantine_command, send_command
-from pubrelay.exit_codes import EXIT_BROKEN_PIPE, EXIT_CONFIG, EXIT_INTERRUPTED
+from pubrelay.exit_codes import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CONFIG,
+    EXIT_INTERRUPTED,
+    EXIT_UNAVAILABLE,
+)
 from pubrelay.logging import configure_logging, flush_log_lines
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings, load_settings
@@ -306,6 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""Write errors that a full disk, a quota or a file-size limit cause: not the settings'
+fault, so exit 3, not 2."""
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "config":
@@ -323,10 +335,13 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_CONFIG
     except BrokenPipeError:
         raise  # the output's reader left: main ends quietly
-    except OSError as err:  # a missing file, an unwritable data directory...
+    except OSError as err:  # a missing file, an unwritable data directory, a full disk...
         where = f": {err.filename}" if err.filename else ""
         print(f"pubrelay: {err.strerror or err}{where}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_UNAVAILABLE if err.errno in _NO_ROOM else EXIT_CONFIG
+    except sqlite3.Error as err:  # a data file that cannot be opened or written (a full disk)
+        print(f"pubrelay: a data file failed: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except ValueError as err:  # e.g. a malformed --since
         print(f"pubrelay: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -9,7 +9,9 @@ EXIT_CONFIG: Final = 2
 """A bad setting, an unknown or broken plugin, a port already taken, an embedded bus
 (data directory) another process already consumes."""
 EXIT_UNAVAILABLE: Final = 3
-"""The bus could not be reached at start (or, for ``reconcile``, failed during its run)."""
+"""The bus could not be reached at start (or, for ``reconcile``, failed during its run), or
+a data file (the ledger, the console's index, reconciliation's store) could not be opened
+or written, on a full disk for example."""
 EXIT_WORKER_FAILED: Final = 4
 """The worker stopped on an error."""
 EXIT_RECONCILE_FAILED: Final = 5

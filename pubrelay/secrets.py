@@ -70,10 +70,13 @@ def write_new_private_token(path: Path) -> str | None:
     value = secrets.token_urlsafe(32)
     tmp, fd = _private_temporary(path)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(value + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(value + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:  # a full disk: say which file
+            raise OSError(err.errno, err.strerror, str(path)) from err
         try:
             os.link(tmp, path)
         except FileExistsError:

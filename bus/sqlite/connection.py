@@ -14,6 +14,7 @@ The standard library only, for the writer processes (:mod:`bus.sqlite.writer`,
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -24,17 +25,42 @@ _WAL_RETRY_MAX_S = 0.05
 
 
 def connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
-    """A connection in WAL mode with ``synchronous=FULL``, usable from any one thread."""
-    conn = sqlite3.connect(
-        path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-    )
+    """A connection in WAL mode with ``synchronous=FULL``, usable from any one thread.
+
+    A failure names the file, and says so when its file system is full: SQLite itself
+    answers a full disk at this point with a bare "disk I/O error" (it cannot create the
+    ``-shm`` file)."""
+    try:
+        conn = sqlite3.connect(
+            path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+    except sqlite3.Error as err:
+        raise _named(err, path) from err
     try:
         _enter_wal(conn, busy_timeout_s)
         conn.execute("PRAGMA synchronous=FULL")
+    except sqlite3.Error as err:
+        conn.close()
+        raise _named(err, path) from err
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+_NO_ROOM_BYTES = 1 << 20
+"""Less free space than this on a file system is called "no room left" in an error."""
+
+
+def _named(err: sqlite3.Error, path: Path) -> sqlite3.Error:
+    note = str(path)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < _NO_ROOM_BYTES:
+        note += f": its file system is full, {free:,} bytes free"
+    return type(err)(f"{err} ({note})")
 
 
 def _enter_wal(conn: sqlite3.Connection, busy_timeout_s: float) -> None:

@@ -46,8 +46,11 @@ def consuming(bus_path: Path) -> Iterator[None]:
                 "consumes the embedded bus: stop the other one first, add intake with "
                 "`pubrelay webhook`, or use Kafka to run several workers"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:  # a full disk: say which file
+            raise OSError(err.errno, err.strerror, str(path)) from err
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -27,7 +27,7 @@ import pytest
 
 from tests.bench.processes import descendants
 from tests.fixtures.app import SECRET, event_body, signed_headers
-from tests.fixtures.process import PubrelayProcess, free_port
+from tests.fixtures.process import PubrelayProcess, free_port, pubrelay_bin
 
 Squeeze = tuple[Callable[[], None], Callable[[], None]]  # (fill, free)
 
@@ -138,3 +138,50 @@ def test_a_full_disk_answers_503_keeps_nothing_half_written_and_recovers_by_itse
             assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
             stored = [row[0] for row in conn.execute("SELECT value FROM log ORDER BY id")]
     assert stored == [*earlier, delivery]  # the refused attempts left nothing behind
+
+
+@pytest.mark.parametrize(
+    ("command", "bus_on_the_volume", "named", "said"),
+    [
+        ("webhook", True, "bus.sqlite3", "its file system is full, 0 bytes free"),
+        ("serve", True, "bus.sqlite3.worker.lock", "No space left on device"),
+        ("serve", False, "console-token", "No space left on device"),
+        ("serve", False, "index.sqlite3", "its file system is full, 0 bytes free"),
+    ],
+    ids=["webhook-bus", "serve-worker-lock", "serve-console-token", "serve-console-index"],
+)
+def test_a_start_on_a_full_disk_names_the_file_and_the_full_disk_and_exits_3(
+    command: str, bus_on_the_volume: bool, named: str, said: str, tmp_path: Path
+) -> None:
+    """SQLite answers a full disk at open with a bare "disk I/O error" (it cannot create
+    the -shm file): the bus's failure said only that, the ledger's and the console index's
+    stopped `serve` with a traceback, and the worker's lock file with exit 2, the code of a
+    bad setting."""
+    with small_volume(tmp_path / "volume") as home:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("PUBRELAY_")},
+            "PUBRELAY_HTTP__PORT": str(free_port()),
+            "PUBRELAY_DATA_DIR": str(home / "data"),
+            "PUBRELAY_WEBHOOK__SECRETS": json.dumps([SECRET]),
+            "PUBRELAY_LOG__FORMAT": "json",
+        }
+        if not bus_on_the_volume:
+            env["PUBRELAY_BUS__URL"] = f"sqlite:///{tmp_path / 'bus.sqlite3'}"
+        if named == "index.sqlite3":  # no token to generate: the index is the next file
+            env["PUBRELAY_CONSOLE__TOKEN"] = "t" * 32
+        (home / "data").mkdir(mode=0o700)
+        fill(home, home / "data" / "unused.log")
+        started = subprocess.run(
+            [pubrelay_bin(), command, *(["--console"] if command == "serve" else [])],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert started.returncode == 3, (started.stdout, started.stderr)
+    assert "Traceback" not in started.stderr
+    output = started.stdout + started.stderr
+    assert said in output
+    assert f"{home / 'data' / named}" in output
