@@ -32,6 +32,7 @@ from consumer.http1 import WebhookServer
 from handlers.worker.service import open_worker
 from pubrelay.console_runtime import open_console
 from pubrelay.console_token import console_url
+from pubrelay.data_dir_metrics import DataDirSpace
 from pubrelay.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, EXIT_WORKER_FAILED
 from pubrelay.logging import log_line
 from pubrelay.secrets import resolve_secrets
@@ -161,6 +162,7 @@ async def run(
         else:
             secrets = resolve_secrets(settings, generate=True)
     registry = new_registry()
+    DataDirSpace(settings.data_dir, registry)
 
     async with AsyncExitStack() as stack:
         if worker and settings.bus.kind == "sqlite":

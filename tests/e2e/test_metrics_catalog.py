@@ -63,6 +63,8 @@ async def test_metrics_have_no_created_series_a_build_info_and_every_family_in_t
     [build] = [s for s in samples if s.name == "pubrelay_build_info"]
     assert build.value == 1
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", build.labels["version"])
+    space = {s.name: s.value for s in samples if s.name.startswith("pubrelay_data_dir_")}
+    assert 0 < space["pubrelay_data_dir_free_bytes"] <= space["pubrelay_data_dir_size_bytes"]
 
     # The parser drops a counter's `_total` from the family name; the README shows it.
     served = {f.name + ("_total" if f.type == "counter" else "") for f in families}

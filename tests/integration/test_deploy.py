@@ -27,6 +27,7 @@ from handlers.reconcile.metrics import ReconcileMetrics
 from handlers.types import HandlerContext
 from handlers.worker.metrics import WorkerMetrics
 from pubrelay.cli import build_parser
+from pubrelay.data_dir_metrics import DataDirSpace
 from pubrelay.settings import describe_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +73,7 @@ def exported_metric_names() -> set[str]:
     WorkerMetrics(registry)
     PublicationMetrics(registry)
     ReconcileMetrics(registry)
+    DataDirSpace(Path(), registry)
     crm_metrics(
         HandlerContext(
             name="crm",
