@@ -63,6 +63,11 @@ _MAX_IN_FLIGHT: Final = 16
 """Batches sent to the writer process and not yet answered, at most: the records of the
 next loop turns go while earlier ones commit (the process groups those waiting)."""
 
+UNREADY_AFTER_FAILED_COMMIT_S: Final = 30.0
+"""After a commit the file refused (a full disk), ``ping`` fails for this long unless a
+commit succeeds first, so ``/readyz`` says what every publish meets. Not longer: a balancer
+that stops sending on ``/readyz`` would leave no publish to show the room has returned."""
+
 _PENDING: Final = 0
 _CLAIMED: Final = 1
 _WITHDRAWN: Final = 2
@@ -111,6 +116,7 @@ class SqliteBus:
         self._next_retention = 0.0  # monotonic time the next retention pass starts
         self._retention: RetentionPass | None = None
         self._closing = False
+        self._commit_failed: tuple[float, str] | None = None  # (monotonic time, error)
         # The loop it was started on, looked up once: on Python 3.11 each
         # get_running_loop() is a getpid() system call (docs/performance.md).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -258,8 +264,11 @@ class SqliteBus:
         err = asyncio.CancelledError() if answer.cancelled() else answer.exception()
         if err is not None:
             log.warning("bus_write_failed", error=str(err), records=len(live))
+            if not isinstance(err, asyncio.CancelledError):  # closing: not the file's fault
+                self._commit_failed = (time.monotonic(), str(err))
             self._settle(live, None, BusUnavailable(f"the embedded bus could not commit: {err}"))
         else:
+            self._commit_failed = None
             self._settle(live, answer.result(), None)
 
     def _settle(
@@ -318,6 +327,12 @@ class SqliteBus:
     async def ping(self) -> None:
         if self._retainer is None or self._retainer.done() or self._process is None:
             raise BusUnavailable("the embedded bus is not running")
+        if self._commit_failed is not None:
+            at, error = self._commit_failed
+            if (ago := time.monotonic() - at) < UNREADY_AFTER_FAILED_COMMIT_S:
+                raise BusUnavailable(
+                    f"the embedded bus's last commit failed {ago:.0f}s ago: {error}"
+                )
         try:
             await asyncio.wait_for(self._process.request(Ping()), self.publish_timeout_s)
         except (TimeoutError, OSError, sqlite3.Error) as err:

@@ -52,6 +52,14 @@ def post(process: PubrelayProcess, body: bytes) -> tuple[int, str | None]:
         return err.code, err.headers.get("Retry-After")
 
 
+def readyz(process: PubrelayProcess) -> int:
+    try:
+        with urllib.request.urlopen(f"{process.url}/readyz", timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
 @contextlib.contextmanager
 def small_volume(where: Path) -> Iterator[Path]:
     if os.geteuid() != 0:
@@ -120,6 +128,7 @@ def test_a_full_disk_answers_503_keeps_nothing_half_written_and_recovers_by_itse
         assert webhook.proc.poll() is None, webhook.output()
         assert [status for status, _ in while_full] == [503] * 3
         assert all(retry_after and retry_after.isdigit() for _, retry_after in while_full)
+        assert readyz(webhook) == 503  # what every publish meets, not the bus's SELECT 1
 
         if mechanism == "tmpfs":
             (home / "filler").unlink()
@@ -129,6 +138,7 @@ def test_a_full_disk_answers_503_keeps_nothing_half_written_and_recovers_by_itse
         while (status := post(webhook, delivery)[0]) != 202 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert status == 202
+        assert readyz(webhook) == 200
         assert webhook.terminate() == 0
         output = webhook.output()
         assert "Traceback" not in output

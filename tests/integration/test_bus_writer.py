@@ -10,9 +10,11 @@ import signal
 import sqlite3
 from pathlib import Path
 
+import pytest
 import structlog
 
 from bus.sqlite import SqliteBus
+from bus.sqlite import log as sqlite_log
 from schemas.errors import BusUnavailable
 from tests.fixtures.process import child_ends_with_its_parent, ended, running_writer
 from tests.fixtures.worker import eventually
@@ -90,3 +92,45 @@ async def test_the_writer_ends_with_a_process_killed_outright(tmp_path: Path) ->
         "asyncio.run(main())\n"
     )
     await child_ends_with_its_parent(script)
+
+
+async def test_a_refused_commit_makes_the_bus_unready_until_one_succeeds_or_a_while_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`/readyz` pings the bus: a `SELECT 1` answered while every commit failed (a full disk,
+    here a trigger saying so). The bus is unready after a refused commit, ready again at the
+    next commit, and also after a while without one: a balancer that stops sending on
+    `/readyz` must not keep it unready for good."""
+    monkeypatch.setattr(sqlite_log, "UNREADY_AFTER_FAILED_COMMIT_S", 0.5)
+    path = tmp_path / "bus.sqlite3"
+    bus = SqliteBus(path, publish_timeout_s=5.0)
+    await bus.start()
+    try:
+        await bus.ping()
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.executescript(
+                """
+                CREATE TABLE refuse (x); INSERT INTO refuse VALUES (1);
+                CREATE TRIGGER refuse BEFORE INSERT ON log WHEN EXISTS (SELECT 1 FROM refuse)
+                BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;
+                """
+            )
+        with pytest.raises(BusUnavailable, match="could not commit"):
+            await bus.publish(TOPIC, b"refused", key=b"cust_1")
+        with pytest.raises(BusUnavailable, match=r"last commit failed .*disk is full"):
+            await bus.ping()
+        await asyncio.sleep(0.6)
+        await bus.ping()  # a while without a commit: ready, so that traffic comes back
+
+        with pytest.raises(BusUnavailable):
+            await bus.publish(TOPIC, b"refused again", key=b"cust_1")
+        with pytest.raises(BusUnavailable):
+            await bus.ping()
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("DELETE FROM refuse")
+            conn.commit()
+        await bus.publish(TOPIC, b"stored", key=b"cust_1")
+        await bus.ping()  # at once
+    finally:
+        await bus.close()
+    assert stored(path) == {b"stored"}
