@@ -34,7 +34,10 @@ class BusSettings(BaseModel):
         default=5.0,
         gt=0,
         le=9.0,
-        description="longest wait for the bus's acknowledgement (at most 9)",
+        description=(
+            "longest wait for the bus's acknowledgement (at most 9; it plus "
+            "`PUBRELAY_HTTP__BODY_READ_TIMEOUT_S` must stay under Voucherify's 10 s)"
+        ),
     )
 
     # embedded (SQLite) bus

@@ -32,8 +32,8 @@ class HttpSettings(BaseModel):
         le=9.0,
         description=(
             "a body not received within this time after its headers is answered 408 "
-            "and its connection closed (at most 9; keep it plus "
-            "`PUBRELAY_BUS__PUBLISH_TIMEOUT_S` under Voucherify's 10 s)"
+            "and its connection closed (at most 9; it plus "
+            "`PUBRELAY_BUS__PUBLISH_TIMEOUT_S` must stay under Voucherify's 10 s)"
         ),
     )
     max_concurrent_bodies: int = Field(

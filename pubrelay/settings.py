@@ -8,7 +8,7 @@ file in the working directory is read too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Final, Literal, Self
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -38,6 +38,9 @@ class LogSettings(BaseModel):
         default="auto", description="`json`, `console`, or `auto` (console on a terminal)"
     )
 
+
+VOUCHERIFY_TIMEOUT_S: Final = 10.0
+"""How long Voucherify waits for a webhook's answer before it counts a failed delivery."""
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -74,6 +77,19 @@ class Settings(BaseSettings):
                 f"PUBRELAY_HTTP__MAX_BODY_BYTES={body} plus {RECORD_HEADROOM_BYTES} bytes for "
                 f"the record's key and headers must fit PUBRELAY_BUS__MAX_RECORD_BYTES={record}: "
                 f"lower the first or raise the second to at least {body + RECORD_HEADROOM_BYTES}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _answered_within_voucherify_timeout(self) -> Self:
+        """A delivery whose body arrives slowly, then waits the whole publish bound, must
+        still be answered before Voucherify gives up on it (10 s) and counts a failure."""
+        read, publish = self.http.body_read_timeout_s, self.bus.publish_timeout_s
+        if read + publish >= VOUCHERIFY_TIMEOUT_S:
+            raise ValueError(
+                f"PUBRELAY_HTTP__BODY_READ_TIMEOUT_S={read:g} plus "
+                f"PUBRELAY_BUS__PUBLISH_TIMEOUT_S={publish:g} must stay under "
+                f"{VOUCHERIFY_TIMEOUT_S:g} s, Voucherify's wait for an answer: lower either"
             )
         return self
 

@@ -1,10 +1,11 @@
 """The idempotency ledger: which ``(handler, key)`` pairs had their effect, and who is
 running one now.
 
-For every attempt the worker first **claims** ``(handler, event id)``: one atomic step in
-the shared store that answers ``done`` (the effect was completed: a duplicate),
-``held`` (another process holds an unexpired claim: wait) or ``claimed`` (ours, with the
-durable count of attempts so far). After the effect it marks the pair done; after a
+For every attempt the worker first **claims** ``(handler, key)`` (the event id, or for a
+``customer.publication.succeeded`` its publication: :mod:`handlers.worker.identity`): one
+atomic step in the shared store that answers ``done`` (the effect was completed: a
+duplicate), ``held`` (another process holds an unexpired claim: wait) or ``claimed`` (ours,
+with the durable count of attempts so far). After the effect it marks the pair done; after a
 failed attempt it releases the claim (the attempt stays counted). A claim lives
 ``claim_ttl_s`` (default 15 s) and the worker renews it while the call runs
 (:mod:`handlers.worker.lease`): a holder that died blocks the event that long at most,

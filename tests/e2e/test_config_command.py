@@ -161,6 +161,10 @@ MAIL = {
         ({"PUBRELAY_WEBHOOK__PATH": "webhooks"}, "PUBRELAY_WEBHOOK__PATH=webhooks: must start"),
         ({"PUBRELAY_WEBHOOK__PATH": "/wébhook"}, "must start with / and hold only printable"),
         ({"PUBRELAY_WEBHOOK__PATH": "/metrics"}, "PUBRELAY_WEBHOOK__PATH=/metrics: is served"),
+        (
+            {"PUBRELAY_HTTP__BODY_READ_TIMEOUT_S": "3", "PUBRELAY_BUS__PUBLISH_TIMEOUT_S": "7"},
+            "plus PUBRELAY_BUS__PUBLISH_TIMEOUT_S=7 must stay under 10 s",
+        ),
         ({"PUBRELAY_WEBHOOK__PATH": "/console/login"}, "other than /healthz, /readyz"),
         (
             {"PUBRELAY_LEDGER__URL": "redis://127.0.0.1:abc/0"},
