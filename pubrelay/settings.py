@@ -42,6 +42,7 @@ class LogSettings(BaseModel):
 VOUCHERIFY_TIMEOUT_S: Final = 10.0
 """How long Voucherify waits for a webhook's answer before it counts a failed delivery."""
 
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PUBRELAY_",
