@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,6 +110,10 @@ async def test_200_publications_with_redeliveries_mail_upsert_and_count_each_onc
     assert len(set(recipients)) == 190
     assert not any(f"customer{n}@example.com" in recipients for n in range(0, 200, 20))
     assert len(fake_hubspot.contacts) == 190
+    # Each contact upserted once: the fake's contacts overwrite, its requests do not.
+    upserted = Counter(email for r in fake_hubspot.upserts for email in r.ids)
+    assert len(upserted) == 190
+    assert set(upserted.values()) == {1}
     assert fake_hubspot.contacts["customer7@example.com"]["voucherify_last_coupon_code"] == (
         "CODE-0007"
     )

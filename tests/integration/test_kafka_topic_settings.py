@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 import structlog
@@ -41,6 +42,17 @@ async def reported_configs(bootstrap: str, topics: list[str]) -> dict[str, dict[
     }
 
 
+async def described_partitions(bootstrap: str, topics: list[str]) -> dict[str, list[Any]]:
+    """Each topic's partitions as the broker describes them (leader, replicas, in sync)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    return {topic["topic"]: topic["partitions"] for topic in described}
+
+
 async def test_created_topics_are_replicated_and_quarantine_and_dead_letters_never_expire(
     kafka_broker: TansuBroker,
 ) -> None:
@@ -58,7 +70,13 @@ async def test_created_topics_are_replicated_and_quarantine_and_dead_letters_nev
 
     configs = await reported_configs(kafka_broker.bootstrap, [event, quarantine, dead_letters])
 
+    partitions = await described_partitions(
+        kafka_broker.bootstrap, [event, quarantine, dead_letters]
+    )
     for topic in (event, quarantine, dead_letters):
+        assert len(partitions[topic]) == settings.partitions, topic
+        for partition in partitions[topic]:
+            assert len(partition["replicas"]) == settings.replication_factor, (topic, partition)
         assert configs[topic]["min.insync.replicas"] == "1", topic
         assert configs[topic]["max.message.bytes"] == str(settings.max_record_bytes), topic
     for kept in (quarantine, dead_letters):

@@ -115,6 +115,7 @@ async def test_a_completion_arriving_while_the_ledger_purges_is_written(tmp_path
         await asyncio.sleep(0.6)  # those expired; the next flush purges them (a while)
         await ledger.mark_done("email", "ev_a")  # returns while its flusher purges
         await asyncio.wait_for(ledger.mark_done("email", "ev_b"), 5)
+        assert await ledger.is_done("email", "ev_a")  # the one that met the purge
         assert await ledger.is_done("email", "ev_b")
     finally:
         await ledger.close()
