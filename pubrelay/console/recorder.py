@@ -99,7 +99,6 @@ class IndexRecorder:
         self._queued_bytes = 0
         self._wake = asyncio.Event()
         self._known: OrderedDict[str, None] = OrderedDict()  # in the index already
-        self._batch_ids: set[str] = set()  # events of the batch being built
 
     def _put(self, entry: _Received | _Attempted, size: int) -> None:
         if len(self._queue) >= self._queue_max or self._queued_bytes + size > self._queue_bytes_max:
@@ -159,9 +158,9 @@ class IndexRecorder:
             # the GIL with the loop (more CPU per request, measured), and the chunks keep
             # each step short for the requests in flight.
             batch = Batch()
-            self._batch_ids.clear()
+            new: set[str] = set()  # the events this batch adds
             for start in range(0, len(entries), _CHUNK):
-                self._add(batch, entries[start : start + _CHUNK])
+                self._add(batch, entries[start : start + _CHUNK], new)
                 await asyncio.sleep(0)
             await self.index.write(batch)
             # Known once written: a batch that failed leaves its events to later entries.
@@ -180,7 +179,7 @@ class IndexRecorder:
             log.warning("event_index_entries_dropped", dropped=self.dropped - self._dropped_logged)
             self._dropped_logged = self.dropped
 
-    def _add(self, batch: Batch, entries: list[_Received | _Attempted]) -> None:
+    def _add(self, batch: Batch, entries: list[_Received | _Attempted], new: set[str]) -> None:
         """Add these entries to ``batch`` (reading the fields of bodies not seen yet)."""
         for entry in entries:
             if isinstance(entry, _Received):
@@ -192,10 +191,10 @@ class IndexRecorder:
                     )
                 )
                 if event_id and entry.status < 300:
-                    self._new_event(batch, event_id, entry.headers, entry.body, entry.at)
+                    self._new_event(batch, event_id, entry.headers, entry.body, entry.at, new=new)
             else:
                 m = entry.message
-                self._new_event(batch, entry.event_id, m.headers, m.value, entry.at)
+                self._new_event(batch, entry.event_id, m.headers, m.value, entry.at, new=new)
                 batch.attempts.append(
                     Attempt(
                         entry.event_id,
@@ -211,11 +210,18 @@ class IndexRecorder:
                 )
 
     def _new_event(
-        self, batch: Batch, event_id: str, headers: Headers, body: bytes, at: float
+        self,
+        batch: Batch,
+        event_id: str,
+        headers: Headers,
+        body: bytes,
+        at: float,
+        *,
+        new: set[str],
     ) -> None:
-        if event_id in self._known or event_id in self._batch_ids:
+        if event_id in self._known or event_id in new:
             return
-        self._batch_ids.add(event_id)
+        new.add(event_id)
         fields, terms = read_fields(body)
         batch.events.append(
             NewEvent(
