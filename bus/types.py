@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Final, NamedTuple, Protocol, runtime_checkable
 
 from schemas.frozen import frozen
 from schemas.record import Headers
+
+UNREADY_AFTER_FAILED_PUBLISH_S: Final = 30.0
+"""After a publish the bus refused (a full disk, a Kafka partition short of in-sync
+replicas), ``ping`` fails for this long unless a publish succeeds first, so ``/readyz``
+says what every publish meets. Not longer: a balancer that stops sending on ``/readyz``
+would leave no publish to show the bus is back."""
 
 
 class TopicPartition(NamedTuple):
@@ -100,7 +106,9 @@ class Bus(Protocol):
         ...
 
     async def ping(self) -> None:
-        """Raise :class:`schemas.errors.BusUnavailable` if the bus cannot be reached now."""
+        """Raise :class:`schemas.errors.BusUnavailable` if the bus cannot be reached now, or
+        refused a publish within :data:`UNREADY_AFTER_FAILED_PUBLISH_S` and has stored none
+        since."""
         ...
 
     async def ensure_topics(self, topics: Iterable[str]) -> None:

@@ -70,7 +70,7 @@ from bus.kafka.admin import KafkaTopics
 from bus.kafka.options import GroupTiming, acks, client_options
 from bus.kafka.partitioner import partition_for
 from bus.kafka.subscription import KafkaSubscription
-from bus.types import RevokeCallback, Subscription
+from bus.types import UNREADY_AFTER_FAILED_PUBLISH_S, RevokeCallback, Subscription
 from schemas.errors import BusUnavailable, ConfigError, RecordTooLarge, TopicMissing
 from schemas.record import Headers
 
@@ -166,6 +166,7 @@ class KafkaBus:
         self._replacement: asyncio.Task[Any] | None = None
         self._topics = KafkaTopics(settings, self._options, lambda: self._producer)
         self._available = True
+        self._failed: tuple[float, str] | None = None  # the last refused publish (monotonic)
         self._waiting: list[_Waiting] = []  # submitted, for the sender's next batches
         self._sender: asyncio.Task[None] | None = None
         self._deadlines = Deadlines[_Waiting](self._timed_out)
@@ -517,6 +518,7 @@ class KafkaBus:
     def _mark_unavailable(self, err: BaseException) -> None:
         """Log the transition to unavailable once, not once per failed request."""
         self._topics.recheck_later()
+        self._failed = (time.monotonic(), repr(err))
         if self._available:
             self._available = False
             log.warning("bus_unavailable", bus="kafka", error=repr(err))
@@ -524,11 +526,16 @@ class KafkaBus:
             log.debug("bus_publish_failed", bus="kafka", error=repr(err))
 
     def _mark_available(self, elapsed_s: float) -> None:
+        self._failed = None
         if not self._available:
             self._available = True
             log.info("bus_recovered", bus="kafka", publish_s=round(elapsed_s, 3))
 
     async def ping(self) -> None:
+        if self._failed is not None:
+            at, error = self._failed
+            if (ago := time.monotonic() - at) < UNREADY_AFTER_FAILED_PUBLISH_S:
+                raise BusUnavailable(f"the Kafka bus refused a publish {ago:.0f}s ago: {error}")
         try:
             await self._topics.names()
         except BusUnavailable:

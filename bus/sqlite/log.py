@@ -50,7 +50,7 @@ from bus.sqlite.schema import encode_headers
 from bus.sqlite.subscription import SqliteSubscription
 from bus.sqlite.writer import Append, Open, Ping, Retain
 from bus.sqlite.writer_process import WriterProcess
-from bus.types import RevokeCallback, Subscription
+from bus.types import UNREADY_AFTER_FAILED_PUBLISH_S, RevokeCallback, Subscription
 from schemas.errors import BusUnavailable
 from schemas.record import Headers
 
@@ -62,11 +62,6 @@ _BATCH_RECORDS: Final = 8
 _MAX_IN_FLIGHT: Final = 16
 """Batches sent to the writer process and not yet answered, at most: the records of the
 next loop turns go while earlier ones commit (the process groups those waiting)."""
-
-UNREADY_AFTER_FAILED_COMMIT_S: Final = 30.0
-"""After a commit the file refused (a full disk), ``ping`` fails for this long unless a
-commit succeeds first, so ``/readyz`` says what every publish meets. Not longer: a balancer
-that stops sending on ``/readyz`` would leave no publish to show the room has returned."""
 
 _PENDING: Final = 0
 _CLAIMED: Final = 1
@@ -329,7 +324,7 @@ class SqliteBus:
             raise BusUnavailable("the embedded bus is not running")
         if self._commit_failed is not None:
             at, error = self._commit_failed
-            if (ago := time.monotonic() - at) < UNREADY_AFTER_FAILED_COMMIT_S:
+            if (ago := time.monotonic() - at) < UNREADY_AFTER_FAILED_PUBLISH_S:
                 raise BusUnavailable(
                     f"the embedded bus's last commit failed {ago:.0f}s ago: {error}"
                 )

@@ -101,7 +101,7 @@ async def test_a_refused_commit_makes_the_bus_unready_until_one_succeeds_or_a_wh
     here a trigger saying so). The bus is unready after a refused commit, ready again at the
     next commit, and also after a while without one: a balancer that stops sending on
     `/readyz` must not keep it unready for good."""
-    monkeypatch.setattr(sqlite_log, "UNREADY_AFTER_FAILED_COMMIT_S", 0.5)
+    monkeypatch.setattr(sqlite_log, "UNREADY_AFTER_FAILED_PUBLISH_S", 0.5)
     path = tmp_path / "bus.sqlite3"
     bus = SqliteBus(path, publish_timeout_s=5.0)
     await bus.start()
