@@ -9,9 +9,26 @@ only move events to the dead-letter topic for no benefit.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import math
+from typing import Annotated, Any
 
-__all__ = ["VoucherifyModel"]
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+__all__ = ["VoucherifyModel", "Whole"]
+
+
+def _nearest_whole(value: Any) -> Any:
+    """A finite float rounded to the nearest whole number (halves up); anything else
+    unchanged."""
+    if isinstance(value, float) and math.isfinite(value):
+        return math.floor(value + 0.5)
+    return value
+
+
+Whole = Annotated[int, BeforeValidator(_nearest_whole)]
+"""An integer field the spec types as ``number`` (amounts in cents, a code's length):
+``1050.5`` is read as ``1051`` rather than failing the whole event, which would send it
+to every handler's dead letters."""
 
 
 class VoucherifyModel(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from schemas.base import VoucherifyModel
+from schemas.base import VoucherifyModel, Whole
 from schemas.voucher import Category, Discount, Gift, LoyaltyCard, VoucherRedemption
 
 __all__ = ["Campaign", "CampaignVoucher", "CodeConfig"]
@@ -14,7 +14,7 @@ __all__ = ["Campaign", "CampaignVoucher", "CodeConfig"]
 class CodeConfig(VoucherifyModel):
     """How the campaign generates codes (``prefix`` + ``pattern`` + ``postfix``)."""
 
-    length: int | None = None
+    length: Whole | None = None
     charset: str | None = None
     prefix: str | None = None
     postfix: str | None = None

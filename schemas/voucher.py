@@ -3,7 +3,9 @@
 One :class:`Voucher` model serves the three shapes the spec names (``SimpleVoucher`` in
 event data, ``Voucher`` inside a publication, ``ListPublicationsItemVoucher``): they
 differ only in which optional fields are present. Money is integer cents, as Voucherify
-sends it (``amount_off: 1000`` is 10.00); :func:`format_cents` renders it for people.
+sends it (``amount_off: 1000`` is 10.00); the spec types amounts as ``number``, so one with
+a fraction is read as the nearest cent (:data:`schemas.base.Whole`). :func:`format_cents`
+renders it for people.
 
 The discount is a union tagged by its ``type`` (``AMOUNT``, ``PERCENT``, ``UNIT``,
 ``FIXED``); a type this code does not know yet becomes :class:`OtherDiscount` instead of
@@ -17,7 +19,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import Discriminator, Tag
 
-from schemas.base import VoucherifyModel
+from schemas.base import VoucherifyModel, Whole
 
 __all__ = [
     "AmountDiscount",
@@ -78,7 +80,7 @@ class AmountDiscount(_DiscountBase):
     """A fixed amount off: ``amount_off`` cents."""
 
     type: Literal["AMOUNT"] = "AMOUNT"
-    amount_off: int | None = None
+    amount_off: Whole | None = None
     amount_off_formula: str | None = None
     aggregated_amount_limit: int | None = None
 
@@ -95,7 +97,7 @@ class PercentDiscount(_DiscountBase):
     type: Literal["PERCENT"] = "PERCENT"
     percent_off: float | None = None
     percent_off_formula: str | None = None
-    amount_limit: int | None = None
+    amount_limit: Whole | None = None
     aggregated_amount_limit: int | None = None
 
     def describe(self, currency_symbol: str | None = None) -> str:
@@ -145,7 +147,7 @@ class FixedDiscount(_DiscountBase):
     """The order or item costs a fixed ``fixed_amount`` cents."""
 
     type: Literal["FIXED"] = "FIXED"
-    fixed_amount: int | None = None
+    fixed_amount: Whole | None = None
     fixed_amount_formula: str | None = None
 
     def describe(self, currency_symbol: str | None = None) -> str:
@@ -189,8 +191,8 @@ Discount = Annotated[
 class Gift(VoucherifyModel):
     """A gift card's value in cents: ``amount`` loaded, ``balance`` left to spend."""
 
-    amount: int | None = None
-    balance: int | None = None
+    amount: Whole | None = None
+    balance: Whole | None = None
     effect: str | None = None
 
 

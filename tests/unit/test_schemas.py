@@ -390,6 +390,28 @@ def test_unknown_fields_are_kept_at_every_level() -> None:
     assert dumped["data"]["voucher"]["discount"]["rounding"] == "UP"
 
 
+def test_amounts_the_spec_types_as_numbers_may_have_a_fraction() -> None:
+    """The spec types amounts (and a code's length) as ``number``: ``1050.5`` failed the
+    whole event (pydantic's int refuses a fraction), which then went to every handler's
+    dead letters. It is read as the nearest whole cent."""
+    event = _sample()
+    event["data"]["voucher"]["discount"] = {"type": "AMOUNT", "amount_off": 1050.5}
+    event["data"]["voucher"]["gift"] = {"amount": 2500.0, "balance": 1999.6}
+    event["data"]["campaign"]["code_config"] = {"length": 8.0}
+
+    envelope = parse_event(json.dumps(event).encode())
+
+    data = envelope.data
+    assert isinstance(data, CustomerPublicationSucceededData)
+    assert isinstance(data.voucher.discount, AmountDiscount)
+    assert data.voucher.discount.amount_off == 1051
+    assert data.voucher.discount_description == "10.51 off"
+    assert data.voucher.gift is not None
+    assert (data.voucher.gift.amount, data.voucher.gift.balance) == (2500, 2000)
+    assert data.campaign is not None
+    assert data.campaign.model_dump(mode="json")["code_config"]["length"] == 8
+
+
 def test_unknown_discount_type_is_kept_not_rejected() -> None:
     voucher = Voucher.model_validate(
         {"code": "SHIP-1", "discount": {"type": "SHIPPING", "shipping_off": 500}}
@@ -562,14 +584,18 @@ def test_voucher_describes_its_value_for_people(
 
 
 def test_discount_type_picks_the_model_and_amounts_stay_integer_cents() -> None:
+    """Whole cents, also from a number with a fraction (the nearest, halves up)."""
     voucher = Voucher.model_validate(
         {"code": "A", "discount": {"type": "AMOUNT", "amount_off": 1000.0}}
     )
     assert isinstance(voucher.discount, AmountDiscount)
     assert voucher.discount.amount_off == 1000
     assert isinstance(voucher.discount.amount_off, int)
-    with pytest.raises(ValidationError):
-        Voucher.model_validate({"code": "A", "discount": {"type": "AMOUNT", "amount_off": 10.5}})
+    half = Voucher.model_validate({"code": "A", "discount": {"type": "AMOUNT", "amount_off": 10.5}})
+    assert isinstance(half.discount, AmountDiscount)
+    assert half.discount.amount_off == 11
+    with pytest.raises(ValidationError):  # not a number at all
+        Voucher.model_validate({"code": "A", "discount": {"type": "AMOUNT", "amount_off": "ten"}})
 
 
 def test_format_cents_handles_negative_and_small_amounts() -> None:
