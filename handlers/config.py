@@ -11,6 +11,7 @@ the rest: environment and ``.env``, nested fields with ``__``, lists and maps as
 from __future__ import annotations
 
 import os
+import re
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -56,6 +57,20 @@ DEFAULT_LEDGER_RETENTION_S = 30 * 24 * 3600.0
 DEFAULT_CLAIM_TTL_S = 15.0
 
 
+_HANDLER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def handler_name_problem(name: str) -> str:
+    """Why ``name`` cannot be a handler's name (it ends up in topic, group, metric-label
+    and variable names), or ``""``."""
+    if _HANDLER_NAME_RE.match(name):
+        return ""
+    return (
+        f"handler name {name!r} must be lowercase letters, digits, '-' or '_' "
+        "(at most 63, starting with a letter or digit)"
+    )
+
+
 class HandlersSettings(BaseModel):
     enabled: list[str] = Field(
         default_factory=list,
@@ -69,6 +84,9 @@ class HandlersSettings(BaseModel):
         twice = sorted({name for name in value if value.count(name) > 1})
         if twice:
             raise ValueError(f"listed twice: {', '.join(twice)} (each handler runs once)")
+        for name in value:
+            if problem := handler_name_problem(name):
+                raise ValueError(problem)
         return value
 
 

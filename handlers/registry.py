@@ -8,6 +8,7 @@ listing what is installed.
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -85,7 +86,20 @@ def create_handler(name: str, context: HandlerContext, factory: HandlerFactory) 
         )
     if not isinstance(handler.event_types, frozenset):
         raise PluginError(f"handler plugin {name!r}: event_types must be a frozenset")
+    plain = [m for m in ("start", "stop", "handle") if not _is_async(getattr(handler, m))]
+    if plain:
+        raise PluginError(
+            f"handler plugin {name!r}: {', '.join(plain)} must be `async def` (the worker "
+            "awaits them; a plain def would fail every event)"
+        )
     return handler
+
+
+def _is_async(method: object) -> bool:
+    """A coroutine function, or an object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(method) or inspect.iscoroutinefunction(
+        getattr(method, "__call__", None)  # noqa: B004 - a callable object's own __call__
+    )
 
 
 def build_handlers(

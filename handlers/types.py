@@ -27,7 +27,6 @@ written after the effect, so a crash between the two repeats that one effect onc
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, runtim
 from pydantic import BaseModel
 from structlog.typing import FilteringBoundLogger
 
-from handlers.config import load_section, section_env_prefix
+from handlers.config import handler_name_problem, load_section, section_env_prefix
 from schemas.errors import ConfigError
 from schemas.frozen import frozen
 from schemas.record import HEADER_DELIVERY_ID, Headers, header_text
@@ -58,16 +57,12 @@ OUTCOMES: Final[tuple[Outcome, ...]] = (
     "ignored",
 )
 
-_NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-
 
 def check_handler_name(name: str) -> str:
     """Handler names end up in topic, group, metric-label and env-var names: keep them plain."""
-    if not _NAME_RE.match(name):
-        raise ConfigError(
-            f"handler name {name!r} must be lowercase letters, digits, '-' or '_' "
-            "(at most 63, starting with a letter or digit)"
-        )
+    problem = handler_name_problem(name)
+    if problem:
+        raise ConfigError(problem)
     return name
 
 
@@ -196,8 +191,9 @@ class KeyLedger(Protocol):
 
     A claim is atomic in the shared store: of several processes claiming one key, one
     gets ``claimed`` and the others ``held`` (or ``done`` once the holder marked it). The
-    claim expires after ``ttl_s`` (default: the worker's handler timeout plus a margin),
-    so a holder that died does not block the key for longer.
+    claim expires after ``ttl_s`` (default ``PUBRELAY_LEDGER__CLAIM_TTL_S``, 15 s), so a
+    holder that died does not block the key for longer; nothing renews a handler's own
+    claim, so a call that may last longer passes a ``ttl_s`` beyond its own bound.
     """
 
     async def is_done(self, handler: str, event_id: str) -> bool: ...

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
-from handlers.config import ENV_PREFIX, Origin, read_variables
+from handlers.config import ENV_PREFIX, Origin, handler_name_problem, read_variables
 from handlers.config_errors import MASK, is_secret, mask_url, model_variables
 from handlers.registry import create_handler, load_factory
 from handlers.types import HandlerContext, M
@@ -114,7 +114,10 @@ def _enabled_from_environment(variables: Mapping[str, tuple[str, Origin]]) -> li
         names = json.loads(raw)
     except ValueError:
         return []
-    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+    if not isinstance(names, list):
+        return []
+    # A name that is not a handler's (already said) is not looked up as a plugin too.
+    return [n for n in names if isinstance(n, str) and not handler_name_problem(n)]
 
 
 def _table(

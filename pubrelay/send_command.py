@@ -125,7 +125,7 @@ async def send(settings: Settings, args: argparse.Namespace) -> int:
     try:
         status, reason, text = await _post(url, body, signature, args.timeout)
     except (ClientError, TimeoutError) as err:
-        print(f"pubrelay send: {url}: {err or type(err).__name__}", file=sys.stderr)
+        print(f"pubrelay send: {url}: {str(err) or type(err).__name__}", file=sys.stderr)
         return 1
     state = _state(status, reason, text)
     print(state)

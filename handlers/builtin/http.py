@@ -158,7 +158,13 @@ class ForwardSettings(BaseModel):
         description="JSON map of extra request headers, e.g. `Authorization`",
         examples=[{"Authorization": "Bearer a-token"}],
     )
-    event_types: list[str] = Field(default_factory=list, description="empty: every event type")
+    event_types: list[str] = Field(
+        default_factory=list,
+        description=(
+            "empty: the types pubrelay models (`customer.publication.succeeded`, "
+            "`publication.succeeded`)"
+        ),
+    )
 
     @field_validator("secret")
     @classmethod

@@ -14,7 +14,13 @@ from handlers.types import Event, HandlerContext
 class NoopSettings(BaseModel):
     """``PUBRELAY_NOOP__EVENT_TYPES='["customer.publication.succeeded"]'`` narrows it."""
 
-    event_types: list[str] = Field(default_factory=list, description="empty: every event type")
+    event_types: list[str] = Field(
+        default_factory=list,
+        description=(
+            "empty: the types pubrelay models (`customer.publication.succeeded`, "
+            "`publication.succeeded`)"
+        ),
+    )
 
 
 class NoopHandler:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import urllib.request
@@ -136,6 +137,18 @@ def test_send_to_a_closed_port_fails_with_a_message(tmp_path: Path) -> None:
     result = run_cli("send", str(SAMPLE), "--url", "http://127.0.0.1:9/x", cwd=tmp_path, env=env)
     assert result.returncode == 1
     assert "127.0.0.1:9" in result.stderr
+
+
+def test_send_to_a_server_that_never_answers_names_the_timeout(tmp_path: Path) -> None:
+    """A timeout has no text of its own: the line ended after the URL."""
+    env = {"PUBRELAY_WEBHOOK__SECRETS": '["s"]'}
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/x"
+        result = run_cli(
+            "send", str(SAMPLE), "--url", url, "--timeout", "0.5", cwd=tmp_path, env=env
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"pubrelay send: {url}: TimeoutError"
 
 
 def test_preview_email_prints_the_message_the_email_handler_would_send(tmp_path: Path) -> None:

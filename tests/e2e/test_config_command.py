@@ -157,6 +157,7 @@ MAIL = {
             "PUBRELAY_BUS__SSL_CAFILE=ca.pem: no such file",
         ),
         ({"PUBRELAY_HANDLERS__ENABLED": '["noop", "noop"]'}, "listed twice: noop"),
+        ({"PUBRELAY_HANDLERS__ENABLED": '["Noop"]'}, "handler name 'Noop' must be lowercase"),
         ({**MAIL, "PUBRELAY_EMAIL__CA_FILE": "relay-ca.pem"}, "relay-ca.pem: no such file"),
         ({"PUBRELAY_WEBHOOK__PATH": "webhooks"}, "PUBRELAY_WEBHOOK__PATH=webhooks: must start"),
         ({"PUBRELAY_WEBHOOK__PATH": "/wébhook"}, "must start with / and hold only printable"),

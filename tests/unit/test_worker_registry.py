@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from handlers.builtin.noop import NoopHandler
 from handlers.registry import available, build_handlers
-from handlers.types import HandlerContext
+from handlers.types import Event, HandlerContext
 from schemas.errors import ConfigError, PluginError
 
 MODULE = __name__
@@ -29,6 +29,17 @@ def make_failing(context: HandlerContext) -> NoopHandler:
     raise RuntimeError(f"cannot build {context.name}")
 
 
+class PlainHandle(NoopHandler):
+    """``handle`` without ``async``: every event would fail with a TypeError when awaited."""
+
+    def handle(self, event: Event) -> None:  # type: ignore[override]
+        del event
+
+
+def make_plain(context: HandlerContext) -> NoopHandler:
+    return PlainHandle(context.name, frozenset())
+
+
 def make_good(context: HandlerContext) -> NoopHandler:
     return NoopHandler(context.name, frozenset({"customer.publication.succeeded"}))
 
@@ -45,6 +56,7 @@ def plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         f"notahandler = {MODULE}:make_not_a_handler\n"
         f"misnamed = {MODULE}:make_misnamed\n"
         f"failing = {MODULE}:make_failing\n"
+        f"plain = {MODULE}:make_plain\n"
         f"good = {MODULE}:make_good\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -98,6 +110,7 @@ def test_a_plugin_that_cannot_be_imported_stops_start_up(plugins: Path) -> None:
         ("notahandler", "lacks the Handler protocol"),
         ("misnamed", "built a handler named 'someone-else'"),
         ("failing", "failed to build: RuntimeError: cannot build failing"),
+        ("plain", "handle must be `async def`"),
     ],
 )
 def test_a_plugin_that_builds_no_proper_handler_stops_start_up(
