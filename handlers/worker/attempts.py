@@ -54,7 +54,7 @@ from handlers.worker.metrics import WorkerMetrics
 from handlers.worker.observer import AttemptObserver, NoObserver, Outcome
 from handlers.worker.offsets import FetchedRecord
 from handlers.worker.retry import BusRetry, is_transient, pause, retry_delay
-from schemas.errors import RetryLater, SkipEvent
+from schemas.errors import PubrelayError, RetryLater, SkipEvent
 from schemas.timestamps import utc_now_iso
 
 _HELD_POLL_S = 0.5
@@ -376,6 +376,11 @@ class EventProcessor:
             await self._release(ident, token, forget=True)  # a replay starts counting afresh
         self._m_dead.inc()
         self._observe(item, ident, "dead_lettered", attempts, error)
+        # An exception no handler meant to raise (a bug, in a plugin or here) carries its
+        # traceback to the log, masked as every line is: where it came from is the fix.
+        with_traceback = (
+            {} if isinstance(error, PubrelayError) or is_transient(error) else {"exc_info": error}
+        )
         self.log.error(
             "event_dead_lettered",
             event_id=ident.event_id if ident else None,
@@ -385,5 +390,6 @@ class EventProcessor:
             error=short_error(error),
             permanent=not is_transient(error),
             dlq_topic=self.dlq_topic,
+            **with_traceback,
         )
         return True

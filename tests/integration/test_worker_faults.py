@@ -107,7 +107,31 @@ async def test_a_lone_surrogate_in_a_handler_error_is_dead_lettered_and_the_lane
     assert header(record.headers, "dlq-error") == b"HandlerError: CRM rejected name Ren\\ud83d"
     [dead] = [e for e in logs if e["event"] == "event_dead_lettered"]
     assert dead["error"] == "CRM rejected name Ren\\ud83d"
+    assert "exc_info" not in dead  # a handler's own refusal: no traceback to read
     await assert_nothing_redelivered(bus, ledger, topic_prefix)
+
+
+async def test_a_handler_bug_is_dead_lettered_with_its_traceback_in_the_log(
+    bus: Bus, ledger: Ledger, registry: CollectorRegistry, topic_prefix: str
+) -> None:
+    """A plugin's ``ValueError``: the line said only its class and text, even at debug."""
+
+    async def buggy(event: Event) -> None:
+        raise ValueError(f"cannot parse {event.id}")
+
+    handler = ScriptedHandler(script=buggy)
+    with structlog.testing.capture_logs(processors=[_serialisable]) as logs:
+        async with running(make_worker(handler, bus, ledger, registry, topic_prefix)):
+            await publish_event(bus, topic_prefix, event_id="ev1", customer_id="cust_A")
+            await eventually(
+                lambda: outcome(registry, "recorder", "dead_lettered") == 1, what="a dead letter"
+            )
+    [dead] = [e for e in logs if e["event"] == "event_dead_lettered"]
+    assert dead["error"] == "cannot parse ev1"
+    assert isinstance(dead["exc_info"], ValueError)
+    rendered = structlog.processors.format_exc_info(None, "error", dict(dead))["exception"]
+    assert "in buggy" in rendered  # the frame that raised
+    assert 'raise ValueError(f"cannot parse {event.id}")' in rendered
 
 
 async def test_a_cancelled_error_from_the_handler_is_retried_like_a_transient_failure(
