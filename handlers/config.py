@@ -80,7 +80,7 @@ class HandlersSettings(BaseModel):
 
     @field_validator("enabled")
     @classmethod
-    def _each_once(cls, value: list[str]) -> list[str]:
+    def _plain_names_each_once(cls, value: list[str]) -> list[str]:
         twice = sorted({name for name in value if value.count(name) > 1})
         if twice:
             raise ValueError(f"listed twice: {', '.join(twice)} (each handler runs once)")

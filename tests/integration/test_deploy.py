@@ -449,6 +449,8 @@ def test_pods_run_non_root_on_a_read_only_filesystem_with_a_writable_tmp(name: s
     main = container(deployment)
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
+    # Group ownership set once, on a new volume: not the data files' 0600 at every mount.
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     assert main["securityContext"]["readOnlyRootFilesystem"] is True
     assert main["securityContext"]["allowPrivilegeEscalation"] is False
     assert main["securityContext"]["capabilities"]["drop"] == ["ALL"]
