@@ -35,6 +35,7 @@ from pubrelay.console_token import console_url
 from pubrelay.data_dir_metrics import DataDirSpace
 from pubrelay.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, EXIT_WORKER_FAILED
 from pubrelay.logging import log_line
+from pubrelay.loop_watch import LoopWatch
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings
 from schemas.errors import BusUnavailable, PubrelayError
@@ -163,8 +164,10 @@ async def run(
             secrets = resolve_secrets(settings, generate=True)
     registry = new_registry()
     DataDirSpace(settings.data_dir, registry)
+    watch = LoopWatch(registry)
 
     async with AsyncExitStack() as stack:
+        stack.callback(watch.stop)  # the first in, the last out: it watches the shutdown too
         if worker and settings.bus.kind == "sqlite":
             # One consuming process per embedded bus (data directory): a second one stops
             # here with BusInUse (exit 2). Webhook-only processes may run side by side.
@@ -245,6 +248,7 @@ async def run(
         if parts is not None:
             log.info("console", url=console_url(settings.http.host, settings.http.port))
         tune_runtime()
+        watch.start()  # from here on, until stopped: start-up's imports may take seconds
         code = await _wait(stop, worker_task)
         log.info("stopping")
     log.info("stopped")

@@ -28,6 +28,7 @@ from handlers.types import HandlerContext
 from handlers.worker.metrics import WorkerMetrics
 from pubrelay.cli import build_parser
 from pubrelay.data_dir_metrics import DataDirSpace
+from pubrelay.loop_watch import LoopWatch
 from pubrelay.settings import describe_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,6 +75,7 @@ def exported_metric_names() -> set[str]:
     PublicationMetrics(registry)
     ReconcileMetrics(registry)
     DataDirSpace(Path(), registry)
+    LoopWatch(registry)
     crm_metrics(
         HandlerContext(
             name="crm",
