@@ -31,6 +31,9 @@ QUARANTINE_REASONS: Final = (
     "no_topic",
 )
 GUARDS: Final = (
+    # 401: an x-voucherify-signature header that matches none of the secrets (an absent
+    # one is not counted here): Voucherify signing with a secret pubrelay does not have.
+    "signature_mismatch",
     # 401 without the whitespace-stripped signature check: the body was over
     # consumer/signature.py's MAX_NORMALISED_BYTES or held more quotes and backslashes
     # than its MAX_NORMALISED_TOKENS.
@@ -73,7 +76,7 @@ class WebhookMetrics:
         )
         self.publish_seconds = LoopHistogram(
             "pubrelay_bus_publish_duration_seconds",
-            "Time for the bus to acknowledge one record.",
+            "Time for the bus to answer one publish: acknowledged, refused or timed out.",
             [],
             buckets=_LATENCY_BUCKETS,
             registry=registry,

@@ -379,6 +379,8 @@ class Intake:
         verdict = self.verifier.check(body, signature)
         if verdict is Verdict.VALID:
             return None
+        if signature is not None:
+            self.metrics.refused.labels("signature_mismatch").inc()
         if verdict is Verdict.NOT_NORMALISED:
             self.metrics.refused.labels("signature_fallback_skipped").inc()
         return Answer(
@@ -446,8 +448,9 @@ class Intake:
         whose topic may not be created is kept there (and the log line says so)."""
         record = flight.line.record
         assert record is not None
+        # Every publish's time, refused and timed out ones too: the slow ones are those.
+        self.metrics.publish_seconds.observe(time.perf_counter() - flight.published)
         if error is None:
-            self.metrics.publish_seconds.observe(time.perf_counter() - flight.published)
             if record.quarantined is not None:
                 self.metrics.quarantined.labels(record.quarantined.reason).inc()
                 return quarantined(record.quarantined.reason)
@@ -459,6 +462,7 @@ class Intake:
             # event in quarantine rather than answer 503 until Voucherify gives up on us.
             record = self._no_topic_record(record.routed, error, flight.view, record.received_at)
             flight.line.record, flight.retried = record, True
+            flight.published = time.perf_counter()
             self._send(record, flight.line.body).add_done_callback(flight.sent)
             return None
         if isinstance(error, BusError):

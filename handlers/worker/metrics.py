@@ -53,7 +53,8 @@ class WorkerMetrics:
         )
         self.lag = Gauge(
             "pubrelay_consumer_lag",
-            "Records not yet committed by the handler's consumer group.",
+            "Records not yet committed by the handler's group on the partitions this worker "
+            "holds (sum it over workers).",
             ["handler"],
             registry=registry,
         )

@@ -124,6 +124,11 @@ async def test_bad_or_missing_signature_is_401_and_stores_nothing(
     assert await read_topic(sqlite_bus, TOPIC) == []
     assert await read_topic(sqlite_bus, QUARANTINE) == []
     assert metric(registry, "pubrelay_webhook_requests_total", outcome="unauthorized") == 1
+    # A signature that matches no secret (a rotated secret) is told from none at all.
+    mismatched = 1 if "x-voucherify-signature" in headers else 0
+    assert metric(registry, "pubrelay_webhook_refused_total", guard="signature_mismatch") == (
+        mismatched
+    )
 
 
 async def test_signature_over_a_tampered_body_is_rejected(
@@ -290,6 +295,9 @@ async def test_stalled_bus_answers_503_with_retry_after_and_keeps_nothing(
     assert [header(r.headers, "event-id") for r in records] == [b"evcus_later"]
     assert metric(registry, "pubrelay_webhook_requests_total", outcome="unavailable") == 1
     assert metric(registry, "pubrelay_bus_errors_total", operation="publish") == 1
+    # The publish that timed out is timed too, beside the one acknowledged.
+    assert metric(registry, "pubrelay_bus_publish_duration_seconds_count") == 2
+    assert metric(registry, "pubrelay_bus_publish_duration_seconds_bucket", le="0.25") == 1
 
 
 async def test_closed_bus_answers_503_and_readyz_reports_it(
