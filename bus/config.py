@@ -24,7 +24,8 @@ class BusSettings(BaseModel):
         examples=["kafka://127.0.0.1:9092"],
         description=(
             "`sqlite:///relative/path`, `sqlite:////absolute/path` or "
-            "`kafka://host:port[,host:port]`; empty: `<data dir>/bus.sqlite3`"
+            "`kafka://host:port[,host:port]` (no credentials: the `SASL_*` settings); "
+            "empty: `<data dir>/bus.sqlite3`"
         ),
     )
     topic_prefix: str = Field(
@@ -176,6 +177,12 @@ class BusSettings(BaseModel):
             raise ValueError("sqlite:/// needs a file path (empty: <data dir>/bus.sqlite3)")
         if value.startswith("kafka://") and not value.removeprefix("kafka://").strip(", "):
             raise ValueError("kafka:// needs at least one host:port")
+        if value.startswith("kafka://") and "@" in value:
+            # Messages name the bus by its URL: a password in it would be printed.
+            raise ValueError(
+                "must not hold credentials: set PUBRELAY_BUS__SASL_MECHANISM, "
+                "PUBRELAY_BUS__SASL_USERNAME and PUBRELAY_BUS__SASL_PASSWORD instead"
+            )
         return value
 
     @model_validator(mode="after")

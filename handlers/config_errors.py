@@ -45,6 +45,9 @@ _PROBLEMS: Final = {
 _SECRET_WORDS: Final = re.compile(r"(SECRET|TOKEN|PASSWORD)")
 # Up to the last "@" of the URL: a password may hold "/", "#" or "@" unencoded.
 _URL_USERINFO: Final = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)(?P<userinfo>\S*)@")
+# The same without a scheme ("u:pw@h:9092", "redis//:pw@h"): a URL mistyped, where the
+# error quotes it to say so.
+_BARE_USERINFO: Final = re.compile(r"(?P<head>(?:^|[\s/])[^\s:/@]*):(?!//)\S*@")
 _URL_QUERY: Final = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^\s?#]*\?)(?P<query>[^\s#]*)")
 _QUERY_VALUE: Final = re.compile(r"(?P<name>(?:^|&)[^=&]*=)[^&]*")
 MASK: Final = "****"
@@ -156,8 +159,9 @@ def example_value(field: FieldInfo) -> str | None:
 
 
 def mask_url(text: str) -> str:
-    """``text`` with the password (or a lone token) of every URL's userinfo masked, and
-    the values of its query string (``?access_token=...``)."""
+    """``text`` with the password (or a lone token) of every URL's userinfo masked, also
+    in a URL whose scheme is mistyped or missing, and the values of its query string
+    (``?access_token=...``)."""
 
     def masked(match: re.Match[str]) -> str:
         user, colon, _ = match["userinfo"].partition(":")
@@ -166,7 +170,8 @@ def mask_url(text: str) -> str:
     def query(match: re.Match[str]) -> str:
         return match["head"] + _QUERY_VALUE.sub(rf"\g<name>{MASK}", match["query"])
 
-    return _URL_QUERY.sub(query, _URL_USERINFO.sub(masked, text))
+    text = _URL_QUERY.sub(query, _URL_USERINFO.sub(masked, text))
+    return _BARE_USERINFO.sub(rf"\g<head>:{MASK}@", text) if "@" in text else text
 
 
 def shown(name: str, value: str, field: FieldInfo | None) -> str:

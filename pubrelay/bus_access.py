@@ -8,25 +8,22 @@ answer "0 dead letters" for a data directory that was simply not the right one.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Final
 
 from bus import create_bus
 from bus.types import Bus
+from handlers.config_errors import mask_url
 from handlers.registry import available
 from pubrelay.exit_codes import EXIT_UNAVAILABLE
 from pubrelay.settings import Settings
 from schemas.errors import BusUnavailable, ConfigError
 
-_PASSWORD: Final = re.compile(r"(?<=://)([^:/@]*):[^@/]*@")
-
 
 def bus_url(settings: Settings) -> str:
-    """The bus URL as configured, or the embedded default's; a password becomes ``***``."""
-    url = settings.bus.url or f"sqlite:///{settings.sqlite_bus_path}"
-    return _PASSWORD.sub(r"\1:***@", url)
+    """The bus URL as configured, or the embedded default's. The settings refuse
+    credentials in it (``SASL_*`` hold them); masked all the same."""
+    return mask_url(settings.bus.url or f"sqlite:///{settings.sqlite_bus_path}")
 
 
 def describe(settings: Settings, topic: str) -> str:

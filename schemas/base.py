@@ -32,6 +32,10 @@ to every handler's dead letters."""
 
 
 class VoucherifyModel(BaseModel):
-    """Keeps unknown fields: they are still reachable through ``model_extra``."""
+    """Keeps unknown fields: they are still reachable through ``model_extra``.
 
-    model_config = ConfigDict(extra="allow")
+    A validation error names the field and what was wrong, never the value: the error
+    reaches logs, dead letters' headers and the console, and pydantic cuts a long value to
+    its two ends, where a customer's address cut before its ``@`` escapes masking."""
+
+    model_config = ConfigDict(extra="allow", hide_input_in_errors=True)

@@ -23,10 +23,11 @@ What it exports, on the worker's registry:
 Label values must stay few (every value is a time series). ``channel`` is free text and
 campaigns come and go, so each is capped: to ``PUBRELAY_METRICS__CHANNELS`` /
 ``PUBRELAY_METRICS__CAMPAIGNS`` (JSON lists) when set, otherwise to the first
-``PUBRELAY_METRICS__TOP_N`` (default 20) distinct values this process has seen. Everything
-else is ``other``; a missing value is ``unknown``. ``voucher_type`` keeps Voucherify's
-three types. The first-seen set is per process and starts over on restart, so allowlists
-are what keeps dashboards stable.
+``PUBRELAY_METRICS__TOP_N`` (default 20) distinct values this process has seen, but
+never one holding an ``@`` (an address is a customer's data). Everything else is
+``other``; a missing value is ``unknown``. ``voucher_type`` keeps Voucherify's three
+types. The first-seen set is per process and starts over on restart, so allowlists are
+what keeps dashboards stable.
 
 If a project sends both ``customer.publication.succeeded`` and ``publication.succeeded``
 for the same publications, either filter queries by ``event_type`` or narrow the handler
@@ -113,9 +114,9 @@ class PublicationMetricsSettings(BaseModel):
 class LabelCap:
     """Maps the unbounded values of one label onto a bounded set.
 
-    With an allowlist, only its values pass; without, the first ``top_n`` distinct values
-    pass. Everything else becomes ``other`` (counted on ``on_capped``), a missing or
-    blank value ``unknown``.
+    With an allowlist, only its values pass; without, the first ``top_n`` distinct
+    values pass, except one holding an ``@``. Everything else becomes ``other`` (counted
+    on ``on_capped``), a missing or blank value ``unknown``.
     """
 
     def __init__(
@@ -142,7 +143,9 @@ class LabelCap:
                 return text
         elif text in self.seen:
             return text
-        elif len(self.seen) < self.top_n and len(text) <= MAX_LABEL_CHARS:
+        elif len(self.seen) < self.top_n and len(text) <= MAX_LABEL_CHARS and "@" not in text:
+            # An address-shaped value is a customer's data (channel is whatever the caller
+            # of Voucherify's publish API wrote): never a label unless allowlisted.
             self.seen.add(text)
             return text
         if self._on_capped is not None:

@@ -33,6 +33,22 @@ def test_acks_below_all_stop_start_up_unless_explicitly_allowed(
     assert load_settings().bus.acks == acks
 
 
+@pytest.mark.parametrize(
+    "url", ["kafka://kuser:Kafka/Pass@127.0.0.1:9092", "kafka://b1:9092,kuser:Kafka/Pass@b2:9092"]
+)
+def test_credentials_in_the_kafka_url_are_refused_without_being_printed(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    # Messages name the bus by its URL (a broker down, a topic refused): a password in it
+    # would be printed; the SASL settings keep it out of them.
+    monkeypatch.setenv("PUBRELAY_BUS__URL", url)
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+
+    assert "PUBRELAY_BUS__SASL_USERNAME" in str(raised.value)
+    assert "Kafka/Pass" not in str(raised.value)
+
+
 def test_defaults_suit_a_three_broker_cluster() -> None:
     settings = BusSettings(url=KAFKA)
     assert (settings.acks, settings.replication_factor, settings.min_insync_replicas) == (

@@ -45,11 +45,28 @@ from pubrelay.config_command import shown_value
             "https://hooks.example/x?access_token=****&v=****",
         ),
         ("PUBRELAY_HTTP__PORT", 8080, "8080"),
+        ("PUBRELAY_EMAIL__SENDER", "Shop: Deals <coupons@shop.example>", None),
     ],
 )
 def test_pubrelay_config_masks_every_secret_it_shows(name: str, value: object, shown: str) -> None:
     field = FieldInfo(annotation=type(value))
-    assert shown_value(name, value, field) == shown
+    assert shown_value(name, value, field) == (str(value) if shown is None else shown)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "seen"),
+    [
+        ("PUBRELAY_BUS__URL", "u:BUSPW@h:9092", "u:****@h:9092"),
+        ("PUBRELAY_LEDGER__URL", "redis//:REDISPW@h:6379", "redis//:****@h:6379"),
+        ("PUBRELAY_BUS__URL", "b1:9092,kuser:Kafka/PW@b2:9092", "b1:****@b2:9092"),
+    ],
+)
+def test_a_url_with_a_mistyped_scheme_is_quoted_with_its_password_masked(
+    name: str, value: str, seen: str
+) -> None:
+    line = shown(name, value, FieldInfo(annotation=str))
+    assert "PW" not in line
+    assert seen in line
 
 
 @pytest.mark.parametrize(

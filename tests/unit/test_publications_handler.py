@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import structlog
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from handlers.builtin.metrics import (
     PUBLICATION_EVENT_TYPES,
@@ -240,6 +240,18 @@ async def test_a_very_long_free_text_channel_is_never_a_label() -> None:
     await handler.handle(as_event(body(1, channel="x" * 500)))
 
     assert publications(registry, channel="other") == 1
+
+
+async def test_a_customer_address_written_as_the_channel_is_never_a_label() -> None:
+    registry = CollectorRegistry()
+    handler = make_handler(registry)
+
+    await handler.handle(as_event(body(1, channel="Jane.Doe@example.com")))
+
+    assert publications(registry, channel="other") == 1
+    exposed = generate_latest(registry).decode()
+    assert "example.com" not in exposed
+    assert "Jane" not in exposed
 
 
 async def test_missing_values_are_unknown_and_unknown_voucher_types_other() -> None:
