@@ -47,8 +47,10 @@ class BusSettings(BaseModel):
         gt=0,
         description=(
             "embedded bus: records older than this are deleted once every consumer "
-            "group of their topic is past them (topics no group reads: by age, but "
-            "quarantine and dead letters are kept)"
+            "group of their topic is past them, but a group not seen for this long (a "
+            "handler disabled, a worker stopped) no longer holds them, as on Kafka "
+            "(`bus_retention_passed_silent_group` in the log); topics no group reads: by "
+            "age, but quarantine and dead letters are kept"
         ),
     )
     poll_interval_s: float = Field(

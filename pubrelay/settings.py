@@ -40,6 +40,8 @@ class LogSettings(BaseModel):
 
 
 VOUCHERIFY_TIMEOUT_S: Final = 10.0
+LIVE_GROUP_REPORTS: Final = 4  # lag reports a retention spans at least
+
 """How long Voucherify waits for a webhook's answer before it counts a failed delivery."""
 
 
@@ -91,6 +93,20 @@ class Settings(BaseSettings):
                 f"PUBRELAY_HTTP__BODY_READ_TIMEOUT_S={read:g} plus "
                 f"PUBRELAY_BUS__PUBLISH_TIMEOUT_S={publish:g} must stay under "
                 f"{VOUCHERIFY_TIMEOUT_S:g} s, Voucherify's wait for an answer: lower either"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _retention_sees_live_workers(self) -> Self:
+        """The embedded bus's retention passes over a consumer group not seen for as long
+        as itself; a live worker is seen at every lag report."""
+        retention, lag = self.bus.retention_s, self.worker.lag_interval_s
+        if self.bus.kind == "sqlite" and retention < LIVE_GROUP_REPORTS * lag:
+            raise ValueError(
+                f"PUBRELAY_BUS__RETENTION_S={retention:g} must be at least "
+                f"{LIVE_GROUP_REPORTS} times PUBRELAY_WORKER__LAG_INTERVAL_S={lag:g}: a "
+                "running worker's group, seen at each lag report, would look gone and its "
+                "unhandled records be deleted"
             )
         return self
 

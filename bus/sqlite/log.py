@@ -308,6 +308,14 @@ class SqliteBus:
             log.warning("bus_retention_failed", error=str(err), deleted=current.deleted)
             current.topics = []
         if current.done:
+            for (group, topic), records in current.passed_over.items():
+                log.warning(
+                    "bus_retention_passed_silent_group",
+                    group=group,
+                    topic=topic,
+                    records=records,
+                    reason=f"not seen for over PUBRELAY_BUS__RETENTION_S ({self.retention_s:g} s)",
+                )
             self._retention = None
             self._next_retention = time.monotonic() + min(self.retention_s, MAX_PASS_INTERVAL_S)
             if current.deleted:

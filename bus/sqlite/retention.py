@@ -2,7 +2,15 @@
 
 A record older than the retention is deleted once every consumer group that reads its
 topic has committed past it, so nothing unhandled is lost; records of topics no group
-reads are deleted by age alone, except quarantine and dead letters (kept for a human).
+reads are deleted by age alone, except quarantine and dead letters (kept for a human). A
+group not seen for longer than the retention itself (no commit, and no lag reported by
+its worker, which does so every ``PUBRELAY_WORKER__LAG_INTERVAL_S``: a handler disabled
+or renamed, a worker stopped that long) no longer holds records back, as on Kafka, where
+retention is by age alone: without that, one disabled handler kept every record from its
+last commit on, until the disk was full. Each pass counts the records it deleted before
+such a group had read them (:attr:`RetentionPass.passed_over`). Quarantine and dead
+letters keep waiting for their groups (a person's release or replay) however long ago
+those committed.
 
 A pass walks the topics one after another. Each step is one short transaction that looks
 at no more than ``chunk_rows`` of a topic's oldest records, in offset order, and deletes
@@ -37,7 +45,15 @@ WITH RECURSIVE t(topic) AS (
 SELECT topic FROM t WHERE topic IS NOT NULL
 """
 # group_offsets is small (groups x topics); its primary key starts with the group.
-_GROUPS_SQL: Final = "SELECT COUNT(*), MIN(next_offset) FROM group_offsets WHERE topic = ?"
+_GROUPS_SQL: Final = (
+    "SELECT COUNT(*), MIN(next_offset), "
+    "MIN(CASE WHEN seen_ms >= ? THEN next_offset END) "
+    "FROM group_offsets WHERE topic = ?"
+)
+_SILENT_GROUPS_SQL: Final = (
+    "SELECT grp, next_offset FROM group_offsets "
+    "WHERE topic = ? AND seen_ms < ? AND next_offset <= ?"
+)
 _OLDEST_SQL: Final = (
     "SELECT id, ts_ms FROM log INDEXED BY log_topic_id "
     "WHERE topic = ? AND id < ? ORDER BY id LIMIT ?"
@@ -45,7 +61,7 @@ _OLDEST_SQL: Final = (
 _DELETE_SQL: Final = (
     "DELETE FROM log INDEXED BY log_topic_id WHERE topic = ? AND id >= ? AND id <= ?"
 )
-STATEMENTS: Final = (_TOPICS_SQL, _GROUPS_SQL, _OLDEST_SQL, _DELETE_SQL)
+STATEMENTS: Final = (_TOPICS_SQL, _GROUPS_SQL, _SILENT_GROUPS_SQL, _OLDEST_SQL, _DELETE_SQL)
 """Every statement a pass runs (for checking their query plans)."""
 
 _NO_BOUND: Final = 2**63 - 1
@@ -67,6 +83,8 @@ class RetentionPass:
     steps: int = 0
     longest_step_s: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
+    passed_over: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(group, topic): records deleted before that silent group had read them."""
 
     @property
     def done(self) -> bool:
@@ -85,7 +103,9 @@ class RetentionPass:
         elif self.topics:
             topic = self.topics[0]
             with transaction(conn):
-                removed = _delete_chunk(conn, topic, self.cutoff_ms, self.chunk_rows)
+                removed = _delete_chunk(
+                    conn, topic, self.cutoff_ms, self.chunk_rows, self.passed_over
+                )
             self.deleted += removed
             if removed < self.chunk_rows:  # cut short: nothing more may go in this topic
                 self.topics.pop(0)
@@ -93,15 +113,24 @@ class RetentionPass:
         self.longest_step_s = max(self.longest_step_s, time.monotonic() - started)
 
 
-def _delete_chunk(conn: sqlite3.Connection, topic: str, cutoff_ms: int, limit: int) -> int:
-    """Delete up to ``limit`` of ``topic``'s oldest records that may go; return how many."""
-    groups, lowest = conn.execute(_GROUPS_SQL, (topic,)).fetchone()
-    if groups:
-        bound = int(lowest)  # every group has committed below this offset
-    elif kept_for_a_human(topic):
-        return 0
+def _delete_chunk(
+    conn: sqlite3.Connection,
+    topic: str,
+    cutoff_ms: int,
+    limit: int,
+    passed_over: dict[tuple[str, str], int],
+) -> int:
+    """Delete up to ``limit`` of ``topic``'s oldest records that may go; return how many,
+    adding those a silent group had not read to ``passed_over``."""
+    groups, lowest, lowest_seen = conn.execute(_GROUPS_SQL, (cutoff_ms, topic)).fetchone()
+    if kept_for_a_human(topic):
+        if not groups:
+            return 0
+        bound = int(lowest)  # a person's release or replay marks what is done, however old
+    elif lowest_seen is not None:
+        bound = int(lowest_seen)  # every group still seen is past this offset
     else:
-        bound = _NO_BOUND
+        bound = _NO_BOUND  # no group, or none seen within the retention: by age
     rows = conn.execute(_OLDEST_SQL, (topic, bound, limit)).fetchall()
     expired = 0
     for _, ts_ms in rows:
@@ -109,5 +138,11 @@ def _delete_chunk(conn: sqlite3.Connection, topic: str, cutoff_ms: int, limit: i
             break
         expired += 1
     if expired:
-        conn.execute(_DELETE_SQL, (topic, rows[0][0], rows[expired - 1][0]))
+        first, last = rows[0][0], rows[expired - 1][0]
+        conn.execute(_DELETE_SQL, (topic, first, last))
+        if groups and int(lowest) <= last:
+            for group, next_offset in conn.execute(_SILENT_GROUPS_SQL, (topic, cutoff_ms, last)):
+                unread = sum(1 for offset, _ in rows[:expired] if offset >= next_offset)
+                key = (group, topic)
+                passed_over[key] = passed_over.get(key, 0) + unread
     return expired

@@ -131,17 +131,26 @@ class SqliteSubscription:
             await self._db.run(self._commit, dict(offsets))
 
     def _commit(self, conn: sqlite3.Connection, offsets: dict[TopicPartition, int]) -> None:
+        now_ms = int(time.time() * 1000)
         with transaction(conn):
             conn.executemany(
-                "INSERT INTO group_offsets (grp, topic, next_offset) VALUES (?, ?, ?) "
-                "ON CONFLICT (grp, topic) DO UPDATE SET next_offset = excluded.next_offset",
-                [(self.group, tp.topic, offset) for tp, offset in offsets.items()],
+                "INSERT INTO group_offsets (grp, topic, next_offset, seen_ms) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (grp, topic) DO UPDATE SET "
+                "next_offset = excluded.next_offset, seen_ms = excluded.seen_ms",
+                [(self.group, tp.topic, offset, now_ms) for tp, offset in offsets.items()],
             )
 
     async def lag(self) -> Mapping[TopicPartition, int]:
         return await self._db.run(self._lag)
 
     def _lag(self, conn: sqlite3.Connection) -> dict[TopicPartition, int]:
+        # The worker asks every PUBRELAY_WORKER__LAG_INTERVAL_S: the group is alive, even
+        # stuck on a retry with nothing to commit, and retention keeps its records for it.
+        with transaction(conn):
+            conn.execute(
+                "UPDATE group_offsets SET seen_ms = ? WHERE grp = ?",
+                (int(time.time() * 1000), self.group),
+            )
         committed = self._committed(conn)
         out: dict[TopicPartition, int] = {}
         for topic in self.topics:

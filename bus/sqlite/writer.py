@@ -36,7 +36,7 @@ from typing import Final, NamedTuple
 from bus.sqlite import pipe
 from bus.sqlite.connection import connect
 from bus.sqlite.retention import RetentionPass
-from bus.sqlite.schema import SCHEMA
+from bus.sqlite.schema import SCHEMA, migrate
 
 _ROWS_PER_INSERT: Final = 100  # 500 parameters, well under SQLite's limit
 
@@ -186,6 +186,7 @@ class _Writer:
         conn = connect(Path(request.path), request.busy_timeout_s)
         try:
             conn.executescript(SCHEMA)
+            migrate(conn)
         except BaseException:
             conn.close()
             raise

@@ -16,6 +16,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import structlog
+
 from bus.sqlite import SqliteBus
 from bus.sqlite.connection import connect
 from bus.sqlite.retention import RetentionPass
@@ -90,7 +92,10 @@ def test_a_pass_deletes_in_small_index_driven_transactions(tmp_path: Path) -> No
     path = tmp_path / "bus.sqlite3"
     with contextlib.closing(connect(path, 30.0)) as conn:
         conn.executescript(SCHEMA)
-        conn.execute("INSERT INTO group_offsets VALUES ('g', 'p.events', ?)", (BACKLOG + 1,))
+        conn.execute(
+            "INSERT INTO group_offsets (grp, topic, next_offset, seen_ms) VALUES (?, ?, ?, ?)",
+            ("g", "p.events", BACKLOG + 1, int(time.time() * 1000)),
+        )
     assert add_expired_backlog(path) == BACKLOG
     traced: list[tuple[str, int]] = []
     with contextlib.closing(connect(path, 30.0)) as conn:  # as the writer process opens it
@@ -122,16 +127,83 @@ async def test_an_expired_record_stays_until_every_group_of_its_topic_is_past_it
     await bus.start()
     try:
         # The groups first, so no pass can see the topic unread; the records get ids 1...
+        readers = []
         for group, past in (("fast", BACKLOG + 1), ("slow", 301)):  # "slow" handled 300
             reader = bus.subscribe(group, ["p.events"])
             await reader.start()
             await reader.commit({TopicPartition("p.events", 0): past})
-            await reader.close()
+            readers.append(reader)
         assert add_expired_backlog(path) == BACKLOG
-        await asyncio.sleep(1.2)  # two passes at least
+        for _ in range(12):  # two passes at least, the workers seen meanwhile (lag reports)
+            await asyncio.gather(*(reader.lag() for reader in readers))
+            await asyncio.sleep(0.1)
+        for reader in readers:
+            await reader.close()
     finally:
         await bus.close()
     with contextlib.closing(sqlite3.connect(path)) as conn:
         (lowest,) = conn.execute("SELECT MIN(id) FROM log WHERE topic = 'p.events'").fetchone()
     assert count(path, "p.events") == BACKLOG - 300
     assert lowest == 301
+
+
+async def test_a_group_not_seen_for_the_retention_no_longer_holds_records(
+    tmp_path: Path,
+) -> None:
+    """A handler disabled (its group never seen again) kept every record from its last
+    commit on, until the disk was full; as on Kafka, it now holds nothing past the
+    retention, and the log says what it had not read."""
+    path = tmp_path / "bus.sqlite3"
+    bus = SqliteBus(path, retention_s=0.5, retention_chunk_rows=CHUNK)
+    await bus.start()
+    try:
+        live = bus.subscribe("pubrelay.email", ["p.events"])
+        await live.start()
+        await live.commit({TopicPartition("p.events", 0): BACKLOG + 1})
+        gone = bus.subscribe("pubrelay.crm", ["p.events"])  # disabled after 100 records
+        await gone.start()
+        await gone.commit({TopicPartition("p.events", 0): 101})
+        await gone.close()
+        assert add_expired_backlog(path) == BACKLOG
+        with structlog.testing.capture_logs() as logs:
+            deadline = time.monotonic() + 10
+            while count(path, "p.events") and time.monotonic() < deadline:
+                await live.lag()  # the running worker, seen at each lag report
+                await asyncio.sleep(0.1)
+        await live.close()
+    finally:
+        await bus.close()
+
+    assert count(path, "p.events") == 0
+    passed = [line for line in logs if line["event"] == "bus_retention_passed_silent_group"]
+    assert [(line["group"], line["topic"]) for line in passed] == [("pubrelay.crm", "p.events")]
+    assert sum(line["records"] for line in passed) == BACKLOG - 100
+    assert passed[0]["log_level"] == "warning"
+
+
+async def test_a_silent_group_still_marks_what_was_released_from_quarantine(
+    tmp_path: Path,
+) -> None:
+    """Quarantine waits for a person: what its release group has not taken stays, however
+    long ago that group last committed."""
+    path = tmp_path / "bus.sqlite3"
+    bus = SqliteBus(path, retention_s=0.2)
+    await bus.start()
+    try:
+        for n in range(4):
+            await bus.publish("p.quarantine", f"q{n}".encode())
+        release = bus.subscribe("pubrelay.release", ["p.quarantine"])
+        await release.start()
+        await release.commit({TopicPartition("p.quarantine", 0): 3})  # q0 and q1 released
+        await release.close()
+        deadline = time.monotonic() + 10
+        while count(path, "p.quarantine") > 2 and time.monotonic() < deadline:
+            await bus.publish("p.trigger", b"publishes go on meanwhile")
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.6)  # more passes, the release group silent all along
+    finally:
+        await bus.close()
+
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        left = [v for (v,) in conn.execute("SELECT value FROM log WHERE topic = 'p.quarantine'")]
+    assert left == [b"q2", b"q3"]

@@ -127,3 +127,18 @@ def test_the_compose_services_settings_load(monkeypatch: pytest.MonkeyPatch, ser
 def test_the_kubernetes_configmap_settings_load(monkeypatch: pytest.MonkeyPatch) -> None:
     configmap = yaml.safe_load((DEPLOY / "k8s" / "configmap.yaml").read_text())
     _load_with(monkeypatch, configmap["data"])
+
+
+def test_an_embedded_retention_shorter_than_four_lag_reports_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Retention passes over a group not seen for as long: a running worker is seen at
+    # each lag report, so a shorter retention would delete what it has not handled yet.
+    monkeypatch.setenv("PUBRELAY_BUS__RETENTION_S", "59")
+    with pytest.raises(ConfigError, match="PUBRELAY_WORKER__LAG_INTERVAL_S=15"):
+        load_settings()
+    monkeypatch.setenv("PUBRELAY_WORKER__LAG_INTERVAL_S", "10")
+    assert load_settings().bus.retention_s == 59
+    monkeypatch.setenv("PUBRELAY_BUS__URL", KAFKA)  # Kafka's retention is the cluster's
+    monkeypatch.setenv("PUBRELAY_WORKER__LAG_INTERVAL_S", "15")
+    assert load_settings().bus.retention_s == 59
