@@ -318,6 +318,20 @@ _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 fault, so exit 3, not 2."""
 
 
+def _data_dir_setting(settings: Settings | None, err: OSError) -> str:
+    """For an error on the data directory (or a file in it) that is not a full disk, the
+    setting that chose it: the directory may be a file, read-only, or another user's."""
+    if settings is None or err.errno in _NO_ROOM or not err.filename:
+        return ""
+    failed, data_dir = Path(os.fsdecode(err.filename)).absolute(), settings.data_dir.absolute()
+    if failed != data_dir and data_dir not in failed.parents:
+        return ""
+    return (
+        f" (the data directory, PUBRELAY_DATA_DIR={settings.data_dir}: it must be a "
+        "directory this process can create and write, e.g. PUBRELAY_DATA_DIR=/var/lib/pubrelay)"
+    )
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "config":
@@ -325,6 +339,7 @@ def _main(argv: Sequence[str] | None) -> int:
         from pubrelay.config_command import run_config  # noqa: PLC0415
 
         return run_config(check=args.check)
+    settings: Settings | None = None
     try:
         settings = load_settings()
         configure_logging(settings.log.level, settings.log.format)
@@ -337,7 +352,8 @@ def _main(argv: Sequence[str] | None) -> int:
         raise  # the output's reader left: main ends quietly
     except OSError as err:  # a missing file, an unwritable data directory, a full disk...
         where = f": {err.filename}" if err.filename else ""
-        print(f"pubrelay: {err.strerror or err}{where}", file=sys.stderr)
+        setting = _data_dir_setting(settings, err)
+        print(f"pubrelay: {err.strerror or err}{where}{setting}", file=sys.stderr)
         return EXIT_UNAVAILABLE if err.errno in _NO_ROOM else EXIT_CONFIG
     except sqlite3.Error as err:  # a data file that cannot be opened or written (a full disk)
         print(f"pubrelay: a data file failed: {err}", file=sys.stderr)

@@ -6,8 +6,9 @@ from typing import Final
 
 EXIT_OK: Final = 0
 EXIT_CONFIG: Final = 2
-"""A bad setting, an unknown or broken plugin, a port already taken, an embedded bus
-(data directory) another process already consumes."""
+"""A bad setting, an unknown or broken plugin, a port already taken, a data directory that
+is not one or cannot be written, an embedded bus (data directory) another process already
+consumes."""
 EXIT_UNAVAILABLE: Final = 3
 """The bus could not be reached at start (or, for ``reconcile``, failed during its run), or
 a data file (the ledger, the console's index, reconciliation's store) could not be opened

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import gc
 import importlib.metadata
 import os
@@ -181,7 +182,7 @@ async def run(
         parts = await stack.enter_async_context(
             open_console(settings, bus, registry, generate_token=console)
         )
-        worker_task: asyncio.Task[None] | None = None
+        runner = None
         if worker:
             # Plugins are loaded before anything listens: a bad one stops start-up.
             runner = await stack.enter_async_context(
@@ -199,7 +200,6 @@ async def run(
                     env=env,
                 )
             )
-            worker_task = asyncio.create_task(runner.run_until_stopped(stop), name="worker")
 
         if webhook:
             app = create_app(
@@ -227,14 +227,18 @@ async def run(
         # No SO_REUSEPORT: a second process on the same port must fail, not share it.
         try:
             await _listen(settings, app, web_runner, stack, webhook=webhook)
-        except OSError as err:
+        except OSError as err:  # before the worker consumed anything
             log.error(
-                "listen_failed", host=settings.http.host, port=settings.http.port, error=str(err)
+                "listen_failed",
+                host=settings.http.host,
+                port=settings.http.port,
+                error=str(err),
+                hint=_listen_hint(settings, err),
             )
-            stop.set()
-            if worker_task is not None:
-                await worker_task
             return EXIT_CONFIG
+        worker_task = None
+        if runner is not None:
+            worker_task = asyncio.create_task(runner.run_until_stopped(stop), name="worker")
 
         log.info(
             "listening",
@@ -253,6 +257,21 @@ async def run(
         log.info("stopping")
     log.info("stopped")
     return code
+
+
+def _listen_hint(settings: Settings, err: OSError) -> str:
+    """What to do about a port that could not be listened on."""
+    where = f"{settings.http.host}:{settings.http.port}"
+    if err.errno == errno.EADDRINUSE:
+        return (
+            f"{where} is in use by another process: stop it, or set PUBRELAY_HTTP__PORT "
+            "to a free port"
+        )
+    if err.errno == errno.EACCES:
+        return f"{where} needs privileges this process lacks: set PUBRELAY_HTTP__PORT above 1023"
+    if err.errno == errno.EADDRNOTAVAIL:
+        return f"no interface of this host has {settings.http.host}: check PUBRELAY_HTTP__HOST"
+    return f"check PUBRELAY_HTTP__HOST and PUBRELAY_HTTP__PORT ({where})"
 
 
 async def _listen(

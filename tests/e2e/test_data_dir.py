@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import time
@@ -136,3 +137,50 @@ def test_the_secret_is_written_through_a_new_private_file_never_through_a_plante
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     leftovers = sorted(p.name for p in data.iterdir() if p.name.startswith("."))
     assert leftovers == [f".{SECRET_FILE}.{os.getpid()}"]  # only the planted link
+
+
+def test_serve_on_a_port_in_use_stops_before_its_worker_starts_naming_the_setting(
+    run_pubrelay: Launcher,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = run_pubrelay(["serve"], env=SIGNED, port=port)
+        try:
+            code = server.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"serve is still running:\n{server.output()}")
+
+    assert code == 2
+    [failed] = [
+        json.loads(line) for line in server.output().splitlines() if "listen_failed" in line
+    ]
+    assert failed["hint"] == (
+        f"127.0.0.1:{port} is in use by another process: stop it, or set PUBRELAY_HTTP__PORT "
+        "to a free port"
+    )
+    assert "worker_started" not in server.output()  # nothing was consumed
+    assert "Traceback" not in server.output()
+
+
+@pytest.mark.parametrize("under", ["", "sub"], ids=["a-file", "under-a-file"])
+def test_a_data_directory_that_cannot_be_one_is_named_with_its_setting(
+    tmp_path: Path, under: str
+) -> None:
+    (tmp_path / "afile").write_text("not a directory")
+    data_dir = tmp_path / "afile" / under if under else tmp_path / "afile"
+    result = subprocess.run(
+        [pubrelay_bin(), "serve"],
+        cwd=tmp_path,
+        env={**os.environ, **SIGNED, "PUBRELAY_DATA_DIR": str(data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"(the data directory, PUBRELAY_DATA_DIR={data_dir}: it must be a directory" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
