@@ -13,9 +13,11 @@ import json
 import sys
 
 from bus.types import Bus
+from consumer.metrics import QUARANTINE_REASONS
 from consumer.quarantine import QuarantinedRecord, Selection, list_quarantined, release
 from pubrelay.bus_access import bus_url, describe, with_existing_bus
 from pubrelay.dead_letter_commands import when
+from pubrelay.exit_codes import EXIT_CONFIG
 from pubrelay.settings import Settings
 from pubrelay.text import for_terminal
 from schemas.topics import quarantine_topic
@@ -34,7 +36,27 @@ def _record_json(record: QuarantinedRecord) -> dict[str, object]:
     }
 
 
+def _selection_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the records chosen on the command line, if anything."""
+    unknown = [reason for reason in args.reason or () if reason not in QUARANTINE_REASONS]
+    if unknown:
+        return (
+            f"--reason {for_terminal(unknown[0])}: not a quarantine reason "
+            f"(one of {', '.join(QUARANTINE_REASONS)})"
+        )
+    if getattr(args, "all", False) and (args.event_id or args.reason):
+        return "--all chooses every record waiting: leave out --event-id and --reason, or --all"
+    return None
+
+
+def _refused(command: str, problem: str) -> int:
+    print(f"pubrelay quarantine {command}: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
 async def quarantine_list(settings: Settings, args: argparse.Namespace) -> int:
+    if problem := _selection_problem(args):
+        return _refused("list", problem)
     topic = quarantine_topic(settings.bus.topic_prefix)
     selection = Selection(event_ids=args.event_id or (), reasons=args.reason or ())
 
@@ -75,12 +97,11 @@ async def quarantine_list(settings: Settings, args: argparse.Namespace) -> int:
 
 async def quarantine_release(settings: Settings, args: argparse.Namespace) -> int:
     if not (args.event_id or args.reason or args.all):
-        print(
-            "pubrelay quarantine release: choose what to release: --event-id ID, "
-            "--reason REASON, or --all",
-            file=sys.stderr,
+        return _refused(
+            "release", "choose what to release: --event-id ID, --reason REASON, or --all"
         )
-        return 1
+    if problem := _selection_problem(args):
+        return _refused("release", problem)
     selection = Selection(event_ids=args.event_id or (), reasons=args.reason or ())
 
     async def work(bus: Bus) -> int:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
+import pytest
+
 from bus.pending import SMALL_BATCH_RECORDS
 from bus.sqlite import SqliteBus
 from handlers.worker.dead_letters import dead_letter_headers
@@ -375,6 +377,24 @@ def test_an_unknown_handler_or_a_missing_bus_is_an_error_not_an_empty_list(
     quarantine = cli("quarantine", "list", cwd=tmp_path)
     assert quarantine.returncode == 2
     assert not (tmp_path / "var").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("list", "--reason", "bogus"), "--reason bogus: not a quarantine reason (one of not_utf8"),
+        (("release", "--reason", "stael"), "--reason stael: not a quarantine reason"),
+        (("release", "--event-id", "x", "--all"), "--all chooses every record waiting"),
+        (("release",), "choose what to release: --event-id ID, --reason REASON, or --all"),
+    ],
+)
+def test_a_quarantine_selection_that_cannot_mean_anything_is_refused_before_the_bus(
+    tmp_path: Path, args: tuple[str, ...], said: str
+) -> None:
+    refused = cli("quarantine", *args, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert said in refused.stderr
+    assert not (tmp_path / "var").exists()  # refused before looking for a bus
 
 
 def test_a_stale_event_is_quarantined_listed_and_released_once_the_age_limit_allows_it(
