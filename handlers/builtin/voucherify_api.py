@@ -29,11 +29,11 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Self
 from urllib.parse import quote
 
 import aiohttp
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from handlers.builtin.http_client import HttpUrlStr
 from handlers.builtin.retry_after import retry_after_s
@@ -78,7 +78,8 @@ class VoucherifySettings(BaseModel):
         default="",
         description=(
             "`X-App-Id` of a read-only API key pair (see "
-            "[Reconciliation](#reconciliation)); empty: no reconciliation"
+            "[Reconciliation](#reconciliation)); empty: no reconciliation. Set both of "
+            "the pair or neither"
         ),
     )
     app_token: SecretStr = Field(
@@ -104,6 +105,24 @@ class VoucherifySettings(BaseModel):
     max_retries: int = Field(
         default=3, ge=0, description="retries of one request after a 429, a 5xx or a network error"
     )
+
+    @model_validator(mode="after")
+    def _whole_key_pair(self) -> Self:
+        """Half a key pair, or the example's placeholders, left reconciliation silently off."""
+        token = self.app_token.get_secret_value()
+        if bool(self.app_id) != bool(token):
+            given, missing = ("APP_ID", "APP_TOKEN") if self.app_id else ("APP_TOKEN", "APP_ID")
+            raise ValueError(
+                f"PUBRELAY_VOUCHERIFY__{given} is set without PUBRELAY_VOUCHERIFY__{missing}: "
+                "reconciliation needs the whole key pair (or neither, to run without it)"
+            )
+        # deploy/pubrelay.env.example's placeholders (consumer.config.PLACEHOLDER)
+        if self.app_id.startswith("replace-with-") or token.startswith("replace-with-"):
+            raise ValueError(
+                "PUBRELAY_VOUCHERIFY__APP_ID / APP_TOKEN still hold the example's placeholders: "
+                "put a read-only key pair from Project Settings > Application Keys, or neither"
+            )
+        return self
 
     @property
     def configured(self) -> bool:

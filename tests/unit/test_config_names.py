@@ -181,3 +181,35 @@ def test_a_mistyped_handler_name_is_refused_with_the_closest_installed_one() -> 
         "PUBRELAY_HANDLERS__ENABLED: unknown handler plugin 'emial'; did you mean 'email'? "
         "available: crm, email,"
     )
+
+
+@pytest.mark.parametrize(
+    ("variables", "said"),
+    [
+        (
+            {"PUBRELAY_VOUCHERIFY__APP_ID": "0b2c-app"},
+            "PUBRELAY_VOUCHERIFY__APP_ID is set without PUBRELAY_VOUCHERIFY__APP_TOKEN",
+        ),
+        (
+            {"PUBRELAY_VOUCHERIFY__APP_TOKEN": "tok"},
+            "PUBRELAY_VOUCHERIFY__APP_TOKEN is set without PUBRELAY_VOUCHERIFY__APP_ID",
+        ),
+        (
+            {
+                "PUBRELAY_VOUCHERIFY__APP_ID": "replace-with-the-app-id",
+                "PUBRELAY_VOUCHERIFY__APP_TOKEN": "replace-with-the-app-token",
+            },
+            "still hold the example's placeholders",
+        ),
+        (
+            {"PUBRELAY_WEBHOOK__SECRETS": '["replace-with-the-voucherify-webhook-secret"]'},
+            "PUBRELAY_WEBHOOK__SECRETS=<hidden>: still the example's placeholder",
+        ),
+    ],
+)
+def test_what_would_silently_turn_a_feature_off_or_refuse_every_delivery_is_refused(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], said: str
+) -> None:
+    message = refused(monkeypatch, **variables)
+    assert said in message
+    assert "replace-with-the-app-token" not in message
