@@ -147,7 +147,10 @@ def _end_session(conn: sqlite3.Connection, session_id: str, expiry: float, now: 
     """Remember one logout; let go of those past their expiry (a few per operator)."""
     with transaction(conn):
         conn.execute("DELETE FROM ended_sessions WHERE expiry <= ?", (now,))
-        conn.execute("INSERT OR REPLACE INTO ended_sessions VALUES (?, ?)", (session_id, expiry))
+        conn.execute(
+            "INSERT OR REPLACE INTO ended_sessions (session_id, expiry) VALUES (?, ?)",
+            (session_id, expiry),
+        )
 
 
 def _session_ended(conn: sqlite3.Connection, session_id: str, now: float) -> bool:
@@ -204,11 +207,31 @@ def _write(conn: sqlite3.Connection, batch: Batch) -> None:
         (a.handler, a.event_id): (a.handler, a.event_id, a.outcome, a.at) for a in batch.attempts
     }
     with transaction(conn):
-        _insert(conn, "INSERT OR IGNORE INTO events", events)
-        _insert(conn, "INSERT OR IGNORE INTO terms", list(dict.fromkeys(terms)))
-        _insert(conn, "INSERT INTO deliveries", deliveries)
-        _insert(conn, "INSERT INTO attempts", attempts)
-        _insert(conn, "INSERT OR REPLACE INTO handler_state", list(states.values()))
+        # Columns named: a file a later version gave more columns is still written.
+        _insert(
+            conn,
+            "INSERT OR IGNORE INTO events (event_id, event_type, received_at, customer_id, "
+            "customer_email, publication_id, voucher_code, campaign, channel, body, "
+            "body_truncated)",
+            events,
+        )
+        _insert(conn, "INSERT OR IGNORE INTO terms (term, event_id)", list(dict.fromkeys(terms)))
+        _insert(
+            conn,
+            "INSERT INTO deliveries (event_id, delivery_id, at, topic, status, outcome)",
+            deliveries,
+        )
+        _insert(
+            conn,
+            "INSERT INTO attempts (event_id, handler, at, attempt, outcome, detail, topic, "
+            'partition, "offset")',
+            attempts,
+        )
+        _insert(
+            conn,
+            "INSERT OR REPLACE INTO handler_state (handler, event_id, outcome, at)",
+            list(states.values()),
+        )
 
 
 def _purge(conn: sqlite3.Connection, cutoff: float) -> None:
@@ -266,13 +289,17 @@ def _timeline(conn: sqlite3.Connection, event_id: str) -> Timeline | None:
     deliveries = [
         Delivery(*r)
         for r in conn.execute(
-            "SELECT * FROM deliveries WHERE event_id = ? ORDER BY at", (event_id,)
+            "SELECT event_id, delivery_id, at, topic, status, outcome FROM deliveries "
+            "WHERE event_id = ? ORDER BY at",
+            (event_id,),
         ).fetchall()
     ]
     attempts = [
         Attempt(*r)
         for r in conn.execute(
-            "SELECT * FROM attempts WHERE event_id = ? ORDER BY at, rowid", (event_id,)
+            'SELECT event_id, handler, at, attempt, outcome, detail, topic, partition, "offset" '
+            "FROM attempts WHERE event_id = ? ORDER BY at, rowid",
+            (event_id,),
         ).fetchall()
     ]
     return Timeline(event, deliveries, attempts)

@@ -208,3 +208,36 @@ def test_the_index_sits_beside_the_ledger(tmp_path: Path) -> None:
     chosen = create_index(named, LedgerSettings(url="redis://127.0.0.1:1/0"), tmp_path)
     assert isinstance(chosen, SqliteEventIndex)
     assert chosen.path == tmp_path / "elsewhere.sqlite3"
+
+
+async def test_a_file_whose_tables_a_later_version_widened_is_still_written(
+    tmp_path: Path,
+) -> None:
+    index = SqliteEventIndex(tmp_path / "index.sqlite3", retention_s=3600)
+    await index.open()
+    await index.close()
+    with sqlite3.connect(index.path) as conn:
+        for table in ("events", "terms", "deliveries", "attempts", "handler_state"):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN later TEXT NOT NULL DEFAULT ''")
+    conn.close()
+
+    index = SqliteEventIndex(index.path, retention_s=3600)
+    await index.open()
+    recorder = IndexRecorder(index, queue_max=10)
+    body = event_body(event_id="evt_wide", delivery_id="whs_wide", customer_id="cust_wide")
+    recorder.received(
+        topic="voucherify.customer.publication.succeeded",
+        headers=headers("evt_wide", "whs_wide"),
+        body=body,
+        status=202,
+        outcome="accepted",
+    )
+    message = Message("voucherify.customer.publication.succeeded", 0, 3, b"cust_wide", body, (), 0)
+    recorder.attempted("email", message, event_id="evt_wide", outcome="done", attempt=1)
+    await recorder.flush()
+    timeline = await index.timeline("evt_wide")
+    await index.close()
+
+    assert timeline is not None
+    assert [d.delivery_id for d in timeline.deliveries] == ["whs_wide"]
+    assert timeline.event.handlers == {"email": "done"}
