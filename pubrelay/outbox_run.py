@@ -5,15 +5,20 @@ Each default applies only where nothing is configured (the environment, then ``.
 * ``PUBRELAY_HANDLERS__ENABLED`` unset: the ``email`` handler runs;
 * ``PUBRELAY_EMAIL__SMTP_URL`` unset: it writes each message to ``<data dir>/outbox/``
   (``handlers/builtin/email/outbox.py``) instead of sending it, and the console shows it;
-* ``PUBRELAY_EMAIL__SENDER`` unset: the placeholder sender of ``pubrelay preview-email``.
+* ``PUBRELAY_EMAIL__SENDER`` unset, and the outbox in use: the placeholder sender of
+  ``pubrelay preview-email``. A configured relay needs a configured sender: customers
+  never get mail from the placeholder.
 
 So ``make run`` and then ``pubrelay send --example`` show intake to e-mail in the console.
-A configured relay or handler list is used as configured.
+A configured relay or handler list is used as configured. The start-up line
+``outbox_defaults`` names the defaults applied.
 """
 
 from __future__ import annotations
 
 from typing import Final
+
+import structlog
 
 from handlers.builtin.email.outbox import OUTBOX_URL
 from handlers.config import HandlersSettings, read_variables
@@ -21,17 +26,24 @@ from pubrelay.preview_command import PLACEHOLDER_SENDER
 from pubrelay.settings import Settings
 
 ENABLED: Final = "PUBRELAY_HANDLERS__ENABLED"
-DEFAULTS: Final = {
-    "PUBRELAY_EMAIL__SMTP_URL": OUTBOX_URL,
-    "PUBRELAY_EMAIL__SENDER": PLACEHOLDER_SENDER,
-}
+SMTP_URL: Final = "PUBRELAY_EMAIL__SMTP_URL"
+SENDER: Final = "PUBRELAY_EMAIL__SENDER"
+
+log = structlog.get_logger("pubrelay.outbox")
 
 
 def with_outbox_defaults(settings: Settings) -> tuple[Settings, dict[str, str]]:
     """The settings and the handlers' variables with the defaults where nothing is set."""
     variables = {name: value for name, (value, _) in read_variables().items()}
+    applied: list[str] = []
     if ENABLED not in variables:
         settings = settings.model_copy(update={"handlers": HandlersSettings(enabled=["email"])})
-    for name, value in DEFAULTS.items():
-        variables.setdefault(name, value)
+        applied.append(f'{ENABLED}=["email"]')
+    if SMTP_URL not in variables:
+        variables[SMTP_URL] = OUTBOX_URL
+        applied.append(f"{SMTP_URL}={OUTBOX_URL}")
+    if SENDER not in variables and variables[SMTP_URL] == OUTBOX_URL:
+        variables[SENDER] = PLACEHOLDER_SENDER
+        applied.append(f"{SENDER}={PLACEHOLDER_SENDER}")
+    log.info("outbox_defaults", applied=applied)
     return settings, variables

@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.fixtures.process import Launcher, pubrelay_bin
 
 CODE = "SPRING-2024-tPz"  # the example's code (schemas/examples/)
@@ -57,3 +59,28 @@ def test_make_run_takes_a_sample_to_the_outbox_and_the_event_index(
     nothing = cli("events", "no-such-code", cwd=tmp_path, env=env)
     assert nothing.returncode == 1
     assert process.terminate() == 0
+    [defaults] = [
+        json.loads(line) for line in process.output().splitlines() if "outbox_defaults" in line
+    ]
+    assert defaults["applied"] == [
+        'PUBRELAY_HANDLERS__ENABLED=["email"]',
+        "PUBRELAY_EMAIL__SMTP_URL=outbox:",
+        "PUBRELAY_EMAIL__SENDER=Your Shop <s***@example.com>",  # masked as every address
+    ]
+
+
+def test_outbox_mode_never_lends_its_placeholder_sender_to_a_real_relay(
+    run_pubrelay: Launcher,
+) -> None:
+    # A relay configured in .env with no sender: customers must not get mail from the
+    # placeholder; the e-mail handler asks for a sender instead.
+    process = run_pubrelay(
+        ["serve", "--outbox"], env={"PUBRELAY_EMAIL__SMTP_URL": "smtp://127.0.0.1:2525"}
+    )
+    try:
+        code = process.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve is still running:\n{process.output()}")
+    assert code == 2
+    assert "PUBRELAY_EMAIL__SENDER" in process.output()
+    assert "Your Shop" not in process.output()
