@@ -42,5 +42,6 @@ def create_bus(settings: BusSettings, sqlite_path: Path) -> Bus:
         sqlite_path,
         publish_timeout_s=settings.publish_timeout_s,
         retention_s=settings.retention_s,
+        kept_topics_retention_s=settings.kept_topics_retention_s,
         poll_interval_s=settings.poll_interval_s,
     )

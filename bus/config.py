@@ -165,8 +165,9 @@ class BusSettings(BaseModel):
         default=None,
         gt=0,
         description=(
-            "retention of the quarantine and dead-letter topics pubrelay creates; "
-            "empty: kept until someone deletes them (`retention.ms=-1`)"
+            "retention of the quarantine and dead-letter records, on Kafka (the topics "
+            "pubrelay creates) and on the embedded bus, released or not; empty: kept "
+            "until someone deletes them (`retention.ms=-1`)"
         ),
     )
 

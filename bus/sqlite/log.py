@@ -19,11 +19,12 @@ sender's retry stores them a second time, and the worker's ledger makes the seco
 duplicate; the next batch starts a new process.
 
 Retention (``retention_s``): a record older than that is deleted once every consumer
-group that reads its topic has committed past it, so nothing unhandled is lost; records
-of topics no group reads are deleted by age, except quarantine and dead letters. A pass
-starts every ``min(retention_s, 60 s)``; its deletions (:mod:`bus.sqlite.retention`) run
-in short transactions of their own between publish batches, so a publish waits for one
-small chunk at most, however long the log.
+group that reads its topic, and was seen within it, has committed past it; records of
+topics no group reads are deleted by age, except quarantine and dead letters (by age
+only past ``kept_topics_retention_s``, when set). A pass starts every
+``min(retention_s, kept_topics_retention_s, 60 s)``; its deletions
+(:mod:`bus.sqlite.retention`) run in short transactions of their own between publish
+batches, so a publish waits for one small chunk at most, however long the log.
 
 Consumers (:mod:`bus.sqlite.subscription`) are woken by this process's publishes; the
 file's tables are in :mod:`bus.sqlite.schema`.
@@ -91,6 +92,7 @@ class SqliteBus:
         *,
         publish_timeout_s: float = 5.0,
         retention_s: float = 7 * 24 * 3600,
+        kept_topics_retention_s: float | None = None,
         poll_interval_s: float = 0.5,
         busy_timeout_s: float = 30.0,
         retention_chunk_rows: int = DEFAULT_CHUNK_ROWS,
@@ -98,6 +100,7 @@ class SqliteBus:
         self.path = path
         self.publish_timeout_s = publish_timeout_s
         self.retention_s = retention_s
+        self.kept_topics_retention_s = kept_topics_retention_s
         self.retention_chunk_rows = retention_chunk_rows
         self.poll_interval_s = poll_interval_s
         self._busy_timeout_s = busy_timeout_s
@@ -289,8 +292,9 @@ class SqliteBus:
     # -- retention ------------------------------------------------------------------
 
     async def _retention_loop(self) -> None:
-        """A retention pass every ``min(retention_s, 60 s)``, one short step at a time: the
-        records sent during a step are committed before the next one starts."""
+        """A retention pass every ``min(retention_s, kept_topics_retention_s, 60 s)``, one
+        short step at a time: the records sent during a step are committed before the
+        next one starts."""
         while True:
             if self._retention is None:
                 await asyncio.sleep(max(0.0, self._next_retention - time.monotonic()))
@@ -298,8 +302,13 @@ class SqliteBus:
 
     async def _retention_step(self) -> None:
         if self._retention is None:
-            cutoff_ms = int((time.time() - self.retention_s) * 1000)
-            self._retention = RetentionPass(cutoff_ms, self.retention_chunk_rows)
+            now = time.time()
+            cutoff_ms = int((now - self.retention_s) * 1000)
+            kept = self.kept_topics_retention_s
+            kept_cutoff_ms = None if kept is None else int((now - kept) * 1000)
+            self._retention = RetentionPass(
+                cutoff_ms, self.retention_chunk_rows, kept_cutoff_ms=kept_cutoff_ms
+            )
         current = self._retention
         try:
             assert self._process is not None
@@ -317,7 +326,8 @@ class SqliteBus:
                     reason=f"not seen for over PUBRELAY_BUS__RETENTION_S ({self.retention_s:g} s)",
                 )
             self._retention = None
-            self._next_retention = time.monotonic() + min(self.retention_s, MAX_PASS_INTERVAL_S)
+            shortest = min(self.retention_s, self.kept_topics_retention_s or self.retention_s)
+            self._next_retention = time.monotonic() + min(shortest, MAX_PASS_INTERVAL_S)
             if current.deleted:
                 log.info(
                     "bus_retention_pass",

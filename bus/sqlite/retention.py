@@ -10,7 +10,9 @@ retention is by age alone: without that, one disabled handler kept every record 
 last commit on, until the disk was full. Each pass counts the records it deleted before
 such a group had read them (:attr:`RetentionPass.passed_over`). Quarantine and dead
 letters keep waiting for their groups (a person's release or replay) however long ago
-those committed.
+those committed, and for ever without one, unless ``kept_cutoff_ms`` is given
+(``PUBRELAY_BUS__KEPT_TOPICS_RETENTION_S``): then whatever is older than it goes, as
+Kafka's ``retention.ms`` of those topics would have it.
 
 A pass walks the topics one after another. Each step is one short transaction that looks
 at no more than ``chunk_rows`` of a topic's oldest records, in offset order, and deletes
@@ -78,6 +80,7 @@ class RetentionPass:
 
     cutoff_ms: int
     chunk_rows: int = DEFAULT_CHUNK_ROWS
+    kept_cutoff_ms: int | None = None
     topics: list[str] | None = None
     deleted: int = 0
     steps: int = 0
@@ -103,14 +106,36 @@ class RetentionPass:
         elif self.topics:
             topic = self.topics[0]
             with transaction(conn):
-                removed = _delete_chunk(
-                    conn, topic, self.cutoff_ms, self.chunk_rows, self.passed_over
-                )
+                if kept_for_a_human(topic) and self.kept_cutoff_ms is not None:
+                    removed = _delete_by_age(conn, topic, self.kept_cutoff_ms, self.chunk_rows)
+                else:
+                    removed = _delete_chunk(
+                        conn, topic, self.cutoff_ms, self.chunk_rows, self.passed_over
+                    )
             self.deleted += removed
             if removed < self.chunk_rows:  # cut short: nothing more may go in this topic
                 self.topics.pop(0)
         self.steps += 1
         self.longest_step_s = max(self.longest_step_s, time.monotonic() - started)
+
+
+def _delete_by_age(conn: sqlite3.Connection, topic: str, cutoff_ms: int, limit: int) -> int:
+    """Delete up to ``limit`` of ``topic``'s oldest records older than ``cutoff_ms``."""
+    rows = conn.execute(_OLDEST_SQL, (topic, _NO_BOUND, limit)).fetchall()
+    expired = _leading_expired(rows, cutoff_ms)
+    if expired:
+        conn.execute(_DELETE_SQL, (topic, rows[0][0], rows[expired - 1][0]))
+    return expired
+
+
+def _leading_expired(rows: list[tuple[int, int]], cutoff_ms: int) -> int:
+    """How many of ``rows`` (id, ts_ms), from the first, are older than ``cutoff_ms``."""
+    expired = 0
+    for _, ts_ms in rows:
+        if ts_ms >= cutoff_ms:
+            break
+        expired += 1
+    return expired
 
 
 def _delete_chunk(
@@ -132,11 +157,7 @@ def _delete_chunk(
     else:
         bound = _NO_BOUND  # no group, or none seen within the retention: by age
     rows = conn.execute(_OLDEST_SQL, (topic, bound, limit)).fetchall()
-    expired = 0
-    for _, ts_ms in rows:
-        if ts_ms >= cutoff_ms:
-            break
-        expired += 1
+    expired = _leading_expired(rows, cutoff_ms)
     if expired:
         first, last = rows[0][0], rows[expired - 1][0]
         conn.execute(_DELETE_SQL, (topic, first, last))

@@ -207,3 +207,25 @@ async def test_a_silent_group_still_marks_what_was_released_from_quarantine(
     with contextlib.closing(sqlite3.connect(path)) as conn:
         left = [v for (v,) in conn.execute("SELECT value FROM log WHERE topic = 'p.quarantine'")]
     assert left == [b"q2", b"q3"]
+
+
+async def test_quarantine_and_dead_letters_go_after_the_kept_topics_retention_if_one_is_set(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "bus.sqlite3"
+    bus = SqliteBus(path, retention_s=3600, kept_topics_retention_s=0.3)
+    await bus.start()
+    try:
+        for topic in ("p.quarantine", "p.dlq.email", "p.events"):
+            await bus.publish(topic, b"old")
+        deadline = time.monotonic() + 10
+        while count(path, "p.quarantine") + count(path, "p.dlq.email") and (
+            time.monotonic() < deadline
+        ):
+            await bus.publish("p.trigger", b"publishes go on meanwhile")
+            await asyncio.sleep(0.1)
+    finally:
+        await bus.close()
+
+    assert (count(path, "p.quarantine"), count(path, "p.dlq.email")) == (0, 0)
+    assert count(path, "p.events") == 1  # within the bus's own retention
