@@ -60,14 +60,19 @@ def build(path: Path, now_ms: int) -> None:
                     for i in range(start, min(ROWS, start + batch))
                 ),
             )
-        conn.execute("INSERT INTO group_offsets VALUES ('pubrelay.email', ?, ?)", (TOPIC, ROWS + 1))
+        conn.execute(
+            "INSERT INTO group_offsets (grp, topic, next_offset, seen_ms) VALUES (?, ?, ?, ?)",
+            ("pubrelay.email", TOPIC, ROWS + 1, now_ms),  # a worker running: seen now
+        )
         conn.execute("COMMIT")
         conn.execute("PRAGMA journal_mode=WAL")
 
 
 def warm_up(conn: sqlite3.Connection) -> None:
     """A first write, as a running bus has made: the WAL file exists, the index is cached."""
-    conn.execute("INSERT INTO group_offsets VALUES ('warm-up', 'none', 0)")
+    conn.execute(
+        "INSERT INTO group_offsets (grp, topic, next_offset) VALUES ('warm-up', 'none', 0)"
+    )
     conn.execute("DELETE FROM group_offsets WHERE grp = 'warm-up'")
     conn.execute("SELECT COUNT(*) FROM log INDEXED BY log_topic_id").fetchone()
 
