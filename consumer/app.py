@@ -122,3 +122,10 @@ def _add_ops_routes(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz(bus, ping_failures))
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.on_response_prepare.append(_plain_server_header)
+
+
+async def _plain_server_header(_: web.Request, response: web.StreamResponse) -> None:
+    """``Server: pubrelay``, as the webhook's own HTTP layer says, rather than aiohttp's
+    ``Python/3.11 aiohttp/3.x``: the versions are nobody's business on the network."""
+    response.headers["Server"] = "pubrelay"

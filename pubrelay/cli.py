@@ -33,6 +33,16 @@ from schemas.errors import PubrelayError
 T = TypeVar("T")
 
 
+def iso_time(value: str) -> datetime:
+    """``--since``: an ISO 8601 time, refused with an example before anything runs."""
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an ISO 8601 time; e.g. 2026-12-01T08:00:00+00:00 or 2026-12-01"
+        ) from None
+
+
 def event_loop_runner() -> asyncio.Runner:
     """The runner every command runs in: uvloop's event loop where it is installed (a
     dependency on Linux and macOS), else asyncio's."""
@@ -115,7 +125,7 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     # The reconciler (and its API client) load only for this command.
     from pubrelay.reconcile_command import reconcile  # noqa: PLC0415
 
-    since = datetime.fromisoformat(args.since) if args.since else None
+    since: datetime | None = args.since
     return _run_async(
         bus_access.with_bus(
             settings, lambda bus: reconcile(settings, bus, since=since, dry_run=args.dry_run)
@@ -247,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cmd = commands.add_parser("replay", help="send dead letters back to their handler")
     replay_cmd.add_argument("--handler", required=True, help="the handler whose DLQ to replay")
     replay_cmd.add_argument("--event-id", help="only this event")
-    replay_cmd.add_argument("--since", help="only letters that failed at or after (ISO 8601)")
+    replay_cmd.add_argument(
+        "--since", type=iso_time, help="only letters that failed at or after (ISO 8601)"
+    )
     replay_cmd.add_argument(
         "--dry-run", action="store_true", help="list the event ids it would send, change nothing"
     )
@@ -258,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="find publications Voucherify lists but whose webhook never arrived, and deliver them",
     )
     reconcile_cmd.add_argument(
-        "--since", help="look back to this time (ISO 8601) instead of the last run's watermark"
+        "--since",
+        type=iso_time,
+        help="look back to this time (ISO 8601) instead of the last run's watermark",
     )
     reconcile_cmd.add_argument(
         "--dry-run", action="store_true", help="list the missing publications, inject nothing"

@@ -92,7 +92,7 @@ async def dlq_list(settings: Settings, args: argparse.Namespace) -> int:
 
 async def replay_command(settings: Settings, args: argparse.Namespace) -> int:
     handler = check_known_handler(settings, args.handler)
-    since = datetime.fromisoformat(args.since) if args.since else None
+    since: datetime | None = args.since  # parsed by the command line (cli.iso_time)
     interactive = sys.stderr.isatty()
     done = 0
 

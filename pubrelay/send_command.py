@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Final
 
-from aiohttp import ClientError, ClientSession, ClientTimeout
+from aiohttp import ClientConnectorError, ClientError, ClientSession, ClientTimeout
 
 from consumer.signature import sign
 from pubrelay.secrets import resolve_secrets
@@ -124,7 +124,21 @@ async def send(settings: Settings, args: argparse.Namespace) -> int:
     signature = sign(resolve_secrets(settings, generate=False)[0], body)
     try:
         status, reason, text = await _post(url, body, signature, args.timeout)
-    except (ClientError, TimeoutError) as err:
+    except ClientConnectorError as err:
+        print(
+            f"pubrelay send: {url}: nothing answers there ({err.os_error.strerror or err}): "
+            "is `pubrelay serve` (or `webhook`) running, on PUBRELAY_HTTP__PORT? (--url to "
+            "send elsewhere)",
+            file=sys.stderr,
+        )
+        return 1
+    except TimeoutError:
+        print(
+            f"pubrelay send: {url}: no answer within {args.timeout:g} s (--timeout)",
+            file=sys.stderr,
+        )
+        return 1
+    except ClientError as err:
         print(f"pubrelay send: {url}: {str(err) or type(err).__name__}", file=sys.stderr)
         return 1
     state = _state(status, reason, text)

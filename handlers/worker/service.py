@@ -79,7 +79,13 @@ class Worker:
             runners = [self._runner(handler, stop) for handler in self.handlers]
             log.info("worker_started", handlers=[h.name for h in self.handlers])
             if not runners:
-                log.warning("worker_no_handlers")
+                log.warning(
+                    "worker_no_handlers",
+                    hint=(
+                        "events wait on the bus: set PUBRELAY_HANDLERS__ENABLED, e.g. "
+                        "'[\"email\"]', or try the e-mail handler with --outbox"
+                    ),
+                )
                 await stop.wait()
             async with asyncio.TaskGroup() as group:
                 for runner in runners:

@@ -137,6 +137,8 @@ def test_send_to_a_closed_port_fails_with_a_message(tmp_path: Path) -> None:
     result = run_cli("send", str(SAMPLE), "--url", "http://127.0.0.1:9/x", cwd=tmp_path, env=env)
     assert result.returncode == 1
     assert "127.0.0.1:9" in result.stderr
+    assert "nothing answers there" in result.stderr
+    assert "is `pubrelay serve` (or `webhook`) running" in result.stderr
 
 
 def test_send_to_a_server_that_never_answers_names_the_timeout(tmp_path: Path) -> None:
@@ -148,7 +150,7 @@ def test_send_to_a_server_that_never_answers_names_the_timeout(tmp_path: Path) -
             "send", str(SAMPLE), "--url", url, "--timeout", "0.5", cwd=tmp_path, env=env
         )
     assert result.returncode == 1
-    assert result.stderr.strip() == f"pubrelay send: {url}: TimeoutError"
+    assert result.stderr.strip() == f"pubrelay send: {url}: no answer within 0.5 s (--timeout)"
 
 
 def test_preview_email_prints_the_message_the_email_handler_would_send(tmp_path: Path) -> None:

@@ -59,6 +59,10 @@ def test_a_second_serve_on_the_same_data_directory_stops_at_start_with_a_message
     assert first.proc.poll() is None
     assert post(first.url, event_body()) == 202
     assert first.terminate() == 0
+    [idle] = [
+        json.loads(line) for line in first.output().splitlines() if "worker_no_handlers" in line
+    ]
+    assert "set PUBRELAY_HANDLERS__ENABLED" in idle["hint"]
 
 
 def test_webhook_processes_may_run_beside_serve_on_one_data_directory(

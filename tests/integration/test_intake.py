@@ -456,3 +456,11 @@ async def test_readyz_does_not_publish_internal_details(
     response = await client.get("/readyz")
     assert response.status == 503
     assert str(settings.sqlite_bus_path) not in await response.text()
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/metrics", "/no-such-page"])
+async def test_answers_name_pubrelay_but_no_versions(
+    client: TestClient[Any, Any], path: str
+) -> None:
+    response = await client.get(path)
+    assert response.headers["Server"] == "pubrelay"  # not "Python/3.11 aiohttp/3.x"
