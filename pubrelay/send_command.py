@@ -21,6 +21,7 @@ from typing import Any, Final
 from aiohttp import ClientConnectorError, ClientError, ClientSession, ClientTimeout
 
 from consumer.signature import sign
+from pubrelay.exit_codes import EXIT_CONFIG
 from pubrelay.secrets import resolve_secrets
 from pubrelay.settings import Settings
 from schemas.record import HEADER_SIGNATURE
@@ -117,9 +118,9 @@ async def _post(url: str, body: bytes, signature: str, timeout_s: float) -> tupl
 
 async def send(settings: Settings, args: argparse.Namespace) -> int:
     body = _read_body(args)
-    if isinstance(body, str):
+    if isinstance(body, str):  # nothing to send: the input's fault, as a missing FILE is
         print(f"pubrelay send: {body}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
     url = args.url or default_url(settings)
     signature = sign(resolve_secrets(settings, generate=False)[0], body)
     try:
