@@ -44,6 +44,7 @@ from pubrelay.console.recorder import IndexRecorder
 log = structlog.get_logger("pubrelay.console")
 
 MAX_FORM_BYTES: Final = 16 * 1024
+FORM_TYPE: Final = "application/x-www-form-urlencoded"
 FORM_READ_TIMEOUT_S: Final = 5.0
 """A form's body (at most ``MAX_FORM_BYTES``) arrives within this, or the answer is 408."""
 MAX_LOGIN_READS: Final = 16
@@ -173,6 +174,8 @@ async def _small_form(request: web.Request) -> Any:
     length = request.content_length
     if length is None or length > MAX_FORM_BYTES:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_FORM_BYTES, actual_size=length or 0)
+    if request.content_type != FORM_TYPE:  # multipart or text: no form this console sends
+        raise web.HTTPUnsupportedMediaType(text=f"a form is sent as {FORM_TYPE}")
     try:
         async with asyncio.timeout(request.app[CONSOLE].form_read_timeout_s):
             return await request.post()
@@ -180,6 +183,8 @@ async def _small_form(request: web.Request) -> Any:
         late = web.HTTPRequestTimeout(text="the form did not arrive in time")
         late.force_close()  # after the answer, what still comes is read only while lingering
         raise late from None
+    except (ValueError, LookupError):  # a body or charset that is no form (charset=bogus)
+        raise web.HTTPBadRequest(text="the form could not be read") from None
 
 
 async def _security_headers(_: web.Request, response: web.StreamResponse) -> None:

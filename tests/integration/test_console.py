@@ -35,6 +35,7 @@ from handlers.worker.ledger import SqliteLedger
 from handlers.worker.service import Worker
 from pubrelay.console import operations
 from pubrelay.console.app import CONSOLE, CSP, MAX_LOGIN_READS, create_console_app
+from pubrelay.console.auth import COOKIE
 from pubrelay.console.mail import FRAME_CSP, MAX_SHOWN_CHARS
 from pubrelay.console.recorder import MAX_ID_CHARS, IndexRecorder
 from pubrelay.console.sqlite_index import SqliteEventIndex
@@ -584,3 +585,24 @@ async def test_a_session_is_refused_while_the_index_cannot_tell_if_it_ended(
 async def test_a_logout_with_the_bearer_token_only_sends_to_the_login_page(stack: Stack) -> None:
     out = await stack.client.post("/console/logout", headers=BEARER, allow_redirects=False)
     assert out.status == 303
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("multipart/form-data", 415),  # no boundary: aiohttp's parser raised, answered 500
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded; charset=bogus", 400),
+    ],
+)
+async def test_a_login_body_that_is_no_form_is_refused_not_a_server_error(
+    stack: Stack, content_type: str, status: int
+) -> None:
+    response = await stack.client.post(
+        "/console/login",
+        data=f"token={TOKEN}".encode(),
+        headers={"Content-Type": content_type},
+        allow_redirects=False,
+    )
+    assert response.status == status
+    assert COOKIE not in response.cookies

@@ -429,3 +429,21 @@ def test_a_changed_or_added_template_is_used_once_the_recheck_interval_passed(
     clock[0] += RECHECK_S
     rendered = renderer.render("text", bases, {"code": "A"})
     assert (rendered.name, rendered.text) == ("channel/api.txt", "api A")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Jack Webhook with a rather long display name to force folding, attacker@evil.example,",
+        'Jack "x" <attacker@evil.example>; Jill',
+        "Doe, Jane",
+    ],
+)
+def test_a_customer_name_never_adds_a_recipient_to_the_to_header(name: str) -> None:
+    event = body(9)
+    event["data"]["customer"]["name"] = name
+    message = preview(event)
+
+    [recipient] = message["To"].addresses  # however the header was folded
+    assert recipient.addr_spec == event["data"]["customer"]["email"]
+    assert not set(recipient.display_name) & set(',;:<>@"')

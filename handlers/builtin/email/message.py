@@ -80,6 +80,10 @@ _TRUTHY: Final = frozenset({"true", "yes", "1"})
 _MSGID_RE: Final = re.compile(r"[^A-Za-z0-9._-]+")
 _SPACE_RE: Final = re.compile(r"\s+")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]+")
+_NAME_SPECIALS_RE: Final = re.compile(r'[,;:<>@"()\[\]\\]+')
+"""What could end a display name and start another address. Python's folding of a long
+``To`` drops the quotes around a display name, so ``Doe, x@evil.example,`` became two
+more recipients in the customer's mail client (the SMTP envelope never changed)."""
 _URI_ITEM_RE: Final = re.compile(r"<([^<>]*)>|([^,<>]+)")
 _AUTO_SUBMITTED: Final = b"Auto-Submitted: auto-generated\r\n"
 _ONE_CLICK: Final = b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
@@ -238,8 +242,9 @@ class MessageComposer:
         html = self.renderer.render("html", bases, context)
 
         message_id = self.message_id(envelope, data)
+        name = context["customer"].name or ""
         to = Address(
-            display_name=_one_line(_CONTROL_RE.sub(" ", context["customer"].name or "")),
+            display_name=_one_line(_NAME_SPECIALS_RE.sub(" ", _CONTROL_RE.sub(" ", name))),
             username=address.username,  # parsed once, in _recipient
             domain=address.domain,
         )
