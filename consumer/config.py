@@ -79,8 +79,9 @@ class HttpSettings(BaseModel):
     )
 
 
-PLACEHOLDER: Final = "replace-with-"
-"""How the values of deploy/pubrelay.env.example begin: never a real one."""
+PLACEHOLDERS: Final = ("replace-with-", "REPLACE_ME")
+"""How the values of deploy/pubrelay.env.example and deploy/k8s/secret.template.yaml
+begin: never a real one."""
 _SERVED_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
@@ -165,7 +166,7 @@ class WebhookSettings(BaseModel):
         # An empty HMAC key is a key anyone can sign with.
         if any(not s.get_secret_value().strip() for s in value):
             raise ValueError("a webhook secret must not be empty")
-        if any(s.get_secret_value().startswith(PLACEHOLDER) for s in value):
+        if any(s.get_secret_value().startswith(PLACEHOLDERS) for s in value):
             raise ValueError(
                 "still the example's placeholder: put the secret Voucherify shows in Project "
                 "Settings > Webhooks"

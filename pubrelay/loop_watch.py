@@ -8,8 +8,13 @@ event (README "Writing a handler"). Nothing on the loop can say so, since nothin
 runs: a thread of its own watches a beat the loop keeps, and logs
 ``event_loop_blocked`` with the loop thread's stack (code locations only, no values) once
 the loop has missed its beat for :data:`BLOCKED_AFTER_S`, again at each doubling of the
-time, and ``event_loop_unblocked`` with the whole time once the loop runs again. The
-histogram ``pubrelay_event_loop_blocked_seconds`` counts the stalls by length.
+time, and ``event_loop_unblocked`` with the whole time once the loop runs again. A loop
+held in one call that keeps the interpreter lock (a catastrophic regular expression, a
+huge decode in C) keeps this thread from running too: such a stall is told once the loop
+runs again, ``where`` saying it was not seen, if the process burned CPU meanwhile (a
+process stopped as a whole, ``SIGSTOP`` or a paused machine, burns none and is not a
+stall). The histogram ``pubrelay_event_loop_blocked_seconds`` counts the stalls by
+length.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Final
+from typing import Any, Final
 
 import structlog
 from prometheus_client import CollectorRegistry, Histogram
@@ -28,6 +33,7 @@ BEAT_S: Final = 0.1
 BLOCKED_AFTER_S: Final = 1.0
 STACK_FRAMES: Final = 12  # the innermost frames, where the loop is held
 BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+HELD_LOCK: Final = "(not seen while it lasted: the loop held the interpreter lock)"
 
 
 class LoopWatch:
@@ -50,7 +56,9 @@ class LoopWatch:
             buckets=BUCKETS,
             registry=registry,
         )
-        self._beat = time.monotonic()  # written by the loop, read by the thread
+        # When the loop last kept its beat, and the process's CPU time then: written by the
+        # loop as one tuple, read by the thread.
+        self._beat = (time.monotonic(), time.process_time())
         self._handle: asyncio.TimerHandle | None = None
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -58,7 +66,7 @@ class LoopWatch:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         loop_thread = threading.get_ident()
-        self._beat = time.monotonic()
+        self._beat = (time.monotonic(), time.process_time())
         self._handle = loop.call_later(self._beat_s, self._keep_beat, loop)
         self._thread = threading.Thread(
             target=self._watch, args=(loop_thread,), name="pubrelay-loop-watch", daemon=True
@@ -75,7 +83,7 @@ class LoopWatch:
             self._thread = None
 
     def _keep_beat(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._beat = time.monotonic()
+        self._beat = (time.monotonic(), time.process_time())
         self._handle = loop.call_later(self._beat_s, self._keep_beat, loop)
 
     def _watch(self, loop_thread: int) -> None:
@@ -83,18 +91,24 @@ class LoopWatch:
         stalled_since: float | None = None  # the beat of the stall reported
         next_report = self._blocked_after_s
         woke = time.monotonic()
+        last_beat, last_cpu = self._beat
         while not self._stopped.wait(self._beat_s):
+            beat, cpu = self._beat
             now = time.monotonic()
             slept, woke = now - woke, now
-            beat = self._beat
-            if stalled_since is not None and beat != stalled_since:
-                blocked_s = beat - stalled_since
-                self._stalls.observe(blocked_s)
-                log.warning("event_loop_unblocked", blocked_s=round(blocked_s, 3))
-                stalled_since, next_report = None, self._blocked_after_s
+            if beat != last_beat:
+                if stalled_since is not None:
+                    blocked_s = beat - stalled_since
+                    self._stalls.observe(blocked_s)
+                    log.warning("event_loop_unblocked", blocked_s=round(blocked_s, 3))
+                    stalled_since, next_report = None, self._blocked_after_s
+                else:
+                    self._held_unseen(log, beat - last_beat, cpu - last_cpu)
+                last_beat, last_cpu = beat, cpu
             if slept > self._blocked_after_s:
-                # This thread was held as long (the process stopped, the machine paused):
-                # the loop's missed beat says nothing about the loop.
+                # This thread was held as long: the process stopped or the machine paused
+                # (the loop's missed beat says nothing), or the loop held the interpreter
+                # lock, which _held_unseen tells once the beat comes again.
                 continue
             missed_s = now - beat
             if missed_s >= next_report and not self._stopped.is_set():
@@ -105,6 +119,24 @@ class LoopWatch:
                     blocked_s=round(missed_s, 3),
                     where=_stack_of(loop_thread),
                 )
+
+    def _held_unseen(self, log: Any, gap_s: float, cpu_s: float) -> None:
+        """A gap between two beats that this thread could not watch live: the loop held the
+        interpreter lock (a long call in C, a catastrophic regular expression) when the
+        process burned CPU meanwhile (``cpu_s``, between the two beats); a process stopped
+        as a whole burned none."""
+        blocked_s = gap_s - self._beat_s
+        if blocked_s < self._blocked_after_s:
+            return
+        if cpu_s < blocked_s / 2:
+            return  # stopped, not busy
+        log.warning(
+            "event_loop_blocked",
+            blocked_s=round(blocked_s, 3),
+            where=[HELD_LOCK],
+        )
+        self._stalls.observe(blocked_s)
+        log.warning("event_loop_unblocked", blocked_s=round(blocked_s, 3))
 
 
 def _stack_of(thread: int) -> list[str]:

@@ -40,9 +40,10 @@ class LogSettings(BaseModel):
 
 
 VOUCHERIFY_TIMEOUT_S: Final = 10.0
-LIVE_GROUP_REPORTS: Final = 4  # lag reports a retention spans at least
-
 """How long Voucherify waits for a webhook's answer before it counts a failed delivery."""
+LIVE_GROUP_REPORTS: Final = 4
+"""Lag reports (each marks a running worker's group as seen) an embedded bus's retention
+spans at least."""
 
 
 class Settings(BaseSettings):

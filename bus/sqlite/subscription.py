@@ -146,10 +146,13 @@ class SqliteSubscription:
     def _lag(self, conn: sqlite3.Connection) -> dict[TopicPartition, int]:
         # The worker asks every PUBRELAY_WORKER__LAG_INTERVAL_S: the group is alive, even
         # stuck on a retry with nothing to commit, and retention keeps its records for it.
+        # Only the topics it reads: one it no longer reads (its handler's event types
+        # narrowed) is silent, and retention stops keeping its records.
+        now_ms = int(time.time() * 1000)
         with transaction(conn):
-            conn.execute(
-                "UPDATE group_offsets SET seen_ms = ? WHERE grp = ?",
-                (int(time.time() * 1000), self.group),
+            conn.executemany(
+                "UPDATE group_offsets SET seen_ms = ? WHERE grp = ? AND topic = ?",
+                [(now_ms, self.group, topic) for topic in self.topics],
             )
         committed = self._committed(conn)
         out: dict[TopicPartition, int] = {}

@@ -116,8 +116,9 @@ class VoucherifySettings(BaseModel):
                 f"PUBRELAY_VOUCHERIFY__{given} is set without PUBRELAY_VOUCHERIFY__{missing}: "
                 "reconciliation needs the whole key pair (or neither, to run without it)"
             )
-        # deploy/pubrelay.env.example's placeholders (consumer.config.PLACEHOLDER)
-        if self.app_id.startswith("replace-with-") or token.startswith("replace-with-"):
+        # the deploy files' placeholders (consumer.config.PLACEHOLDERS)
+        placeholders = ("replace-with-", "REPLACE_ME")
+        if self.app_id.startswith(placeholders) or token.startswith(placeholders):
             raise ValueError(
                 "PUBRELAY_VOUCHERIFY__APP_ID / APP_TOKEN still hold the example's placeholders: "
                 "put a read-only key pair from Project Settings > Application Keys, or neither"

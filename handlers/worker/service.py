@@ -82,8 +82,9 @@ class Worker:
                 log.warning(
                     "worker_no_handlers",
                     hint=(
-                        "events wait on the bus: set PUBRELAY_HANDLERS__ENABLED, e.g. "
-                        "'[\"email\"]', or try the e-mail handler with --outbox"
+                        "events wait on the bus (for its retention): set "
+                        "PUBRELAY_HANDLERS__ENABLED, e.g. '[\"email\"]', or try the e-mail "
+                        "handler with --outbox"
                     ),
                 )
                 await stop.wait()

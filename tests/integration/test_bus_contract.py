@@ -23,6 +23,7 @@ import pytest
 from bus.sqlite import SqliteBus
 from bus.types import Bus, Message, Subscription, TopicPartition
 from schemas.errors import BusUnavailable
+from tests.fixtures.bus_groups import seen_meanwhile
 from tests.fixtures.kafka import TansuBroker, kafka_bus_settings, make_kafka_bus
 
 BusKind = Literal["sqlite", "kafka"]
@@ -304,18 +305,17 @@ async def test_sqlite_retention_keeps_unconsumed_records_and_dead_letters(tmp_pa
         await reader.commit({first.tp: first.offset + 1})  # "second" stays unconsumed
 
         async def left() -> dict[str, list[bytes]]:
-            await reader.lag()  # its worker running: seen at each lag report
             return {
                 topic: [m.value for m in await read_all_sqlite(bus, topic)] for topic in expected
             }
 
-        deadline = time.monotonic() + 10.0
-        while await left() != expected and time.monotonic() < deadline:
-            await bus.publish("p.trigger", b"publishes go on meanwhile")
-            await asyncio.sleep(0.1)
-        assert await left() == expected
-        for _ in range(5):  # more passes delete nothing more
-            await asyncio.sleep(0.1)
+        async with seen_meanwhile(reader):  # its worker running
+            deadline = time.monotonic() + 10.0
+            while await left() != expected and time.monotonic() < deadline:
+                await bus.publish("p.trigger", b"publishes go on meanwhile")
+                await asyncio.sleep(0.1)
+            assert await left() == expected
+            await asyncio.sleep(0.5)  # more passes delete nothing more
             assert await left() == expected
         await reader.close()
     finally:

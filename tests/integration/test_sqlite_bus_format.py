@@ -108,3 +108,31 @@ async def test_a_file_a_newer_pubrelay_wrote_is_refused_naming_it_and_both_forma
     assert str(path) in message
     assert f"format {FORMAT_VERSION + 1}" in message
     assert f"up to format {FORMAT_VERSION}" in message
+
+
+async def test_a_lag_report_marks_only_the_topics_the_group_still_reads(tmp_path: Path) -> None:
+    """A handler whose event types were narrowed: the topic it dropped is no longer seen,
+    so retention stops keeping its records for it."""
+    path = tmp_path / "bus.sqlite3"
+    bus = SqliteBus(path)
+    await bus.start()
+    try:
+        before = bus.subscribe("pubrelay.metrics", ["p.a", "p.b"])
+        await before.start()
+        await before.commit({TopicPartition("p.a", 0): 1, TopicPartition("p.b", 0): 1})
+        await before.close()
+        [(committed_b,)] = query(path, "SELECT seen_ms FROM group_offsets WHERE topic = 'p.b'")
+        await asyncio.sleep(0.01)
+        narrowed = bus.subscribe("pubrelay.metrics", ["p.a"])
+        await narrowed.start()
+        await narrowed.lag()
+        await narrowed.close()
+    finally:
+        await bus.close()
+
+    seen = {
+        str(topic): int(str(ms))
+        for topic, ms in query(path, "SELECT topic, seen_ms FROM group_offsets")
+    }
+    assert seen["p.a"] > int(str(committed_b))  # still read: seen
+    assert seen["p.b"] == committed_b  # dropped: not seen since

@@ -14,7 +14,9 @@ import contextlib
 import re
 import sqlite3
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -23,6 +25,8 @@ from bus.sqlite.connection import connect
 from bus.sqlite.retention import RetentionPass
 from bus.sqlite.schema import SCHEMA, encode_headers
 from bus.types import TopicPartition
+from tests.fixtures.bus_groups import seen_meanwhile
+from tests.fixtures.worker import eventually
 
 CHUNK = 200
 BACKLOG = 5 * CHUNK
@@ -48,6 +52,10 @@ def count(path: Path, topic: str) -> int:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         (n,) = conn.execute("SELECT COUNT(*) FROM log WHERE topic = ?", (topic,)).fetchone()
     return int(n)
+
+
+def passed_over(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    return [line for line in logs if line["event"] == "bus_retention_passed_silent_group"]
 
 
 def changes_per_transaction(traced: list[tuple[str, int]]) -> list[int]:
@@ -134,9 +142,8 @@ async def test_an_expired_record_stays_until_every_group_of_its_topic_is_past_it
             await reader.commit({TopicPartition("p.events", 0): past})
             readers.append(reader)
         assert add_expired_backlog(path) == BACKLOG
-        for _ in range(12):  # two passes at least, the workers seen meanwhile (lag reports)
-            await asyncio.gather(*(reader.lag() for reader in readers))
-            await asyncio.sleep(0.1)
+        async with seen_meanwhile(*readers):  # their workers running
+            await asyncio.sleep(1.2)  # two passes at least
         for reader in readers:
             await reader.close()
     finally:
@@ -166,16 +173,18 @@ async def test_a_group_not_seen_for_the_retention_no_longer_holds_records(
         await gone.close()
         assert add_expired_backlog(path) == BACKLOG
         with structlog.testing.capture_logs() as logs:
-            deadline = time.monotonic() + 10
-            while count(path, "p.events") and time.monotonic() < deadline:
-                await live.lag()  # the running worker, seen at each lag report
-                await asyncio.sleep(0.1)
+            async with seen_meanwhile(live):  # its worker running
+                await eventually(
+                    lambda: not count(path, "p.events") and bool(passed_over(logs)),
+                    timeout_s=10,
+                    what="the backlog deleted and the silent group logged",
+                )
         await live.close()
     finally:
         await bus.close()
 
     assert count(path, "p.events") == 0
-    passed = [line for line in logs if line["event"] == "bus_retention_passed_silent_group"]
+    passed = passed_over(logs)
     assert [(line["group"], line["topic"]) for line in passed] == [("pubrelay.crm", "p.events")]
     assert sum(line["records"] for line in passed) == BACKLOG - 100
     assert passed[0]["log_level"] == "warning"
