@@ -113,6 +113,7 @@ class SqliteBus:
         self._deadlines = Deadlines[_Entry](self._timed_out)
         self._next_retention = 0.0  # monotonic time the next retention pass starts
         self._retention: RetentionPass | None = None
+        self._warned_silent: set[tuple[str, str]] = set()  # (group, topic)
         self._closing = False
         self._commit_failed: tuple[float, str] | None = None  # (monotonic time, error)
         # The loop it was started on, looked up once: on Python 3.11 each
@@ -318,7 +319,11 @@ class SqliteBus:
             current.topics = []
         if current.done:
             for (group, topic), records in current.passed_over.items():
-                log.warning(
+                # A warning once per group and topic: a handler disabled for good would
+                # otherwise warn at every pass, as its records keep expiring.
+                warned = (group, topic) in self._warned_silent
+                self._warned_silent.add((group, topic))
+                (log.info if warned else log.warning)(
                     "bus_retention_passed_silent_group",
                     group=group,
                     topic=topic,

@@ -205,6 +205,10 @@ def test_a_mistyped_handler_name_is_refused_with_the_closest_installed_one() -> 
             {"PUBRELAY_WEBHOOK__SECRETS": '["replace-with-the-voucherify-webhook-secret"]'},
             "PUBRELAY_WEBHOOK__SECRETS=<hidden>: still the example's placeholder",
         ),
+        (  # deploy/k8s/secret.template.yaml, applied as it is
+            {"PUBRELAY_WEBHOOK__SECRETS": '["REPLACE_ME"]'},
+            "PUBRELAY_WEBHOOK__SECRETS=<hidden>: still the example's placeholder",
+        ),
     ],
 )
 def test_what_would_silently_turn_a_feature_off_or_refuse_every_delivery_is_refused(
