@@ -242,6 +242,8 @@ def test_the_dashboard_shows_what_ops_asked_for() -> None:
         "histogram_quantile(0.99, sum by (le) (rate(pubrelay_webhook_request_duration_seconds",
         "pubrelay_handler_duration_seconds_bucket",
         "pubrelay_handler_event_age_seconds_bucket",
+        "sum by (instance) (increase(pubrelay_event_loop_blocked_seconds_count",
+        "min by (instance) (pubrelay_data_dir_free_bytes / pubrelay_data_dir_size_bytes)",
     ]
     assert [w for w in wanted if w not in text] == []
 
