@@ -33,6 +33,17 @@ from schemas.errors import PubrelayError
 T = TypeVar("T")
 
 
+def positive_int(value: str) -> int:
+    """``--limit``: a whole number of at least 1 (0 showed nothing, -1 everything)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return number
+
+
 def iso_time(value: str) -> datetime:
     """``--since``: an ISO 8601 time, refused with an example before anything runs."""
     try:
@@ -153,7 +164,7 @@ def _add_quarantine_parser(commands: Any) -> None:
             "--reason", action="append", help="only this reason, e.g. stale (repeatable)"
         )
     q_list.add_argument(
-        "--limit", type=int, default=1000, help="show at most this many (default 1000)"
+        "--limit", type=positive_int, default=1000, help="show at most this many (default 1000)"
     )
     q_list.add_argument("--full", action="store_true", help="the whole detail text")
     q_list.add_argument("--json", action="store_true", help="one JSON document on stdout")
@@ -196,7 +207,9 @@ def _add_process_parsers(commands: Any) -> None:
         "customer id or e-mail, voucher code",
     )
     events_cmd.add_argument("query", help="the whole value searched for (case-insensitive)")
-    events_cmd.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    events_cmd.add_argument(
+        "--limit", type=positive_int, default=50, help="at most this many (default 50)"
+    )
     events_cmd.add_argument("--json", action="store_true", help="one JSON document on stdout")
     events_cmd.set_defaults(func=cmd_events)
 
@@ -292,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_list.add_argument("--handler", required=True, help="the handler whose dead letters")
     dlq_list.add_argument("--event-id", help="only this event")
     dlq_list.add_argument(
-        "--limit", type=int, default=1000, help="show at most this many (default 1000)"
+        "--limit", type=positive_int, default=1000, help="show at most this many (default 1000)"
     )
     dlq_list.add_argument("--full", action="store_true", help="the whole error text")
     dlq_list.add_argument("--json", action="store_true", help="one JSON document on stdout")

@@ -34,3 +34,20 @@ def test_a_since_is_read_as_the_time_it_names() -> None:
         ["replay", "--handler", "email", "--since", "2026-12-01T08:00:00+00:00"]
     )
     assert args.since == datetime(2026, 12, 1, 8, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("command", [["events", "x"], ["quarantine", "list"], ["dlq", "list"]])
+@pytest.mark.parametrize("limit", ["0", "-1", "ten"])
+def test_a_limit_below_one_is_refused(
+    command: list[str], limit: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [*command, "--limit", limit]
+    if command[0] == "dlq":
+        argv += ["--handler", "email"]
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+
+    assert exited.value.code == 2
+    assert f"argument --limit: {limit!r} is not a whole number of at least 1" in (
+        capsys.readouterr().err
+    )
