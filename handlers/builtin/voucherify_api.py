@@ -175,10 +175,16 @@ class ListedPublication:
         voucher = _object(item.get("voucher"))
         codes = [voucher.get("code")] if voucher.get("code") else (item.get("vouchers") or [])
         customer = _object(item.get("customer"))
+        result = item.get("result")
+        if not isinstance(result, str) or not result:
+            # The spec lets every kind of item have a null result: a success is one with
+            # its codes and no failure; anything else is not delivered as one.
+            failed = item.get("failure_code") or item.get("failure_message") or not codes
+            result = "FAILURE" if failed else "SUCCESS"
         return cls(
             id=pub_id,
             created_at=created_at,
-            result=str(item.get("result") or "SUCCESS"),
+            result=result,
             customer_id=_text(item.get("customer_id")) or _text(customer.get("id")),
             channel=_text(item.get("channel")),
             campaign=_text(voucher.get("campaign")),
@@ -200,6 +206,10 @@ class PublicationsPage:
     number: int
     publications: list[ListedPublication]
     total: int | None
+    listed: int
+    """Items on the page, the unreadable ones included (a full page has ``limit``)."""
+    unreadable: list[str]
+    """Why each item that could not be read was left out (no id, no creation time)."""
 
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -262,10 +272,19 @@ class VoucherifyApi:
         if body.get("object") != "list" or not isinstance(items, list):
             raise ApiError("GET /v1/publications answered something that is not a list body")
         total = body.get("total")
+        publications: list[ListedPublication] = []
+        unreadable: list[str] = []
+        for item in items:  # one bad item must not stop every run at this page
+            try:
+                publications.append(ListedPublication.from_item(item))
+            except ApiError as err:
+                unreadable.append(str(err))
         return PublicationsPage(
             number=page,
-            publications=[ListedPublication.from_item(item) for item in items],
+            publications=publications,
             total=total if isinstance(total, int) else None,
+            listed=len(items),
+            unreadable=unreadable,
         )
 
     async def get_voucher(self, voucher_id: str) -> dict[str, Any]:

@@ -62,6 +62,10 @@ class Summary:
     requests: int = 0
     seen: int = 0
     failures: int = 0
+    unreadable: int = 0
+    listed_ids: set[str] = field(default_factory=set)
+    """Publications already counted: one the listing shows again on a later page (pushed
+    down by those created meanwhile) is counted and injected once."""
     injected: int = 0
     newest: datetime | None = None
     """The creation time of the newest successful publication listed in the window."""
@@ -81,6 +85,7 @@ class Summary:
             f"read, {self.seen} publication(s) seen, {len(self.missing)} missing, "
             f"{verb} {len(self.missing) if self.dry_run else self.injected}, "
             f"{self.failures} failure(s)"
+            + (f", {self.unreadable} unreadable" if self.unreadable else "")
         )
         return text if self.stopped is None else f"{text}; incomplete: {self.stopped}"
 
@@ -208,13 +213,16 @@ class Reconciler:
                 finally:
                     summary.requests = api.requests
                 summary.pages += 1
+                for reason in page.unreadable:
+                    summary.unreadable += 1
+                    log.warning("reconcile_item_unreadable", page=number, error=reason)
                 in_window = [p for p in page.publications if p.created_at >= summary.since]
                 await self._sort([p for p in in_window if p.created_at <= settled], summary)
                 if progress is not None:
                     progress(summary)
                 if (
                     len(in_window) < len(page.publications)
-                    or len(page.publications) < MAX_LIMIT
+                    or page.listed < MAX_LIMIT
                     or (page.total is not None and number * MAX_LIMIT >= page.total)
                 ):
                     return None
@@ -226,6 +234,8 @@ class Reconciler:
 
     async def _sort(self, publications: list[ListedPublication], summary: Summary) -> None:
         """Count one page's publications in the window; keep the missing successes."""
+        publications = [p for p in publications if p.id not in summary.listed_ids]
+        summary.listed_ids.update(p.id for p in publications)
         summary.seen += len(publications)
         succeeded = [p for p in publications if p.succeeded]
         for pub in succeeded:

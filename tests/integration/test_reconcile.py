@@ -373,3 +373,58 @@ async def test_the_sqlite_store_forgets_ids_older_than_the_retention(tmp_path: P
         assert await store.missing({"pub_old", "pub_new"}) == {"pub_old"}
     finally:
         await store.close()
+
+
+async def test_a_publication_listed_with_a_null_result_is_a_success_only_with_its_codes(
+    fake_voucherify: FakeVoucherify, store: ReceivedStore, bus: Bus
+) -> None:
+    # The spec lets every kind of item carry "result": null.
+    base = now() - timedelta(hours=2)
+    succeeded = list_item_from_event(event(1, base))
+    succeeded["result"] = None
+    failed = failed_item("pub_failed_null", "cust_x", (base + timedelta(minutes=1)).isoformat())
+    failed["result"] = None
+    fake_voucherify.publications = [succeeded, failed]
+
+    summary = await reconciler(fake_voucherify, store, bus).run_once()
+
+    assert (summary.seen, summary.failures, summary.injected) == (2, 1, 1)
+    [record] = await injected(bus)
+    assert header(record.headers, HEADER_EVENT_ID) == event_id_for(succeeded["id"]).encode()
+
+
+async def test_an_unreadable_item_is_left_out_and_counted_not_the_end_of_every_run(
+    fake_voucherify: FakeVoucherify, store: ReceivedStore, bus: Bus
+) -> None:
+    base = now() - timedelta(hours=5)
+    items = [list_item_from_event(event(n, base + timedelta(minutes=n))) for n in range(250)]
+    items[240]["created_at"] = None  # nullable in the spec; listed on the first page
+    fake_voucherify.publications = items
+
+    summary = await reconciler(fake_voucherify, store, bus).run_once()
+
+    assert summary.complete
+    assert (summary.pages, summary.unreadable, summary.injected) == (3, 1, 249)
+    assert "1 unreadable" in summary.line()
+
+
+async def test_a_publication_the_listing_shows_twice_is_counted_and_injected_once(
+    fake_voucherify: FakeVoucherify, store: ReceivedStore, bus: Bus
+) -> None:
+    """Publications created while the run pages push the older ones down a page."""
+    base = now() - timedelta(hours=5)
+    items = [list_item_from_event(event(n, base + timedelta(minutes=n))) for n in range(150)]
+    fake_voucherify.publications = items
+    fresh = now() + timedelta(minutes=1)  # too young to be checked this run
+
+    def five_created() -> None:
+        fake_voucherify.publications += [
+            list_item_from_event(event(1000 + n, fresh)) for n in range(5)
+        ]
+
+    fake_voucherify.after_page[1] = five_created
+    summary = await reconciler(fake_voucherify, store, bus).run_once()
+
+    assert (summary.seen, summary.injected) == (150, 150)
+    records = await injected(bus)
+    assert len({header(r.headers, HEADER_EVENT_ID) for r in records}) == len(records) == 150
