@@ -102,5 +102,9 @@ class PageLimitReached(ApiError):
     """The listing would need a page beyond the API's last (1000): the window is too deep."""
 
 
+class ReconcileWindowTooOld(ConfigError):
+    """A reconciliation asked to look back further than its store remembers arrivals."""
+
+
 class ReconcileBusy(PubrelayError):
     """Another runner holds the reconciliation lease (or took it over): this run stops."""

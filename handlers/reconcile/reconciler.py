@@ -44,7 +44,13 @@ from handlers.reconcile.config import ReconcileSettings
 from handlers.reconcile.metrics import ReconcileMetrics, RunOutcome
 from handlers.reconcile.record import build_record
 from handlers.reconcile.store import Received, ReceivedStore
-from schemas.errors import ApiError, PageLimitReached, PubrelayError, ReconcileBusy
+from schemas.errors import (
+    ApiError,
+    PageLimitReached,
+    PubrelayError,
+    ReconcileBusy,
+    ReconcileWindowTooOld,
+)
 from schemas.events import CUSTOMER_PUBLICATION_SUCCEEDED
 from schemas.masking import mask_emails
 from schemas.topics import topic_for
@@ -150,6 +156,7 @@ class Reconciler:
             start = since if since is not None else await self._window_start()
             if start.tzinfo is None:
                 start = start.replace(tzinfo=UTC)
+            start = self._within_memory(start, asked=since is not None)
             summary = Summary(since=start, dry_run=dry_run)
             failure = await self._collect(summary, dry_run, progress)
             newest = summary.newest
@@ -179,6 +186,31 @@ class Reconciler:
         finally:
             if not dry_run:
                 await self.store.release_lease(self.owner)
+
+    def _within_memory(self, start: datetime, *, asked: bool) -> datetime:
+        """``start``, unless it is older than the store remembers the publications that
+        arrived (``RETENTION_S``): then every one of that time would read as missing and be
+        delivered again, past the ledger's memory too. A ``--since`` that old is refused; a
+        watermark that old (no run for weeks) is moved up to what the store remembers."""
+        oldest = datetime.now(UTC) - timedelta(seconds=self.settings.retention_s)
+        if start >= oldest:
+            return start
+        if asked:
+            raise ReconcileWindowTooOld(
+                f"--since {start.isoformat(timespec='seconds')} is older than "
+                f"PUBRELAY_RECONCILE__RETENTION_S ({self.settings.retention_s:g} s): the "
+                "store no longer knows which publications of that time arrived, so each "
+                "would be delivered again; the oldest possible is "
+                f"{oldest.isoformat(timespec='seconds')}"
+            )
+        log.warning(
+            "reconcile_window_shortened",
+            since=start.isoformat(timespec="seconds"),
+            to=oldest.isoformat(timespec="seconds"),
+            reason="older than PUBRELAY_RECONCILE__RETENTION_S: publications of that time "
+            "are no longer told apart",
+        )
+        return oldest
 
     async def _window_start(self) -> datetime:
         watermark = await self.store.watermark()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
@@ -26,7 +27,7 @@ from handlers.reconcile.record import event_id_for
 from handlers.reconcile.recorder import ReceivedRecorder
 from handlers.reconcile.store import Received, ReceivedStore, SqliteReceivedStore, create_store
 from handlers.types import Event
-from schemas.errors import ApiAuthError, ReconcileBusy
+from schemas.errors import ApiAuthError, ReconcileBusy, ReconcileWindowTooOld
 from schemas.events import parse_event
 from schemas.record import HEADER_EVENT_ID, HEADER_ORIGIN, header
 from tests.fixtures.fake_voucherify import (
@@ -428,3 +429,30 @@ async def test_a_publication_the_listing_shows_twice_is_counted_and_injected_onc
     assert (summary.seen, summary.injected) == (150, 150)
     records = await injected(bus)
     assert len({header(r.headers, HEADER_EVENT_ID) for r in records}) == len(records) == 150
+
+
+async def test_a_window_older_than_the_store_remembers_is_refused_or_shortened(
+    fake_voucherify: FakeVoucherify, store: ReceivedStore, bus: Bus
+) -> None:
+    """Publications that arrived by webhook before the store's retention read as missing:
+    each would be delivered again (and e-mailed again, past the ledger's memory)."""
+    retention: dict[str, Any] = {"retention_s": 3 * 3600, "lookback_s": 3600, "overlap_s": 600}
+    old = now() - timedelta(hours=5)
+    fake_voucherify.publications = [
+        list_item_from_event(event(n, old + timedelta(minutes=n))) for n in range(3)
+    ]
+
+    with pytest.raises(ReconcileWindowTooOld, match="PUBRELAY_RECONCILE__RETENTION_S"):
+        await reconciler(fake_voucherify, store, bus, **retention).run_once(
+            since=now() - timedelta(hours=6)
+        )
+    await store.set_watermark((now() - timedelta(hours=6)).timestamp())  # no run for hours
+    with structlog.testing.capture_logs() as logs:
+        summary = await reconciler(fake_voucherify, store, bus, **retention).run_once()
+
+    assert summary.since >= now() - timedelta(hours=3, seconds=5)
+    assert (summary.seen, summary.injected) == (0, 0)  # the old ones are not told apart
+    assert [line["event"] for line in logs if line["log_level"] == "warning"] == [
+        "reconcile_window_shortened"
+    ]
+    assert await injected(bus) == []
