@@ -228,7 +228,9 @@ class Reconciler:
                 if api.requests >= self.settings.max_requests:
                     summary.stopped = (
                         f"the request budget of {self.settings.max_requests} "
-                        "(PUBRELAY_RECONCILE__MAX_REQUESTS) is spent before the window's start"
+                        "(PUBRELAY_RECONCILE__MAX_REQUESTS) is spent before the window's start; "
+                        "the next run starts from the newest page again: run one with a larger "
+                        "budget (deploy/README.md, PubrelayReconcileFailing)"
                     )
                     return None
                 try:

@@ -262,6 +262,7 @@ async def test_the_request_budget_bounds_a_run(
     summary = await reconciler(fake_voucherify, store, bus, max_requests=2).run_once()
     assert len(fake_voucherify.requests) == 2
     assert "request budget of 2" in (summary.stopped or "")
+    assert "run one with a larger budget" in (summary.stopped or "")
     assert await store.watermark() is None
 
 
