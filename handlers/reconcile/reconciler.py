@@ -313,12 +313,29 @@ class Reconciler:
             self.metrics.api_newest.set(summary.newest.timestamp())
 
 
-async def run_periodically(reconciler: Reconciler, interval_s: float, stop: asyncio.Event) -> None:
+async def run_periodically(
+    reconciler: Reconciler,
+    interval_s: float,
+    stop: asyncio.Event,
+    *,
+    first_after: asyncio.Event | None = None,
+) -> None:
     """A run every ``interval_s`` until ``stop`` is set; a failed run is logged, not raised.
 
+    The first waits for ``first_after`` (the recorder has caught up with the publications
+    received while the worker was away; at most ``interval_s``): before, every one of them
+    would read as missing, be delivered again and fire PubrelayReconcileFoundMissing.
     A run still going when ``stop`` is set is cancelled (its lease released): shutdown does
     not wait for the API's pauses. What it injected stays injected; the rest waits.
     """
+    if first_after is not None and not first_after.is_set():
+        log.info("reconcile_waiting", reason="the recorder is catching up with the bus")
+        waits = [asyncio.create_task(first_after.wait()), asyncio.create_task(stop.wait())]
+        try:
+            await asyncio.wait(waits, timeout=interval_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
     while not stop.is_set():
         run = asyncio.create_task(reconciler.run_once(), name="reconcile-run")
         stopping = asyncio.create_task(stop.wait())

@@ -126,6 +126,8 @@ class HandlerRunner:
         self._draining = False
         self._sub: Subscription | None = None
         self._m_lag = metrics.lag.labels(self.name)
+        self.caught_up = asyncio.Event()
+        """Set at the first lag report that finds nothing left uncommitted."""
         self._m_oldest = metrics.oldest_uncommitted.labels(self.name)
 
     # -- the loop ---------------------------------------------------------------------
@@ -224,7 +226,10 @@ class HandlerRunner:
         except Exception as err:  # a gauge refresh is best effort
             self._retry.report("lag", err, self.settings.lag_interval_s)
             return
-        self._m_lag.set(sum(lag.values()))
+        behind = sum(lag.values())
+        self._m_lag.set(behind)
+        if not behind:
+            self.caught_up.set()
 
     async def _commit(self, sub: Subscription, only: Collection[Partition] | None = None) -> bool:
         """Commit each partition's first unfinished offset when it moved; False on failure."""

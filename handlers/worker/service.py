@@ -24,7 +24,7 @@ from handlers.config import HandlersSettings, LedgerSettings, WorkerSettings
 from handlers.reconcile.config import ReconcileSettings
 from handlers.reconcile.metrics import ReconcileMetrics
 from handlers.reconcile.reconciler import Reconciler, run_periodically
-from handlers.reconcile.recorder import ReceivedRecorder
+from handlers.reconcile.recorder import RECORDER_NAME, ReceivedRecorder
 from handlers.reconcile.store import create_store
 from handlers.registry import build_handlers
 from handlers.types import Handler
@@ -92,8 +92,14 @@ class Worker:
                 for runner in runners:
                     group.create_task(runner.run(), name=f"runner-{runner.name}")
                 if self.reconciler is not None and self.reconcile_interval_s > 0:
+                    recorder = next((r for r in runners if r.name == RECORDER_NAME), None)
                     group.create_task(
-                        run_periodically(self.reconciler, self.reconcile_interval_s, stop),
+                        run_periodically(
+                            self.reconciler,
+                            self.reconcile_interval_s,
+                            stop,
+                            first_after=recorder.caught_up if recorder is not None else None,
+                        ),
                         name="reconcile",
                     )
         finally:

@@ -27,6 +27,7 @@ from handlers.reconcile.record import event_id_for
 from handlers.reconcile.recorder import ReceivedRecorder
 from handlers.reconcile.store import Received, ReceivedStore, SqliteReceivedStore, create_store
 from handlers.types import Event
+from handlers.worker.ledger import SqliteLedger
 from schemas.errors import ApiAuthError, ReconcileBusy, ReconcileWindowTooOld
 from schemas.events import parse_event
 from schemas.record import HEADER_EVENT_ID, HEADER_ORIGIN, header
@@ -38,6 +39,7 @@ from tests.fixtures.fake_voucherify import (
     list_item_from_event,
 )
 from tests.fixtures.samples import sample_publication_body, sample_publication_event
+from tests.fixtures.worker import eventually, make_worker, running
 
 TOPIC = "voucherify.customer.publication.succeeded"
 
@@ -457,3 +459,38 @@ async def test_a_window_older_than_the_store_remembers_is_refused_or_shortened(
         "reconcile_window_shortened"
     ]
     assert await injected(bus) == []
+
+
+async def test_a_worker_reconciles_first_once_its_recorder_caught_up_with_the_bus(
+    fake_voucherify: FakeVoucherify, store: ReceivedStore, bus: Bus, tmp_path: Path
+) -> None:
+    """Publications received while the worker was away wait on the bus: a run before the
+    recorder has read them takes them for missing (and fires FoundMissing)."""
+    base = now() - timedelta(hours=1)
+    events = [event(n, base + timedelta(minutes=n)) for n in range(60)]
+    fake_voucherify.publications = [list_item_from_event(e) for e in events]
+    for e in events:  # came by webhook, while no worker ran
+        await bus.publish(TOPIC, json.dumps(e).encode(), key=e["data"]["customer"]["id"].encode())
+    registry = CollectorRegistry()
+    run = reconciler(fake_voucherify, store, bus)
+    run.metrics = ReconcileMetrics(registry)
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3", retention_s=3600)
+    await ledger.open()
+    try:
+        worker = make_worker(ReceivedRecorder(store), bus, ledger, registry, "voucherify.")
+        worker.reconciler, worker.reconcile_interval_s = run, 3600
+        async with running(worker):
+            await eventually(
+                lambda: (
+                    registry.get_sample_value(
+                        "pubrelay_reconcile_runs_total", {"outcome": "success"}
+                    )
+                    == 1
+                ),
+                what="the first run",
+            )
+    finally:
+        await ledger.close()
+
+    assert registry.get_sample_value("pubrelay_reconcile_missing_total") == 0
+    assert len(await injected(bus)) == 60  # the webhook's only
