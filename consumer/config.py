@@ -94,7 +94,8 @@ class WebhookSettings(BaseModel):
         default_factory=list,
         description=(
             "JSON list of the webhook secrets from Voucherify (several during a "
-            "rotation); empty: generated in the data dir"
+            "rotation); empty: generated in the data dir on the embedded bus (to try "
+            "pubrelay), required on Kafka"
         ),
     )
     allow_unsigned: bool = Field(

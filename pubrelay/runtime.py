@@ -162,7 +162,9 @@ async def run(
                 message="PUBRELAY_WEBHOOK__ALLOW_UNSIGNED is set: ANYONE can post events",
             )
         else:
-            secrets = resolve_secrets(settings, generate=True)
+            # A generated secret is for trying pubrelay on one machine: on Kafka, webhook
+            # processes verify Voucherify's own, configured secret.
+            secrets = resolve_secrets(settings, generate=settings.bus.kind == "sqlite")
     registry = new_registry()
     DataDirSpace(settings.data_dir, registry)
     watch = LoopWatch(registry)

@@ -40,6 +40,12 @@ def resolve_secrets(settings: Settings, *, generate: bool) -> list[str]:
             )
         return [stored]
     if not generate:
+        if settings.bus.kind == "kafka":
+            raise SecretMissing(
+                "no webhook secret: set PUBRELAY_WEBHOOK__SECRETS to the secret Voucherify "
+                "shows in Project Settings > Webhooks (on Kafka none is generated: every "
+                "webhook process must check Voucherify's own)"
+            )
         raise SecretMissing(
             f"no webhook secret: set PUBRELAY_WEBHOOK__SECRETS or create {path} "
             "(`pubrelay serve` generates one on first start)"

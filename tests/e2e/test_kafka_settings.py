@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.fixtures.kafka import TansuBroker
@@ -41,3 +43,20 @@ def test_acks_1_without_the_opt_in_exits_2_before_connecting(run_pubrelay: Launc
 
     assert process.proc.wait(30) == 2
     assert "PUBRELAY_BUS__ALLOW_UNSAFE_ACKS=true" in process.output()
+
+
+def test_a_webhook_on_kafka_without_a_secret_stops_instead_of_generating_one(
+    run_pubrelay: Launcher, tmp_path: Path
+) -> None:
+    # A generated secret, different in each pod, would answer 401 to every delivery.
+    process = run_pubrelay(
+        ["webhook"],
+        env={
+            "PUBRELAY_BUS__URL": "kafka://127.0.0.1:9",
+            "PUBRELAY_BUS__ENABLE_IDEMPOTENCE": "false",
+        },
+    )
+
+    assert process.proc.wait(30) == 2
+    assert "on Kafka none is generated" in process.output()
+    assert not (tmp_path / "var" / "webhook-secret").exists()
