@@ -95,7 +95,8 @@ class WebhookSettings(BaseModel):
         description=(
             "JSON list of the webhook secrets from Voucherify (several during a "
             "rotation); empty: generated in the data dir on the embedded bus (to try "
-            "pubrelay), required on Kafka"
+            "pubrelay); on Kafka none is generated (a file already there is used, with "
+            "the warning `webhook_secret_from_file`)"
         ),
     )
     allow_unsigned: bool = Field(

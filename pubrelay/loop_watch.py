@@ -34,6 +34,9 @@ BLOCKED_AFTER_S: Final = 1.0
 STACK_FRAMES: Final = 12  # the innermost frames, where the loop is held
 BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 HELD_LOCK: Final = "(not seen while it lasted: the loop held the interpreter lock)"
+HELD_CPU_SHARE: Final = 0.1
+"""CPU the process must have used during an unseen stall for it to be a held lock: a
+stopped process uses none, a loop holding the lock on a crowded machine gets a share."""
 
 
 class LoopWatch:
@@ -128,7 +131,7 @@ class LoopWatch:
         blocked_s = gap_s - self._beat_s
         if blocked_s < self._blocked_after_s:
             return
-        if cpu_s < blocked_s / 2:
+        if cpu_s < blocked_s * HELD_CPU_SHARE:
             return  # stopped, not busy
         log.warning(
             "event_loop_blocked",

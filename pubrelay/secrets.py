@@ -13,6 +13,8 @@ import secrets
 import sys
 from pathlib import Path
 
+import structlog
+
 from bus.sqlite.db import warn_if_not_private
 from pubrelay.settings import Settings
 from schemas.errors import ConfigError
@@ -32,6 +34,13 @@ def resolve_secrets(settings: Settings, *, generate: bool) -> list[str]:
     path = settings.data_dir / SECRET_FILE
     if path.exists():
         warn_if_not_private(path)
+        if settings.bus.kind == "kafka":  # one generated before, perhaps: each pod's own
+            structlog.get_logger("pubrelay.secrets").warning(
+                "webhook_secret_from_file",
+                path=str(path),
+                hint="on Kafka set PUBRELAY_WEBHOOK__SECRETS to Voucherify's secret, the "
+                "same in every webhook process",
+            )
         stored = path.read_text().strip()
         if not stored:
             raise SecretMissing(

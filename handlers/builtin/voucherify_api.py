@@ -173,7 +173,8 @@ class ListedPublication:
                 f"publication {pub_id}: created_at {created[:40]!r} is no date"
             ) from None
         voucher = _object(item.get("voucher"))
-        codes = [voucher.get("code")] if voucher.get("code") else (item.get("vouchers") or [])
+        listed = [voucher.get("code")] if voucher.get("code") else (item.get("vouchers") or [])
+        codes = tuple(c for c in listed if isinstance(c, str) and c)
         customer = _object(item.get("customer"))
         result = item.get("result")
         if not isinstance(result, str) or not result:
@@ -188,7 +189,7 @@ class ListedPublication:
             customer_id=_text(item.get("customer_id")) or _text(customer.get("id")),
             channel=_text(item.get("channel")),
             campaign=_text(voucher.get("campaign")),
-            codes=tuple(c for c in codes if isinstance(c, str) and c),
+            codes=codes,
             raw=item,
         )
 

@@ -179,6 +179,7 @@ class Reconciler:
                 missing=len(summary.missing),
                 injected=summary.injected,
                 failures=summary.failures,
+                unreadable=summary.unreadable,
                 stopped=summary.stopped,
                 dry_run=dry_run,
             )
@@ -192,7 +193,10 @@ class Reconciler:
         arrived (``RETENTION_S``): then every one of that time would read as missing and be
         delivered again, past the ledger's memory too. A ``--since`` that old is refused; a
         watermark that old (no run for weeks) is moved up to what the store remembers."""
-        oldest = datetime.now(UTC) - timedelta(seconds=self.settings.retention_s)
+        # With the overlap's margin: the store's hourly purge may run while the run reads
+        # its oldest pages.
+        settings = self.settings
+        oldest = datetime.now(UTC) - timedelta(seconds=settings.retention_s - settings.overlap_s)
         if start >= oldest:
             return start
         if asked:

@@ -228,7 +228,7 @@ class HandlerRunner:
             return
         behind = sum(lag.values())
         self._m_lag.set(behind)
-        if not behind:
+        if lag and not behind:  # {}: a Kafka member still joining, or holding no partition
             self.caught_up.set()
 
     async def _commit(self, sub: Subscription, only: Collection[Partition] | None = None) -> bool:

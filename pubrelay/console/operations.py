@@ -103,7 +103,10 @@ async def replay_preview(request: web.Request) -> web.Response:
 
 async def replay_now(request: web.Request) -> web.Response:
     console, name = _handler(request)
-    form = await request.post()  # already read, bounded, by the middleware
+    try:  # a session's form was read, bounded, by the middleware; a Bearer call's is read here
+        form = await request.post()
+    except (ValueError, LookupError):  # a body or charset that is no form (charset=bogus)
+        raise web.HTTPBadRequest(text="the form could not be read") from None
     event_id, since = _filters({k: str(v) for k, v in form.items()})
     async with console.inspecting:
         summary = await replay(

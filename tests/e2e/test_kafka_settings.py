@@ -60,3 +60,23 @@ def test_a_webhook_on_kafka_without_a_secret_stops_instead_of_generating_one(
     assert process.proc.wait(30) == 2
     assert "on Kafka none is generated" in process.output()
     assert not (tmp_path / "var" / "webhook-secret").exists()
+
+
+def test_a_webhook_on_kafka_using_a_secret_file_says_so(
+    run_pubrelay: Launcher, tmp_path: Path
+) -> None:
+    (tmp_path / "var").mkdir(mode=0o700)
+    (tmp_path / "var" / "webhook-secret").write_text("generated-by-an-older-version\n")
+    (tmp_path / "var" / "webhook-secret").chmod(0o600)
+    process = run_pubrelay(
+        ["webhook"],
+        env={
+            "PUBRELAY_BUS__URL": "kafka://127.0.0.1:9",  # nothing there: it stops after
+            "PUBRELAY_BUS__ENABLE_IDEMPOTENCE": "false",
+            "PUBRELAY_BUS__REQUEST_TIMEOUT_S": "1",
+        },
+    )
+
+    process.proc.wait(60)
+    assert '"event":"webhook_secret_from_file"' in process.output()
+    assert "same in every webhook process" in process.output()

@@ -588,6 +588,20 @@ async def test_a_logout_with_the_bearer_token_only_sends_to_the_login_page(stack
 
 
 @pytest.mark.parametrize(
+    "content_type", ["multipart/form-data", "application/x-www-form-urlencoded; charset=bogus"]
+)
+async def test_a_bearer_replay_whose_body_is_no_form_is_refused_not_a_server_error(
+    stack: Stack, content_type: str
+) -> None:
+    response = await stack.client.post(
+        "/console/dead-letters/recorder/replay",
+        data=b"event_id=x",
+        headers={**BEARER, "Content-Type": content_type},
+    )
+    assert response.status == 400
+
+
+@pytest.mark.parametrize(
     ("content_type", "status"),
     [
         ("multipart/form-data", 415),  # no boundary: aiohttp's parser raised, answered 500

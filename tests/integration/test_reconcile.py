@@ -388,11 +388,14 @@ async def test_a_publication_listed_with_a_null_result_is_a_success_only_with_it
     succeeded["result"] = None
     failed = failed_item("pub_failed_null", "cust_x", (base + timedelta(minutes=1)).isoformat())
     failed["result"] = None
-    fake_voucherify.publications = [succeeded, failed]
+    failed["vouchers"] = ["CODE-X"]  # a code, but a failure_code: a failure
+    no_code = list_item_from_event(event(2, base + timedelta(minutes=2)), codes=[])
+    no_code["result"], no_code["vouchers"] = None, [None, ""]  # no usable code
+    fake_voucherify.publications = [succeeded, failed, no_code]
 
     summary = await reconciler(fake_voucherify, store, bus).run_once()
 
-    assert (summary.seen, summary.failures, summary.injected) == (2, 1, 1)
+    assert (summary.seen, summary.failures, summary.injected) == (3, 2, 1)
     [record] = await injected(bus)
     assert header(record.headers, HEADER_EVENT_ID) == event_id_for(succeeded["id"]).encode()
 

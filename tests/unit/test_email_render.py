@@ -437,6 +437,8 @@ def test_a_changed_or_added_template_is_used_once_the_recheck_interval_passed(
         "Jack Webhook with a rather long display name to force folding, attacker@evil.example,",
         'Jack "x" <attacker@evil.example>; Jill',
         "Doe, Jane",
+        "=?utf-8?q?Doe=2C_x=40evil=2Eexample=2C?=",  # decoded before the folding
+        "Jane =?utf-8?b?LCBhdHRhY2tlckBldmlsLmV4YW1wbGUs?= Doe",
     ],
 )
 def test_a_customer_name_never_adds_a_recipient_to_the_to_header(name: str) -> None:

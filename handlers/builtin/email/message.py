@@ -80,10 +80,11 @@ _TRUTHY: Final = frozenset({"true", "yes", "1"})
 _MSGID_RE: Final = re.compile(r"[^A-Za-z0-9._-]+")
 _SPACE_RE: Final = re.compile(r"\s+")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]+")
-_NAME_SPECIALS_RE: Final = re.compile(r'[,;:<>@"()\[\]\\]+')
+_NAME_SPECIALS_RE: Final = re.compile(r'[,;:<>@"()\[\]\\]+|=\?')
 """What could end a display name and start another address. Python's folding of a long
 ``To`` drops the quotes around a display name, so ``Doe, x@evil.example,`` became two
-more recipients in the customer's mail client (the SMTP envelope never changed)."""
+more recipients in the customer's mail client (the SMTP envelope never changed); an
+encoded word (``=?utf-8?q?Doe=2C_x=40evil.example?=``) is decoded before the folding."""
 _URI_ITEM_RE: Final = re.compile(r"<([^<>]*)>|([^,<>]+)")
 _AUTO_SUBMITTED: Final = b"Auto-Submitted: auto-generated\r\n"
 _ONE_CLICK: Final = b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
