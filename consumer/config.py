@@ -8,6 +8,8 @@ from typing import Final
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
+from schemas.errors import EXAMPLE_PLACEHOLDERS
+
 
 class HttpSettings(BaseModel):
     host: str = Field(
@@ -79,9 +81,6 @@ class HttpSettings(BaseModel):
     )
 
 
-PLACEHOLDERS: Final = ("replace-with-", "REPLACE_ME")
-"""How the values of deploy/pubrelay.env.example and deploy/k8s/secret.template.yaml
-begin: never a real one."""
 _SERVED_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
@@ -168,7 +167,7 @@ class WebhookSettings(BaseModel):
         # An empty HMAC key is a key anyone can sign with.
         if any(not s.get_secret_value().strip() for s in value):
             raise ValueError("a webhook secret must not be empty")
-        if any(s.get_secret_value().startswith(PLACEHOLDERS) for s in value):
+        if any(s.get_secret_value().startswith(EXAMPLE_PLACEHOLDERS) for s in value):
             raise ValueError(
                 "still the example's placeholder: put the secret Voucherify shows in Project "
                 "Settings > Webhooks"

@@ -2,10 +2,13 @@
 
 Each class carries its policy as class attributes (``retriable``) so callers decide by
 type, never by message. Control-flow exceptions raised by handlers are verbs
-(``RetryLater``, ``SkipEvent``).
+(``RetryLater``, ``SkipEvent``). Beside :class:`ConfigError`, the deploy files'
+placeholders the settings refuse (:data:`EXAMPLE_PLACEHOLDERS`).
 """
 
 from __future__ import annotations
+
+from typing import Final
 
 
 class PubrelayError(Exception):
@@ -100,6 +103,11 @@ class ApiUnavailable(ApiError):
 
 class PageLimitReached(ApiError):
     """The listing would need a page beyond the API's last (1000): the window is too deep."""
+
+
+EXAMPLE_PLACEHOLDERS: Final = ("replace-with-", "REPLACE_ME")
+"""How the values of deploy/pubrelay.env.example and deploy/k8s/secret.template.yaml
+begin: never a real secret, id or token."""
 
 
 class ReconcileWindowTooOld(ConfigError):

@@ -121,21 +121,7 @@ class RetentionPass:
 
 def _delete_by_age(conn: sqlite3.Connection, topic: str, cutoff_ms: int, limit: int) -> int:
     """Delete up to ``limit`` of ``topic``'s oldest records older than ``cutoff_ms``."""
-    rows = conn.execute(_OLDEST_SQL, (topic, _NO_BOUND, limit)).fetchall()
-    expired = _leading_expired(rows, cutoff_ms)
-    if expired:
-        conn.execute(_DELETE_SQL, (topic, rows[0][0], rows[expired - 1][0]))
-    return expired
-
-
-def _leading_expired(rows: list[tuple[int, int]], cutoff_ms: int) -> int:
-    """How many of ``rows`` (id, ts_ms), from the first, are older than ``cutoff_ms``."""
-    expired = 0
-    for _, ts_ms in rows:
-        if ts_ms >= cutoff_ms:
-            break
-        expired += 1
-    return expired
+    return len(_delete_expired(conn, topic, _NO_BOUND, cutoff_ms, limit))
 
 
 def _delete_chunk(
@@ -156,14 +142,28 @@ def _delete_chunk(
         bound = int(lowest_seen)  # every group still seen is past this offset
     else:
         bound = _NO_BOUND  # no group, or none seen within the retention: by age
+    deleted = _delete_expired(conn, topic, bound, cutoff_ms, limit)
+    if deleted and groups and int(lowest) <= deleted[-1][0]:
+        silent = conn.execute(_SILENT_GROUPS_SQL, (topic, cutoff_ms, deleted[-1][0]))
+        for group, next_offset in silent:
+            unread = sum(1 for offset, _ in deleted if offset >= next_offset)
+            key = (group, topic)
+            passed_over[key] = passed_over.get(key, 0) + unread
+    return len(deleted)
+
+
+def _delete_expired(
+    conn: sqlite3.Connection, topic: str, bound: int, cutoff_ms: int, limit: int
+) -> list[tuple[int, int]]:
+    """Delete ``topic``'s oldest records below offset ``bound`` that are older than
+    ``cutoff_ms``, up to ``limit``, in offset order (stopping at the first one still
+    inside); the deleted ones' ``(id, ts_ms)``."""
     rows = conn.execute(_OLDEST_SQL, (topic, bound, limit)).fetchall()
-    expired = _leading_expired(rows, cutoff_ms)
+    expired = 0
+    for _, ts_ms in rows:
+        if ts_ms >= cutoff_ms:
+            break
+        expired += 1
     if expired:
-        first, last = rows[0][0], rows[expired - 1][0]
-        conn.execute(_DELETE_SQL, (topic, first, last))
-        if groups and int(lowest) <= last:
-            for group, next_offset in conn.execute(_SILENT_GROUPS_SQL, (topic, cutoff_ms, last)):
-                unread = sum(1 for offset, _ in rows[:expired] if offset >= next_offset)
-                key = (group, topic)
-                passed_over[key] = passed_over.get(key, 0) + unread
-    return expired
+        conn.execute(_DELETE_SQL, (topic, rows[0][0], rows[expired - 1][0]))
+    return rows[:expired]

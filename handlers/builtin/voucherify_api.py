@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from handlers.builtin.http_client import HttpUrlStr
 from handlers.builtin.retry_after import retry_after_s
 from schemas.errors import (
+    EXAMPLE_PLACEHOLDERS,
     ApiAuthError,
     ApiError,
     ApiQuotaError,
@@ -116,9 +117,7 @@ class VoucherifySettings(BaseModel):
                 f"PUBRELAY_VOUCHERIFY__{given} is set without PUBRELAY_VOUCHERIFY__{missing}: "
                 "reconciliation needs the whole key pair (or neither, to run without it)"
             )
-        # the deploy files' placeholders (consumer.config.PLACEHOLDERS)
-        placeholders = ("replace-with-", "REPLACE_ME")
-        if self.app_id.startswith(placeholders) or token.startswith(placeholders):
+        if self.app_id.startswith(EXAMPLE_PLACEHOLDERS) or token.startswith(EXAMPLE_PLACEHOLDERS):
             raise ValueError(
                 "PUBRELAY_VOUCHERIFY__APP_ID / APP_TOKEN still hold the example's placeholders: "
                 "put a read-only key pair from Project Settings > Application Keys, or neither"

@@ -178,12 +178,20 @@ async def _small_form(request: web.Request) -> Any:
         raise web.HTTPUnsupportedMediaType(text=f"a form is sent as {FORM_TYPE}")
     try:
         async with asyncio.timeout(request.app[CONSOLE].form_read_timeout_s):
-            return await request.post()
+            return await read_form(request)
     except TimeoutError:
         late = web.HTTPRequestTimeout(text="the form did not arrive in time")
         late.force_close()  # after the answer, what still comes is read only while lingering
         raise late from None
-    except (ValueError, LookupError):  # a body or charset that is no form (charset=bogus)
+
+
+async def read_form(request: web.Request) -> Any:
+    """The request's form; 400 for a body or charset that is no form (``charset=bogus``,
+    multipart without a boundary), which aiohttp raises as a ``ValueError`` or
+    ``LookupError`` (an answer 500 before)."""
+    try:
+        return await request.post()
+    except (ValueError, LookupError):
         raise web.HTTPBadRequest(text="the form could not be read") from None
 
 

@@ -17,7 +17,7 @@ from aiohttp import web
 from consumer.quarantine import tail_quarantined
 from handlers.worker.dead_letters import DeadLetter
 from handlers.worker.replay import replay, scan_dead_letters
-from pubrelay.console.app import CONSOLE, Console, render
+from pubrelay.console.app import CONSOLE, Console, read_form, render
 from pubrelay.console.views import when
 
 MAX_SHOWN: Final = 200
@@ -103,10 +103,8 @@ async def replay_preview(request: web.Request) -> web.Response:
 
 async def replay_now(request: web.Request) -> web.Response:
     console, name = _handler(request)
-    try:  # a session's form was read, bounded, by the middleware; a Bearer call's is read here
-        form = await request.post()
-    except (ValueError, LookupError):  # a body or charset that is no form (charset=bogus)
-        raise web.HTTPBadRequest(text="the form could not be read") from None
+    # A session's form was read, bounded, by the middleware; a Bearer call's is read here.
+    form = await read_form(request)
     event_id, since = _filters({k: str(v) for k, v in form.items()})
     async with console.inspecting:
         summary = await replay(

@@ -4,9 +4,11 @@ stall is counted once the loop runs again; a loop that only works hard is not.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,6 +33,19 @@ def hold_the_loop(capsys: pytest.CaptureFixture[str], seconds: float) -> list[di
     return lines(capsys)
 
 
+@contextlib.contextmanager
+def watching(registry: CollectorRegistry, blocked_after_s: float) -> Iterator[None]:
+    """Logs as JSON lines on stderr and a watch on the running loop for the block's
+    length, beating every 0.05 s."""
+    configure_logging("info", "json")
+    watch = LoopWatch(registry, blocked_after_s=blocked_after_s, beat_s=0.05)
+    watch.start()
+    try:
+        yield
+    finally:
+        watch.stop()
+
+
 def work_for(seconds: float) -> None:
     """Hold the loop for ``seconds``, as a slice of a handler's own work."""
     time.sleep(seconds)
@@ -39,17 +54,12 @@ def work_for(seconds: float) -> None:
 async def test_a_blocked_loop_is_logged_while_blocked_with_its_stack_and_counted_after(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    configure_logging("info", "json")
     registry = CollectorRegistry()
-    watch = LoopWatch(registry, blocked_after_s=0.3, beat_s=0.05)
-    watch.start()
-    try:
+    with watching(registry, blocked_after_s=0.3):
         await asyncio.sleep(0.3)
         assert lines(capsys) == []
         while_blocked = hold_the_loop(capsys, 1.0)
         await asyncio.sleep(0.3)
-    finally:
-        watch.stop()
     after = lines(capsys)
 
     reports = [line for line in while_blocked if line["event"] == "event_loop_blocked"]
@@ -70,14 +80,9 @@ async def test_a_blocked_loop_is_logged_while_blocked_with_its_stack_and_counted
 async def test_a_long_stall_is_reported_again_at_each_doubling(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    configure_logging("info", "json")
-    watch = LoopWatch(CollectorRegistry(), blocked_after_s=0.3, beat_s=0.05)
-    watch.start()
-    try:
+    with watching(CollectorRegistry(), blocked_after_s=0.3):
         await asyncio.sleep(0.1)
         while_blocked = hold_the_loop(capsys, 2.0)
-    finally:
-        watch.stop()
 
     times = [line["blocked_s"] for line in while_blocked if line["event"] == "event_loop_blocked"]
     assert 2 <= len(times) <= 3, times  # at about 0.3, 0.6 and 1.2 s
@@ -88,17 +93,12 @@ async def test_a_long_stall_is_reported_again_at_each_doubling(
 async def test_a_loop_that_works_hard_but_turns_is_not_reported(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    configure_logging("info", "json")
     registry = CollectorRegistry()
-    watch = LoopWatch(registry, blocked_after_s=0.5, beat_s=0.05)
-    watch.start()
-    try:
+    with watching(registry, blocked_after_s=0.5):
         deadline = time.monotonic() + 1.2
         while time.monotonic() < deadline:
             work_for(0.02)  # busy, in slices well under the threshold
             await asyncio.sleep(0)
-    finally:
-        watch.stop()
 
     assert lines(capsys) == []
     assert registry.get_sample_value(COUNT) == 0
@@ -120,18 +120,13 @@ def hold_the_interpreter_lock(seconds: float) -> None:
 async def test_a_stall_that_held_the_interpreter_lock_is_told_once_the_loop_runs_again(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    configure_logging("info", "json")
     registry = CollectorRegistry()
-    watch = LoopWatch(registry, blocked_after_s=0.3, beat_s=0.05)
-    watch.start()
-    try:
+    with watching(registry, blocked_after_s=0.3):
         await asyncio.sleep(0.2)
         started = time.monotonic()
         hold_the_interpreter_lock(1.0)
         held_s = time.monotonic() - started
         await asyncio.sleep(0.3)
-    finally:
-        watch.stop()
 
     reports = [line for line in lines(capsys) if line["event"] == "event_loop_blocked"]
     assert len(reports) == 1, reports
