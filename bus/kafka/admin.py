@@ -106,6 +106,10 @@ class KafkaTopics:
         for task in self._background:
             task.cancel()
 
+    def ready_for(self, topic: str) -> bool:
+        """True when :meth:`before_publish` has nothing to do for ``topic``."""
+        return not self._recheck_wanted and topic in self._ensured
+
     async def before_publish(self, topic: str) -> None:
         """Re-check the topics after a failure, and ensure ``topic`` on its first publish."""
         if self._recheck_wanted:

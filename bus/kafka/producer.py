@@ -1,17 +1,34 @@
-"""The Kafka bus: publishing to any Kafka-protocol cluster through one aiokafka producer.
+"""The Kafka bus: publishing to any Kafka-protocol cluster on one aiokafka client.
 
-Publishing: one producer per process, started in :meth:`KafkaBus.start`. ``submit`` (and
-``publish``, which awaits it) puts the record in a list; one sender task takes the list
-each loop turn (or after ``linger_ms``), builds a batch per partition
-(``create_batch``: the key's partition as the Java client maps it,
-:mod:`bus.kafka.partitioner`) and hands it to the producer (``send_batch``). The batch's
-acknowledgement (``acks=all``; anything less needs ``allow_unsafe_acks``) answers each of
-its records; one timer bounds them all by ``publish_timeout_s``
-(:class:`bus.deadlines.Deadlines`). Per record that is a list append, against a task, a
-coroutine, a timer and aiokafka's own ``send`` before (docs/performance.md, "Kafka:
-batches built per loop turn"). While the producer still holds a batch of a partition
-that its request has not taken, ``send_batch`` waits; the records arriving meanwhile go
-out together in the next batch, as aiokafka's ``send`` would have grouped them.
+Publishing: one aiokafka producer per process, started in :meth:`KafkaBus.start`; its
+client holds the connections, the cluster's metadata and the negotiated versions.
+``submit`` (and ``publish``, which awaits it) queues the record; records go out in one
+batch per partition (the key's partition as the Java client maps it,
+:mod:`bus.kafka.partitioner`), and each batch's acknowledgement (``acks=all``; anything
+less needs ``allow_unsafe_acks``) answers its records. One timer bounds them all by
+``publish_timeout_s`` (:class:`bus.deadlines.Deadlines`). Two ways to send:
+
+- **Produce requests of our own** (without idempotence, and with an answer to wait for:
+  ``acks`` of ``all`` or 1). ``submit`` queues the record behind those of its partition,
+  from the metadata the client holds (a record it cannot place, say on a topic's first
+  publish, goes through :meth:`KafkaBus._route_waiting`, and so do the records submitted
+  while that runs). Each broker's sender keeps one request in flight, as aiokafka's
+  does: it takes the records of every partition it leads, builds a batch per partition
+  with aiokafka's C batch builder (up to ``max_batch_bytes``; the rest waits for the next
+  request), sends one request (:mod:`bus.kafka.wire`, encoded by
+  hand, on aiokafka's connection) and awaits its answer; the records arriving meanwhile
+  go together in the next. A partition with a batch in flight is muted. A failure a
+  retry may cure (a leader moving, a lost connection, a request timed out) puts the
+  batch back at the head of its partition's queue after fresh metadata and
+  ``RETRY_BACKOFF_S``, within its records' deadlines, as aiokafka's sender does, so a
+  key's records keep their order. About a tenth of the loop's time per request less
+  than aiokafka's sender (docs/performance.md, "A produce request of our own").
+- **aiokafka's producer** (idempotence on, the default, or ``acks=0``): the idempotent
+  producer's sequence numbers and retries are aiokafka's. One sender task takes the
+  waiting records each loop turn (or after ``linger_ms``), builds a closed batch per
+  partition (``create_batch``) and hands it to the producer (``send_batch``). While the
+  producer still holds a batch of a partition that its request has not taken,
+  ``send_batch`` waits; the records arriving meanwhile go out together in the next batch.
 
 Every failure becomes :class:`~schemas.errors.BusUnavailable`, so the web layer answers
 503 and Voucherify retries, except those that retrying cannot cure: a topic that is
@@ -35,7 +52,7 @@ absorbs that (delivery is at least once everywhere).
 Recovery: the aiokafka producer reconnects by itself when a broker comes back (checked
 against a killed and restarted broker), so the same :class:`KafkaBus` keeps serving. The
 one failure it cannot recover from is a dead sender task (aiokafka's "unexpected error in
-sender routine"), after which every send fails; the bus then replaces the producer once,
+sender routine"), after which every send through it fails; the bus then replaces the producer once,
 in a task of its own, so concurrent publishes never race to build several. The move to
 unavailable and back is logged once each way, not once per failed request.
 
@@ -60,8 +77,10 @@ from aiokafka.errors import (
     MessageSizeTooLargeError,
     RecordListTooLargeError,
     UnsupportedCodecError,
+    for_code,
 )
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
+from aiokafka.structs import TopicPartition
 
 from bus.config import BusSettings
 from bus.deadlines import Deadlines
@@ -70,6 +89,7 @@ from bus.kafka.admin import KafkaTopics
 from bus.kafka.options import GroupTiming, acks, client_options
 from bus.kafka.partitioner import partition_for
 from bus.kafka.subscription import KafkaSubscription
+from bus.kafka.wire import PartitionData, ProduceAnswer, ProduceCall
 from bus.types import UNREADY_AFTER_FAILED_PUBLISH_S, RevokeCallback, Subscription
 from schemas.errors import BusUnavailable, ConfigError, RecordTooLarge, TopicMissing
 from schemas.record import Headers
@@ -81,6 +101,14 @@ _IDEMPOTENCE_HINT: Final = (
     "(for example the Tansu test broker)"
 )
 _TOO_LARGE: Final = (MessageSizeTooLargeError, RecordListTooLargeError)
+RETRY_BACKOFF_S: Final = 0.1  # before a batch a retry may cure goes again (aiokafka's default)
+_CODECS: Final = {
+    "none": DefaultRecordBatch.CODEC_NONE,
+    "gzip": DefaultRecordBatch.CODEC_GZIP,
+    "snappy": DefaultRecordBatch.CODEC_SNAPPY,
+    "lz4": DefaultRecordBatch.CODEC_LZ4,
+    "zstd": DefaultRecordBatch.CODEC_ZSTD,
+}
 
 
 def _sender_dead(producer: Any) -> bool:
@@ -120,6 +148,13 @@ class _Sent(NamedTuple):
     started: float  # time.monotonic() when its records were taken
 
 
+def _answer_error(code: int | None) -> BaseException | None:
+    """A partition's answer in a produce response as an error (``None``: stored)."""
+    if code is None:
+        return BusUnavailable("the broker did not answer for a partition")
+    return for_code(code)() if code else None
+
+
 def _unsent(records: Iterable[_Waiting]) -> list[_Waiting]:
     return [record for record in records if not record.sent]
 
@@ -127,7 +162,17 @@ def _unsent(records: Iterable[_Waiting]) -> list[_Waiting]:
 class _Waiting:
     """A submitted record and its answer."""
 
-    __slots__ = ("deadline", "future", "headers", "key", "sent", "timeout", "topic", "value")
+    __slots__ = (
+        "alone",
+        "deadline",
+        "future",
+        "headers",
+        "key",
+        "sent",
+        "timeout",
+        "topic",
+        "value",
+    )
 
     def __init__(
         self,
@@ -147,12 +192,22 @@ class _Waiting:
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
         self.sent = False  # in a batch the producer holds
+        self.alone = False  # refused with a batch for its size: goes in a batch of its own
 
 
 class KafkaBus:
     """A :class:`bus.types.Bus` on a Kafka-protocol cluster."""
 
-    def __init__(self, settings: BusSettings, *, group_timing: GroupTiming | None = None) -> None:
+    def __init__(
+        self,
+        settings: BusSettings,
+        *,
+        group_timing: GroupTiming | None = None,
+        own_requests: bool | None = None,
+    ) -> None:
+        """``own_requests``: produce requests of our own (``None``: whenever the settings
+        allow, that is without idempotence and with ``acks`` of 1 or ``all``); ``False``
+        sends through aiokafka's producer, as idempotence does (the tests run both)."""
         if settings.kind != "kafka" or not settings.kafka_bootstrap:
             raise ConfigError("PUBRELAY_BUS__URL must be kafka://host:port[,host:port]")
         if settings.enable_idempotence and settings.acks != "all":
@@ -174,6 +229,22 @@ class KafkaBus:
         # The loop it was started on, looked up once: on Python 3.11 each
         # get_running_loop() is a getpid() system call (docs/performance.md).
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Without idempotence (and with an answer to wait for), produce requests are our
+        # own (bus.kafka.wire), one in flight per broker: docs/performance.md, "A produce
+        # request of our own". An idempotent producer's sequence numbers stay aiokafka's.
+        allowed = not settings.enable_idempotence and settings.acks != "0"
+        if own_requests and not allowed:
+            raise ValueError("produce requests of our own need no idempotence and acks 1 or all")
+        self._direct = allowed if own_requests is None else own_requests
+        self._direct_acks = -1 if settings.acks == "all" else 1
+        # How long the broker may wait for its replicas, as aiokafka sets it.
+        self._produce_timeout_ms = int(settings.request_timeout_s * 1000)
+        self._partition_queues: dict[tuple[str, int], list[_Waiting]] = {}
+        self._muted: set[tuple[str, int]] = set()  # a batch in flight, or to go again
+        self._brokers: dict[int, asyncio.Task[None]] = {}  # broker id: its sender
+        self._partitions: dict[str, list[int]] = {}  # topic: its partitions, in order
+        self._wake_handle: asyncio.TimerHandle | None = None
+        self._closing = False
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -234,12 +305,14 @@ class KafkaBus:
             return
         self._producer = await self._start_producer()
         self._loop = asyncio.get_running_loop()
+        self._closing = False
         log.info(
             "bus_started",
             bus="kafka",
             bootstrap=self.settings.kafka_bootstrap,
             acks=self.settings.acks,
             idempotence=self.settings.enable_idempotence,
+            produce_requests="own" if self._direct else "aiokafka",
             max_batch_bytes=self.settings.max_batch_bytes,
             max_record_bytes=self.settings.max_record_bytes,
         )
@@ -252,6 +325,10 @@ class KafkaBus:
                 "event survives the loss of a broker",
             )
 
+    def _senders(self) -> list[asyncio.Task[None]]:
+        tasks = list(self._brokers.values())
+        return tasks if self._sender is None else [self._sender, *tasks]
+
     async def _stop_quietly(self, producer: Any) -> None:
         """Stop a producer, bounded: batches expire after ``request_timeout_s`` anyway."""
         try:
@@ -261,15 +338,23 @@ class KafkaBus:
             log.warning("bus_producer_stop_failed", bus="kafka", error=repr(err))
 
     async def close(self) -> None:
-        """Send what waits, let the producer deliver what it holds (bounded), stop."""
+        """Send what waits, let the producer deliver what it holds, stop. Each step is
+        bounded by ``request_timeout_s``: sending what waits (routed, then sent by the
+        brokers' senders or handed to aiokafka's producer), then stopping the producer."""
         self._topics.close()
-        sender = self._sender
-        if sender is not None:
-            await asyncio.wait([sender], timeout=self.settings.request_timeout_s)
-            if not sender.done():
-                sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sender
+        # What waits to be routed, and what the brokers' senders hold (produce requests
+        # of our own), bounded together.
+        until = time.monotonic() + self.settings.request_timeout_s
+        while (senders := self._senders()) and (left := until - time.monotonic()) > 0:
+            await asyncio.wait(senders, timeout=left)
+        self._closing = True
+        senders = self._senders()
+        for task in senders:
+            task.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+        if self._wake_handle is not None:
+            self._wake_handle.cancel()
+            self._wake_handle = None
         for task in list(self._tasks):
             task.cancel()
         replacement = self._replacement
@@ -340,8 +425,15 @@ class KafkaBus:
             return future
         timeout = self.settings.publish_timeout_s if timeout_s is None else timeout_s
         waiting = _Waiting(topic, value, key=key, headers=listed, future=future, timeout=timeout)
-        self._waiting.append(waiting)
         self._deadlines.add(waiting)
+        if (
+            self._direct
+            and self._sender is None  # nothing older of the key waits to be routed
+            and (tp := self._partition_now(topic, key)) is not None
+        ):
+            self._enqueue(tp, [waiting])
+            return future
+        self._waiting.append(waiting)
         if self._sender is None:
             self._sender = asyncio.create_task(self._send_waiting())
         return future
@@ -371,7 +463,10 @@ class KafkaBus:
                     await asyncio.sleep(linger_s)
                 waiting, self._waiting = self._waiting, []
                 try:
-                    await self._send(waiting)
+                    if self._direct:
+                        await self._route_waiting(waiting)
+                    else:
+                        await self._send(waiting)
                 except asyncio.CancelledError:
                     self._fail(_unsent(waiting), BusUnavailable("the Kafka bus is closed"))
                     raise
@@ -440,11 +535,15 @@ class KafkaBus:
             delivery.add_done_callback(functools.partial(self._delivered, sent))
 
     def _delivered(self, sent: _Sent, delivery: asyncio.Future[Any]) -> None:
-        members = sent.records
         if delivery.cancelled():
             error: BaseException | None = BusUnavailable("the delivery was cancelled")
         else:
             error = delivery.exception()
+        self._settle(sent, error)
+
+    def _settle(self, sent: _Sent, error: BaseException | None) -> None:
+        """Answer a batch's records: stored, too large, or not stored."""
+        members = sent.records
         if error is None:
             for record in members:
                 if not record.future.done():
@@ -453,9 +552,16 @@ class KafkaBus:
         elif isinstance(error, _TOO_LARGE) and len(members) > 1:
             # The broker refuses a whole batch for its size: each record once more in a
             # batch of its own, so a small record never pays for a large neighbour.
-            for record in members:
-                if not record.future.done():
+            unanswered = [record for record in members if not record.future.done()]
+            for record in unanswered:
+                if self._direct:  # ahead of the others of the partition, each alone
+                    record.alone = True
+                    record.sent = False
+                else:
                     self._background(self._send_alone(record, sent.partition))
+            if self._direct:
+                tp = (sent.topic, sent.partition)
+                self._partition_queues[tp] = unanswered + self._partition_queues.get(tp, [])
         elif isinstance(error, _TOO_LARGE):
             (record,) = members
             if not record.future.done():
@@ -464,6 +570,258 @@ class KafkaBus:
         else:
             self._fail(members, error)
         self._deadlines.settled()
+
+    # -- produce requests of our own (without idempotence) -------------------------
+
+    def _partition_now(
+        self, topic: str, key: bytes | None, *, checked: bool = False
+    ) -> tuple[str, int] | None:
+        """``key``'s partition of ``topic`` from the metadata the client holds; ``None``
+        when the topic must be checked (unless ``checked``) or its metadata fetched
+        first."""
+        producer = self._producer
+        if producer is None or not (checked or self._topics.ready_for(topic)):
+            return None
+        known = producer.client.cluster.partitions_for_topic(topic)
+        if not known:
+            return None
+        partitions = self._partitions.get(topic)
+        if partitions is None or len(partitions) != len(known):  # partitions only grow
+            partitions = self._partitions[topic] = sorted(known)
+        return topic, partition_for(key, partitions, partitions)
+
+    def _enqueue(self, tp: tuple[str, int], records: list[_Waiting]) -> None:
+        """Queue ``records`` behind those of their partition, and wake its leader's
+        sender."""
+        queue = self._partition_queues.get(tp)
+        if queue:  # its leader was woken when the first of them came
+            queue += records
+            return
+        self._partition_queues[tp] = records
+        if tp not in self._muted:  # else woken when its batch in flight is answered
+            self._wake_leader(tp)
+
+    def _wake_leader(self, tp: tuple[str, int]) -> None:
+        producer = self._producer
+        if producer is None or self._closing:
+            return
+        node = producer.client.cluster.leader_for_partition(TopicPartition(*tp))
+        if node is None or node < 0:  # a leader being elected: look again soon
+            self._wake_later()
+        elif node not in self._brokers:
+            loop = self._loop or asyncio.get_running_loop()
+            self._brokers[node] = loop.create_task(self._send_to(node))
+
+    def _wake_all(self) -> None:
+        """Wake the leaders of every partition with records waiting (a leader may have
+        moved while its records waited)."""
+        for tp, queue in list(self._partition_queues.items()):
+            queue[:] = [record for record in queue if not record.future.done()]
+            if not queue:
+                del self._partition_queues[tp]
+            elif tp not in self._muted:
+                self._wake_leader(tp)
+
+    def _wake_later(self) -> None:
+        producer = self._producer
+        if self._wake_handle is None and producer is not None and not self._closing:
+            producer.client.force_metadata_update()
+            loop = self._loop or asyncio.get_running_loop()
+            self._wake_handle = loop.call_later(RETRY_BACKOFF_S, self._woken)
+
+    def _woken(self) -> None:
+        self._wake_handle = None
+        self._wake_all()
+
+    async def _route_waiting(self, waiting: list[_Waiting]) -> None:
+        """Queue the records :meth:`submit` could not (the topic to be checked or created,
+        its metadata to be fetched). While this runs, :meth:`submit` sends its records
+        here too, so a key's records keep their order."""
+        try:
+            producer = await self._current_producer()
+        except (KafkaError, BusUnavailable) as err:
+            self._fail(waiting, err)
+            return
+        by_topic: dict[str, list[_Waiting]] = {}
+        for record in waiting:
+            if not record.future.done():
+                by_topic.setdefault(record.topic, []).append(record)
+        unknown: list[_Waiting] = []
+        for topic, records in by_topic.items():
+            try:
+                await self._topics.before_publish(topic)
+                await producer.partitions_for(topic)
+            except TopicMissing as err:  # the caller's to handle (the intake quarantines)
+                for record in records:
+                    if not record.future.done():
+                        record.future.set_exception(TopicMissing(*err.args))
+                self._deadlines.settled()
+                continue
+            except (KafkaError, BusUnavailable) as err:
+                self._fail(records, err)
+                continue
+            unknown += self._queue_routed(topic, records)
+        if unknown:  # the metadata went meanwhile: once more, ahead of the newer ones
+            await asyncio.sleep(RETRY_BACKOFF_S)
+            self._waiting[:0] = unknown
+
+    def _queue_routed(self, topic: str, records: list[_Waiting]) -> list[_Waiting]:
+        """Queue ``records`` of a checked ``topic``; those it cannot place yet."""
+        by_partition: dict[tuple[str, int], list[_Waiting]] = {}
+        unknown: list[_Waiting] = []
+        for record in records:
+            tp = self._partition_now(topic, record.key, checked=True)
+            if tp is None:
+                unknown.append(record)
+            else:
+                by_partition.setdefault(tp, []).append(record)
+        for tp, members in by_partition.items():
+            self._enqueue(tp, members)
+        return unknown
+
+    async def _send_to(self, node: int) -> None:
+        """One broker's sender: the records of each partition it leads in one produce
+        request (a batch a partition), and the next request once this one is answered,
+        as aiokafka's sender keeps one in flight per broker; those arriving meanwhile go
+        together. A partition with a batch in flight or waiting to go again is muted
+        until it is answered, so a key's records keep their order."""
+        linger_s = self.settings.linger_ms / 1000
+        try:
+            while True:
+                if linger_s:
+                    await asyncio.sleep(linger_s)
+                producer = self._producer
+                if producer is None:
+                    return
+                call, sent = self._request(producer.client.cluster, node)
+                if not sent:
+                    return
+                await self._produce(producer.client, node, call, sent)
+        finally:
+            del self._brokers[node]
+            self._wake_all()  # a partition whose leader moved while this one sent
+
+    def _request(self, cluster: Any, node: int) -> tuple[ProduceCall, list[_Sent]]:
+        """A produce request with the first batch of each unmuted partition ``node``
+        leads; what does not fit stays at the head of its partition's queue."""
+        parts: list[PartitionData] = []
+        sent: list[_Sent] = []
+        started = time.monotonic()
+        for tp in list(self._partition_queues):
+            if tp in self._muted:
+                continue
+            if cluster.leader_for_partition(TopicPartition(*tp)) != node:
+                self._wake_leader(tp)  # its leader moved (or is being elected) meanwhile
+                continue
+            records = [r for r in self._partition_queues.pop(tp) if not r.future.done()]
+            if not records:
+                continue
+            try:
+                count, batch = self._direct_batch(records)
+            except Exception as err:  # a bug: answer them, go on with the other partitions
+                log.exception("bus_send_failed", bus="kafka")
+                self._fail(records, err)
+                continue
+            if count < len(records):
+                self._partition_queues[tp] = records[count:]
+            members = records[:count]
+            for record in members:
+                record.sent = True
+            self._muted.add(tp)
+            parts.append(PartitionData(*tp, batch))
+            sent.append(_Sent(*tp, members, started))
+        return ProduceCall(self._direct_acks, self._produce_timeout_ms, parts), sent
+
+    def _direct_batch(self, records: list[_Waiting]) -> tuple[int, bytearray]:
+        """The first records that fit one batch (``max_batch_bytes``; a record sent
+        again after its batch was refused for its size, alone), and the batch's bytes."""
+        builder = DefaultRecordBatchBuilder(
+            2,  # magic: record batches
+            _CODECS[self.settings.compression],
+            is_transactional=0,
+            producer_id=-1,  # no idempotence: no producer id, no sequence
+            producer_epoch=-1,
+            base_sequence=-1,
+            batch_size=self.settings.max_batch_bytes,
+        )
+        count = 0
+        for record in records:
+            if record.alone and count:
+                break
+            if (
+                builder.append(
+                    count,
+                    timestamp=None,
+                    key=record.key,
+                    value=record.value,
+                    headers=record.headers,
+                )
+                is None
+            ):
+                break
+            count += 1
+            if record.alone:
+                break
+        if not count:  # never seen: the builder takes any first record
+            raise RuntimeError("aiokafka's batch builder refused a batch's first record")
+        return count, builder.build()
+
+    async def _produce(self, client: Any, node: int, call: ProduceCall, sent: list[_Sent]) -> None:
+        """Send one request and answer its records. The batches a retry may cure (a
+        leader moving, a lost connection, a request timed out) go again at the head of
+        their partition's queue, within their deadlines, once the metadata is fresh and
+        ``RETRY_BACKOFF_S`` has passed; their partitions stay muted until then, as
+        aiokafka's sender keeps them, so a key's records keep their order."""
+        again: list[_Sent] = []
+        try:
+            try:
+                answer: ProduceAnswer = await client.send(node, call)
+            except KafkaError as err:
+                errors: list[BaseException | None] = [err] * len(sent)
+            else:
+                codes = {(a.topic, a.partition): a.error_code for a in answer.partitions}
+                errors = [_answer_error(codes.get((b.topic, b.partition))) for b in sent]
+            refresh = False
+            for batch, error in zip(sent, errors, strict=True):
+                if error is None:
+                    self._settle(batch, None)
+                else:
+                    refresh |= self._answered(batch, error, again)
+            if refresh:
+                fresh = client.force_metadata_update()
+                await asyncio.wait([fresh], timeout=self.settings.request_timeout_s)
+            if again:
+                await asyncio.sleep(RETRY_BACKOFF_S)
+        except Exception as err:  # a bug: answer the records, never leave them waiting
+            log.exception("bus_send_failed", bus="kafka")
+            for batch in sent:
+                self._fail(batch.records, err)
+        finally:
+            self._unmute(sent, again)
+
+    def _unmute(self, sent: list[_Sent], again: list[_Sent]) -> None:
+        """The partitions of an answered request take records again; the batches to go
+        again first, ahead of the records that came meanwhile."""
+        for batch in again:
+            tp = (batch.topic, batch.partition)
+            self._partition_queues[tp] = batch.records + self._partition_queues.get(tp, [])
+        for batch in sent:
+            tp = (batch.topic, batch.partition)
+            self._muted.discard(tp)
+            if self._partition_queues.get(tp):  # its leader may be another broker now
+                self._wake_leader(tp)
+
+    def _answered(self, sent: _Sent, error: BaseException, again: list[_Sent]) -> bool:
+        """Settle a batch that failed, or add it to ``again`` when a retry may cure it;
+        True when the metadata should be fetched anew first."""
+        if isinstance(error, KafkaError) and error.retriable and not isinstance(error, _TOO_LARGE):
+            log.debug("bus_publish_retried", bus="kafka", error=repr(error))
+            for record in sent.records:
+                record.sent = False
+            again.append(sent)
+            return bool(error.invalid_metadata)
+        self._settle(sent, error)
+        return False
 
     async def _send_alone(self, record: _Waiting, partition: int) -> None:
         """Send a record whose batch the broker refused for its size in a batch of its

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from pubrelay.settings import Settings
 from schemas.topics import quarantine_topic, topic_for
 from tests.fixtures.app import SECRET, event_body, signed_headers
-from tests.fixtures.kafka import TansuBroker, kafka_bus_settings, make_kafka_bus
+from tests.fixtures.kafka import PRODUCE_PATHS, TansuBroker, kafka_bus_settings, make_kafka_bus
 from tests.fixtures.kafka_size_limit import MAX_MESSAGE_BYTES, SizeLimitProxy
 
 pytestmark = pytest.mark.kafka
@@ -113,14 +113,18 @@ async def test_body_over_the_producers_record_limit_is_a_413_and_nothing_is_stor
         await bus.close()
 
 
+@PRODUCE_PATHS
 async def test_body_the_broker_refuses_is_a_413_and_small_events_beside_it_are_stored(
-    aiohttp_client: Callable[..., Any], make_app: MakeApp, size_limited_kafka: SizeLimitProxy
+    aiohttp_client: Callable[..., Any],
+    make_app: MakeApp,
+    size_limited_kafka: SizeLimitProxy,
+    own_requests: bool | None,
 ) -> None:
     proxy = size_limited_kafka
     # A long linger puts concurrent events of one customer into one batch.
     settings = kafka_bus_settings(proxy.broker, url=proxy.url, linger_ms=50)
     topic = topic_for(settings.topic_prefix, EVENT_TYPE)
-    bus = make_kafka_bus(settings)
+    bus = make_kafka_bus(settings, own_requests=own_requests)
     await bus.start()
     try:
         await bus.ensure_topics([topic, quarantine_topic(settings.topic_prefix)])

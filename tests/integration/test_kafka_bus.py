@@ -26,7 +26,14 @@ from bus.config import BusSettings
 from bus.kafka import KafkaBus
 from bus.types import Message, Subscription, TopicPartition
 from schemas.errors import BusUnavailable, ConfigError, TopicMissing
-from tests.fixtures.kafka import TansuBroker, free_port, kafka_bus_settings, make_kafka_bus
+from tests.fixtures.kafka import (
+    PRODUCE_PATHS,
+    TansuBroker,
+    free_port,
+    kafka_bus_settings,
+    make_kafka_bus,
+)
+from tests.fixtures.kafka_size_limit import NOT_ENOUGH_REPLICAS, SizeLimitProxy
 
 pytestmark = pytest.mark.kafka
 
@@ -70,11 +77,12 @@ async def read_topic(bootstrap: str, topic: str) -> list[bytes]:
 
 
 @pytest.mark.parametrize("compression", ["gzip", "snappy", "lz4", "zstd"])
+@PRODUCE_PATHS
 async def test_each_compression_the_settings_offer_stores_records_read_back_whole(
-    kafka_broker: TansuBroker, compression: str
+    kafka_broker: TansuBroker, compression: str, own_requests: bool | None
 ) -> None:
     settings = kafka_bus_settings(kafka_broker, compression=compression)
-    bus = make_kafka_bus(settings)
+    bus = make_kafka_bus(settings, own_requests=own_requests)
     await bus.start()
     topic = f"{settings.topic_prefix}compressed"
     values = [f"record {n} ".encode() * 200 for n in range(20)]
@@ -154,13 +162,14 @@ async def fetch_until(subscription: Subscription, value: bytes, timeout_s: float
     return seen
 
 
+@PRODUCE_PATHS
 async def test_publish_fails_while_the_broker_is_down_and_recovers_on_the_same_bus(
-    fresh_kafka_broker: TansuBroker,
+    fresh_kafka_broker: TansuBroker, own_requests: bool | None
 ) -> None:
     broker = fresh_kafka_broker
     settings = kafka_bus_settings(broker, publish_timeout_s=1.0, request_timeout_s=2.0)
     topic = settings.topic_prefix + "outage"
-    bus = make_kafka_bus(settings)
+    bus = make_kafka_bus(settings, own_requests=own_requests)
     await bus.start()
     subscription = bus.subscribe(settings.topic_prefix + "workers", [topic])
     try:
@@ -272,13 +281,14 @@ async def read_records(bootstrap: str, topic: str, count: int) -> list[Any]:
     return records
 
 
+@PRODUCE_PATHS
 async def test_records_submitted_together_land_on_their_keys_partitions_in_order(
-    kafka_broker: TansuBroker,
+    kafka_broker: TansuBroker, own_requests: bool | None
 ) -> None:
     # Small batches: one loop turn's records of a partition need several.
     settings = kafka_bus_settings(kafka_broker, partitions=4, max_batch_bytes=8 * 1024)
     topic = settings.topic_prefix + "together"
-    bus = make_kafka_bus(settings)
+    bus = make_kafka_bus(settings, own_requests=own_requests)
     await bus.start()
     keys = [b"cust_%d" % n for n in range(7)]
     try:
@@ -301,12 +311,13 @@ async def test_records_submitted_together_land_on_their_keys_partitions_in_order
         assert {r.partition for r in mine} == {(murmur2(key) & 0x7FFFFFFF) % 4}
 
 
+@PRODUCE_PATHS
 async def test_records_waiting_when_the_bus_closes_are_answered_not_left_hanging(
-    fresh_kafka_broker: TansuBroker,
+    fresh_kafka_broker: TansuBroker, own_requests: bool | None
 ) -> None:
     settings = kafka_bus_settings(fresh_kafka_broker, publish_timeout_s=9.0, request_timeout_s=1.0)
     topic = settings.topic_prefix + "closing"
-    bus = make_kafka_bus(settings)
+    bus = make_kafka_bus(settings, own_requests=own_requests)
     await bus.start()
     await bus.ensure_topics([topic])
     fresh_kafka_broker.kill()
@@ -325,15 +336,16 @@ async def test_records_waiting_when_the_bus_closes_are_answered_not_left_hanging
         assert isinstance(answer.exception(), BusUnavailable)
 
 
+@PRODUCE_PATHS
 async def test_a_record_answered_while_earlier_batches_waited_is_left_out_of_its_batch(
-    fresh_kafka_broker: TansuBroker,
+    fresh_kafka_broker: TansuBroker, own_requests: bool | None
 ) -> None:
     """A record whose deadline passed before it reached a batch was answered "not
     stored" (the intake's 503): the bus must not store it afterwards, or the delivery
     Voucherify makes again would put the event on the log twice."""
     settings = kafka_bus_settings(fresh_kafka_broker, publish_timeout_s=9.0, request_timeout_s=6.0)
     topic = settings.topic_prefix + "left-out"
-    bus = make_kafka_bus(settings)
+    bus = make_kafka_bus(settings, own_requests=own_requests)
     await bus.start()
     pid = fresh_kafka_broker.pid
     assert pid is not None
@@ -365,3 +377,34 @@ async def test_a_record_answered_while_earlier_batches_waited_is_left_out_of_its
         b"c",
         b"after",
     ]
+
+
+@PRODUCE_PATHS
+async def test_records_sent_again_after_a_refusal_keep_their_order(
+    size_limited_kafka: SizeLimitProxy, own_requests: bool | None
+) -> None:
+    """A batch the broker refused with a retriable error goes again ahead of the records
+    of its partition that came meanwhile, as aiokafka puts a batch back."""
+    proxy = size_limited_kafka
+    settings = kafka_bus_settings(proxy.broker, url=proxy.url, publish_timeout_s=9.0)
+    topic = settings.topic_prefix + "refused"
+    bus = make_kafka_bus(settings, own_requests=own_requests)
+    await bus.start()
+    try:
+        await bus.ensure_topics([topic])
+        await bus.publish(topic, b"before", key=b"k")  # the topic and its leader are known
+        proxy.refuse_all = NOT_ENOUGH_REPLICAS
+        answers = []
+        for n in range(6):  # the first refused and sent again while the others come
+            answers.append(bus.submit(topic, b"v%d" % n, key=b"k"))
+            await asyncio.sleep(0.03)
+        await asyncio.sleep(0.3)
+        refused = proxy.refused
+        proxy.refuse_all = None
+        await asyncio.wait_for(asyncio.gather(*answers), 10.0)
+    finally:
+        await bus.close()
+
+    assert refused >= 2  # sent again at least once while refused
+    records = await read_records(proxy.broker.bootstrap, topic, 7)
+    assert [r.value for r in records] == [b"before"] + [b"v%d" % n for n in range(6)]
