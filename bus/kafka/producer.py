@@ -476,15 +476,26 @@ class KafkaBus:
         finally:
             self._sender = None
 
-    async def _send(self, waiting: list[_Waiting]) -> None:
+    async def _by_topic(
+        self, waiting: list[_Waiting]
+    ) -> tuple[Any, dict[str, list[_Waiting]]] | None:
+        """The producer and the records not yet answered, by topic; ``None`` (the records
+        answered "not stored") when no producer runs."""
         try:
             producer = await self._current_producer()
         except (KafkaError, BusUnavailable) as err:
             self._fail(waiting, err)
-            return
+            return None
         by_topic: dict[str, list[_Waiting]] = {}
-        for record in waiting:  # those answered meanwhile are left out by _send_batches
-            by_topic.setdefault(record.topic, []).append(record)
+        for record in waiting:
+            if not record.future.done():
+                by_topic.setdefault(record.topic, []).append(record)
+        return producer, by_topic
+
+    async def _send(self, waiting: list[_Waiting]) -> None:
+        if (found := await self._by_topic(waiting)) is None:
+            return
+        producer, by_topic = found
         for topic, records in by_topic.items():
             try:
                 await self._topics.before_publish(topic)
@@ -637,15 +648,9 @@ class KafkaBus:
         """Queue the records :meth:`submit` could not (the topic to be checked or created,
         its metadata to be fetched). While this runs, :meth:`submit` sends its records
         here too, so a key's records keep their order."""
-        try:
-            producer = await self._current_producer()
-        except (KafkaError, BusUnavailable) as err:
-            self._fail(waiting, err)
+        if (found := await self._by_topic(waiting)) is None:
             return
-        by_topic: dict[str, list[_Waiting]] = {}
-        for record in waiting:
-            if not record.future.done():
-                by_topic.setdefault(record.topic, []).append(record)
+        producer, by_topic = found
         unknown: list[_Waiting] = []
         for topic, records in by_topic.items():
             try:
