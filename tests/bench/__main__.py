@@ -119,7 +119,8 @@ def pubrelay_webhook(tmp: Path, extra_env: dict[str, str]) -> LoadResult:
 def bench_kafka(tmp: Path) -> None:
     print(
         f"# kafka: signed deliveries through `pubrelay webhook` to a Tansu broker "
-        f"(acks=all, 1 MiB batches), wrk -t1 -c{CONNECTIONS} -d{SECONDS}s"
+        f"(acks=all, 1 MiB batches; no idempotence, which Tansu refuses, so pubrelay's own "
+        f"produce requests), wrk -t1 -c{CONNECTIONS} -d{SECONDS}s"
     )
     broker = TansuBroker(tmp / "tansu.log")
     broker.start()
