@@ -15,9 +15,9 @@ less needs ``allow_unsafe_acks``) answers its records. One timer bounds them all
   while that runs). Each broker's sender keeps one request in flight, as aiokafka's
   does: it takes the records of every partition it leads, builds a batch per partition
   with aiokafka's C batch builder (up to ``max_batch_bytes``; the rest waits for the next
-  request), sends one request (:mod:`bus.kafka.wire`, encoded by
-  hand, on aiokafka's connection) and awaits its answer; the records arriving meanwhile
-  go together in the next. A partition with a batch in flight is muted. A failure a
+  request), sends one request (:mod:`bus.kafka.wire`, encoded by hand, on aiokafka's
+  connection) and awaits its answer; the records arriving meanwhile go together in the
+  next. A partition with a batch in flight is muted. A failure a
   retry may cure (a leader moving, a lost connection, a request timed out) puts the
   batch back at the head of its partition's queue after fresh metadata and
   ``RETRY_BACKOFF_S``, within its records' deadlines, as aiokafka's sender does, so a
@@ -52,9 +52,10 @@ absorbs that (delivery is at least once everywhere).
 Recovery: the aiokafka producer reconnects by itself when a broker comes back (checked
 against a killed and restarted broker), so the same :class:`KafkaBus` keeps serving. The
 one failure it cannot recover from is a dead sender task (aiokafka's "unexpected error in
-sender routine"), after which every send through it fails; the bus then replaces the producer once,
-in a task of its own, so concurrent publishes never race to build several. The move to
-unavailable and back is logged once each way, not once per failed request.
+sender routine"), after which every send through it fails; the bus then replaces the
+producer once, in a task of its own, so concurrent publishes never race to build
+several. The move to unavailable and back is logged once each way, not once per failed
+request.
 
 Topics are checked and created by :mod:`bus.kafka.admin`; consuming is
 :mod:`bus.kafka.subscription`.
@@ -66,7 +67,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final, NamedTuple
 
 import structlog
@@ -153,6 +154,29 @@ def _answer_error(code: int | None) -> BaseException | None:
     if code is None:
         return BusUnavailable("the broker did not answer for a partition")
     return for_code(code)() if code else None
+
+
+def _fill(records: list[_Waiting], append: Callable[[_Waiting, int], object]) -> int:
+    """How many of ``records``, from the first, go in one batch: ``append(record, offset)``
+    adds one and returns ``None`` once the batch is full (the builder takes any first
+    record); a record refused with a batch for its size goes in a batch of its own."""
+    count = 0
+    for record in records:
+        if record.alone and count:
+            break
+        if append(record, count) is None:
+            break
+        count += 1
+        if record.alone:
+            break
+    if not count:  # never seen: the builder takes any first record
+        raise RuntimeError("aiokafka's batch builder refused a batch's first record")
+    return count
+
+
+def _add_to_batch(batch: Any, record: _Waiting, _offset: int) -> object:
+    """aiokafka's ``BatchBuilder.append`` (it counts the offsets itself), for :func:`_fill`."""
+    return batch.append(key=record.key, value=record.value, timestamp=None, headers=record.headers)
 
 
 def _unsent(records: Iterable[_Waiting]) -> list[_Waiting]:
@@ -507,10 +531,7 @@ class KafkaBus:
                 for partition, members in by_partition.items():
                     await self._send_batches(producer, topic, partition, members)
             except TopicMissing as err:  # the caller's to handle (the intake quarantines)
-                for record in records:
-                    if not record.future.done():
-                        record.future.set_exception(TopicMissing(*err.args))
-                self._deadlines.settled()
+                self._missing(records, err)
             except (KafkaError, BusUnavailable) as err:
                 self._fail(_unsent(records), err)
 
@@ -525,18 +546,7 @@ class KafkaBus:
         records = [record for record in records if not record.future.done()]
         while records:
             batch = producer.create_batch()
-            count = 0
-            for record in records:
-                if (
-                    batch.append(
-                        key=record.key, value=record.value, timestamp=None, headers=record.headers
-                    )
-                    is None
-                ):
-                    break
-                count += 1
-            if not count:  # never seen: the builder takes any first record
-                raise RuntimeError("aiokafka's batch builder refused a batch's first record")
+            count = _fill(records, functools.partial(_add_to_batch, batch))
             batch.close()  # nothing else may join it: its records are exactly these
             members, records = records[:count], records[count:]
             delivery = await producer.send_batch(batch, topic, partition=partition)
@@ -657,10 +667,7 @@ class KafkaBus:
                 await self._topics.before_publish(topic)
                 await producer.partitions_for(topic)
             except TopicMissing as err:  # the caller's to handle (the intake quarantines)
-                for record in records:
-                    if not record.future.done():
-                        record.future.set_exception(TopicMissing(*err.args))
-                self._deadlines.settled()
+                self._missing(records, err)
                 continue
             except (KafkaError, BusUnavailable) as err:
                 self._fail(records, err)
@@ -749,26 +756,12 @@ class KafkaBus:
             base_sequence=-1,
             batch_size=self.settings.max_batch_bytes,
         )
-        count = 0
-        for record in records:
-            if record.alone and count:
-                break
-            if (
-                builder.append(
-                    count,
-                    timestamp=None,
-                    key=record.key,
-                    value=record.value,
-                    headers=record.headers,
-                )
-                is None
-            ):
-                break
-            count += 1
-            if record.alone:
-                break
-        if not count:  # never seen: the builder takes any first record
-            raise RuntimeError("aiokafka's batch builder refused a batch's first record")
+        count = _fill(
+            records,
+            lambda r, offset: builder.append(
+                offset, timestamp=None, key=r.key, value=r.value, headers=r.headers
+            ),
+        )
         return count, builder.build()
 
     async def _produce(self, client: Any, node: int, call: ProduceCall, sent: list[_Sent]) -> None:
@@ -844,6 +837,12 @@ class KafkaBus:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _missing(self, records: Iterable[_Waiting], error: TopicMissing) -> None:
+        for record in records:
+            if not record.future.done():
+                record.future.set_exception(TopicMissing(*error.args))
+        self._deadlines.settled()
 
     def _fail(self, records: Iterable[_Waiting], error: BaseException) -> None:
         """Answer each record still waiting: the bus did not store it."""
